@@ -1,0 +1,74 @@
+"""mprun: run a YAML pipeline as a multiprocessing topology.
+
+    pipelines/x.yaml --load--> data + line marks --validate--> schemas.Pipeline --compile--> Topology
+          --supervise--> processes, pools, queues, manager --> RunResult (exit code, stats, collected)
+    every process: structlog -> QueueHandler ~~~> QueueListener (main process) -> stderr / log_file
+
+Entry points: ``load_pipeline(path, overrides=None)`` and ``run_pipeline(path_or_pipeline, ...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runner.errors import MprunError, PipelineInvalid, RunFailed, UsageError
+from runner.loader import load_pipeline
+from runner.supervisor import RunResult, StageStats
+from schemas import Pipeline
+
+__all__ = [
+    "MprunError",
+    "PipelineInvalid",
+    "RunFailed",
+    "RunResult",
+    "StageStats",
+    "UsageError",
+    "load_pipeline",
+    "run_pipeline",
+]
+
+_SETTING_OPTIONS = ("start_method", "log_level", "log_format", "log_file", "backend")
+
+
+def run_pipeline(
+    path_or_pipeline: str | Path | Pipeline,
+    overrides: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    **settings: Any,
+) -> RunResult:
+    """Load (if given a path), validate and run a pipeline on this machine.
+
+    Args:
+        path_or_pipeline: a pipeline file, or a ``Pipeline`` already loaded.
+        overrides: ``PATH=VALUE`` strings, as ``--set`` on the command line.
+        limit: each producer emits at most this many items.
+        **settings: any of start_method, log_level, log_format, log_file, backend, replacing the file's.
+
+    Raises:
+        PipelineInvalid: the file is invalid (exit code 2).
+    """
+    from runner.compiler import compile_pipeline
+    from runner.supervisor import Supervisor
+
+    if isinstance(path_or_pipeline, Pipeline):
+        pipeline = path_or_pipeline
+    else:
+        pipeline = load_pipeline(path_or_pipeline, overrides)
+    unknown = set(settings) - set(_SETTING_OPTIONS)
+    if unknown:
+        msg = f"unknown option(s): {', '.join(sorted(unknown))}"
+        raise UsageError(msg)
+    given = {k: v for k, v in settings.items() if v is not None}
+    if given:
+        from pydantic import ValidationError
+
+        try:
+            new_settings = type(pipeline.settings).model_validate(pipeline.settings.model_dump() | given)
+        except ValidationError as e:
+            problem = e.errors(include_url=False)[0]
+            msg = f"{problem['loc'][0]}: {problem['msg']}"
+            raise UsageError(msg) from None
+        pipeline = pipeline.model_copy(update={"settings": new_settings})
+    return Supervisor(compile_pipeline(pipeline, limit=limit)).run()

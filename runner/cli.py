@@ -1,0 +1,140 @@
+"""The ``mprun`` command line; the only place an error becomes an exit code.
+
+Exit codes: 0 success, 1 the run failed, 2 invalid pipeline or usage, 130 SIGINT, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from runner.errors import MprunError, PipelineInvalid
+
+COMMANDS = ("run", "validate", "schema")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mprun",
+        description="Run a YAML pipeline of producers, consumers, pools and queues on multiprocessing.",
+        epilog="`mprun FILE` is short for `mprun run FILE`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run a pipeline")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                     help="override a value of the file (VALUE parsed as YAML); repeatable")
+    run.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], help="how processes are started")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["console", "json"])
+    run.add_argument("--log-file", metavar="PATH", help="also write every record there as JSON lines")
+    run.add_argument("--limit", type=_positive, metavar="N", help="each producer emits at most N items")
+    run.add_argument("--no-summary", action="store_true", help="do not print the per-stage summary")
+    validate = sub.add_parser("validate", help="check pipeline files without running them")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--format", choices=["text", "json"], default="text")
+    sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected a whole number >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mprun`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+        args.insert(0, "run")
+    parser = _parser()
+    ns = parser.parse_args(args)
+    try:
+        if ns.command == "run":
+            return _run(ns)
+        if ns.command == "validate":
+            return _validate(ns)
+        if ns.command == "schema":
+            from runner.schema import schema_json
+
+            print(schema_json())
+            return 0
+        parser.print_help(sys.stderr)
+        return 2
+    except PipelineInvalid as e:
+        for line in e.diagnostics:
+            print(line, file=sys.stderr)
+        return e.exit_code
+    except MprunError as e:
+        print(f"mprun: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from runner import run_pipeline
+
+    result = run_pipeline(
+        ns.file,
+        ns.overrides,
+        limit=ns.limit,
+        start_method=ns.start_method,
+        log_level=ns.log_level,
+        log_format=ns.log_format,
+        log_file=ns.log_file,
+    )
+    for items in result.collected.values():
+        print(json.dumps(items, default=repr))
+    sys.stdout.flush()
+    if not ns.no_summary:
+        print(summary_table(result), file=sys.stderr)
+    if result.error:
+        print(f"mprun: error: {result.error}", file=sys.stderr)
+    return result.exit_code
+
+
+def summary_table(result: Any) -> str:
+    """The per-stage summary: items in and out, seconds, items per second."""
+    rows = [("stage", "procs", "in", "out", "seconds", "items/s")]
+    for name, st in result.stats.items():
+        rows.append((name, str(st.processes), str(st.items_in), str(st.items_out), f"{st.seconds:.3f}", f"{st.items_per_second:,.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
+    return "\n".join(["", *lines, f"{status} in {result.seconds:.2f}s"])
+
+
+def _validate(ns: argparse.Namespace) -> int:
+    from runner import load_pipeline
+
+    worst = 0
+    report = []
+    for file in ns.files:
+        try:
+            load_pipeline(file)
+        except PipelineInvalid as e:
+            worst = 2
+            report.append({"file": file, "ok": False, "errors": e.diagnostics})
+            if ns.format == "text":
+                for line in e.diagnostics:
+                    print(line)
+            continue
+        report.append({"file": file, "ok": True, "errors": []})
+        if ns.format == "text":
+            print(f"ok {file}")
+    if ns.format == "json":
+        print(json.dumps(report, indent=2))
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Validated ``Pipeline`` -> ``Topology``: name processes, size queues, count end-of-stream markers."""
+
+from __future__ import annotations
+
+import os
+
+from runner.topology import MAX_BATCH, QueuePlan, StagePlan, Topology
+from schemas import Pipeline
+
+
+def process_names(name: str, processes: int, explicit: list[str] | None) -> tuple[str, ...]:
+    """``<name>`` for one process, ``<name>-1..N`` for several, unless names are given."""
+    if explicit:
+        return tuple(explicit)
+    return (name,) if processes == 1 else tuple(f"{name}-{i}" for i in range(1, processes + 1))
+
+
+def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topology:
+    """Build the plain-data plan of ``pipeline`` (already validated and topology-checked)."""
+    stages = []
+    for s in pipeline.stages:
+        plan = StagePlan(
+            name=s.name,
+            kind=s.kind,
+            process_names=process_names(s.name, s.processes, s.process_names),
+            inputs=tuple(s.inputs),
+            outputs=tuple(s.outputs),
+            function=getattr(s, "function", None),
+            kwargs=dict(s.kwargs),
+            source=s.source.model_dump(exclude_none=True) if s.kind == "producer" else None,
+            init=getattr(s, "init", None),
+            lock=getattr(s, "lock", None),
+            daemon=getattr(s, "daemon", False),
+            after=tuple(s.after),
+            ordered=getattr(s, "ordered", False),
+            chunksize=getattr(s, "chunksize", None),
+            maxtasksperchild=getattr(s, "maxtasksperchild", None),
+        )
+        stages.append(plan)
+    queues = {}
+    for name in pipeline.queue_names():
+        spec = pipeline.queue(name)
+        readers = [s for s in stages if name in s.inputs]
+        queues[name] = QueuePlan(
+            name=name,
+            type=spec.type,
+            maxsize=spec.maxsize,
+            batch=min(MAX_BATCH, spec.maxsize) if spec.maxsize else MAX_BATCH,
+            writers=tuple(s.name for s in stages if name in s.outputs),
+            # A pool stage reads its input in one thread of the main process.
+            reader_processes=sum(1 if s.kind == "pool" else s.processes for s in readers),
+        )
+    settings = pipeline.settings
+    log_file = settings.log_file
+    if log_file and not os.path.isabs(log_file):
+        log_file = os.path.join(os.getcwd(), log_file)
+    return Topology(
+        name=pipeline.name or "pipeline",
+        base_dir=pipeline.base_dir,
+        start_method=settings.start_method,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+        log_file=log_file,
+        queues=queues,
+        stages=tuple(stages),
+        limit=limit,
+    )

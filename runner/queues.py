@@ -1,0 +1,214 @@
+"""Queues between stages, FIFO and LIFO, behind one small interface, and the batching on both ends.
+
+Items travel in batches (lists), pickled by the writer so that an unpicklable item fails in the stage
+that produced it rather than in a queue's feeder thread::
+
+    writer process                          queue                         reader process(es)
+    Emitter.emit(item) -> buffer --flush--> FifoChannel: multiprocessing.Queue of pickled batches --> Reader
+                                            LifoChannel: proxy to a Stack in the manager process -->
+
+End of stream is the supervisor's: once every writer of a queue has finished, it calls ``end(n)`` with
+n = the number of reader processes.  A FIFO queue gets n ``None`` markers behind every item; a LIFO
+stack is closed, and its readers get ``None`` only once it is empty, so a marker never overtakes items.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.managers import BaseManager
+from typing import Any
+
+from runner.topology import LINGER, QueuePlan
+
+LIFO_TAKE = 64  # most items a LIFO reader pops at once
+
+
+class UnpicklableItem(Exception):
+    """An item (or result) cannot be pickled to cross to another process."""
+
+
+def dumps(batch: list[Any]) -> bytes:
+    """Pickle a batch, naming the first item that cannot be pickled."""
+    try:
+        return pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        for item in batch:
+            try:
+                pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+            except Exception as e:
+                msg = f"item {_short(item)} cannot be pickled: {type(e).__name__}: {e}"
+                raise UnpicklableItem(msg) from None
+        raise
+
+
+def _short(item: Any, width: int = 80) -> str:
+    text = repr(item)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class FifoChannel:
+    """A ``multiprocessing.Queue`` of pickled batches; ``None`` marks the end for one reader."""
+
+    def __init__(self, ctx: Any, plan: QueuePlan) -> None:
+        self.name = plan.name
+        self.batch = plan.batch
+        self.readers = plan.reader_processes
+        # Pickled batches of items; written by the stages whose `output` names this queue, read by the
+        # processes of the stages whose `input` names it, plus one None per reader process at the end.
+        self.queue = ctx.Queue(plan.slots)
+
+    def put(self, batch: list[Any]) -> None:
+        self.queue.put(dumps(batch))
+
+    def get(self) -> list[Any] | None:
+        data = self.queue.get()
+        return None if data is None else pickle.loads(data)
+
+    def end(self, readers: int) -> None:
+        for _ in range(readers):
+            self.queue.put(None)
+
+
+class Stack:
+    """A bounded LIFO stack with an end, served by the manager process (one thread per client)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: list[Any] = []
+        self._maxsize = maxsize
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def put_many(self, items: list[Any]) -> None:
+        with self._changed:
+            while self._maxsize and len(self._items) >= self._maxsize:
+                self._changed.wait()
+            self._items.extend(items)
+            self._changed.notify_all()
+
+    def get_many(self, most: int) -> list[Any] | None:
+        """Pop up to ``most`` items, top first; ``None`` once the stack is closed and empty."""
+        with self._changed:
+            while not self._items and not self._closed:
+                self._changed.wait()
+            if not self._items:
+                return None
+            taken = self._items[-most:][::-1]
+            del self._items[-most:]
+            self._changed.notify_all()
+            return taken
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
+class StackManager(BaseManager):
+    """Serves ``Stack`` objects to every process of a run."""
+
+
+StackManager.register("Stack", Stack)
+
+
+class LifoChannel:
+    """A LIFO queue: a proxy to a ``Stack`` in the manager process."""
+
+    def __init__(self, manager: StackManager, plan: QueuePlan) -> None:
+        self.name = plan.name
+        self.batch = 1  # items are pushed as they come, so the newest is always on top
+        self.readers = plan.reader_processes
+        # Items, pushed by the writer stages and popped newest-first by the reader processes.
+        self.stack = manager.Stack(plan.maxsize)  # type: ignore[attr-defined]
+
+    def put(self, batch: list[Any]) -> None:
+        dumps(batch)  # fail here, in the writer, for an unpicklable item
+        self.stack.put_many(batch)
+
+    def get(self) -> list[Any] | None:
+        return self.stack.get_many(LIFO_TAKE)
+
+    def end(self, readers: int) -> None:
+        self.stack.close()
+
+
+Channel = FifoChannel | LifoChannel
+
+
+def read(channel: Channel) -> Iterator[list[Any]]:
+    """Batches from ``channel`` until its end marker."""
+    while True:
+        batch = channel.get()
+        if batch is None:
+            return
+        yield batch
+
+
+class Emitter:
+    """Buffers items and sends them to every output channel in batches.
+
+    A batch leaves when it is full, when its oldest item has waited ``LINGER`` seconds (a background
+    thread sees to that, so a slow function or a slow source never holds items back), or on ``close``.
+    The first batches hold one item each, one for every reader process, so the first items of a stream
+    spread across the readers; then batches double up to the channels' limit, so a fast stream still
+    moves in large batches.
+    """
+
+    def __init__(self, channels: list[Channel], on_batch: Any = None) -> None:
+        self._channels = channels
+        self._on_batch = on_batch  # called with each batch instead of (or besides) the channels
+        self._max = min([c.batch for c in channels], default=1024)
+        self._limit = 1
+        self._singles = max([c.readers for c in channels], default=1)  # one-item batches still to send
+        self._buffer: list[Any] = []
+        self._first = 0.0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.sent = 0
+        self._error: BaseException | None = None  # raised by the linger thread, re-raised by emit/close
+        self._thread = threading.Thread(target=self._linger, name="emitter-linger", daemon=True)
+        self._thread.start()
+
+    def emit(self, item: Any) -> None:
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if not self._buffer:
+                self._first = time.monotonic()
+            self._buffer.append(item)
+            if len(self._buffer) >= self._limit:
+                self._flush()
+
+    def _flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        if self._on_batch is not None:
+            self._on_batch(batch)
+        for channel in self._channels:
+            channel.put(batch)
+        self.sent += len(batch)
+        if self._singles > 1:
+            self._singles -= 1
+        else:
+            self._limit = min(self._limit * 2, self._max)
+
+    def _linger(self) -> None:
+        while not self._closed.wait(LINGER):
+            with self._lock:
+                if self._buffer and time.monotonic() - self._first >= LINGER:
+                    try:
+                        self._flush()
+                    except BaseException as e:  # handed to the stage's thread by emit/close
+                        self._error = e
+                        return
+
+    def close(self) -> None:
+        """Send what is buffered and stop the linger thread."""
+        self._closed.set()
+        self._thread.join()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._buffer:
+                self._flush()

@@ -1,0 +1,88 @@
+"""The compiled plan of a run: frozen, picklable plain data, no processes or queues yet.
+
+``compiler.compile_pipeline`` builds it from a validated ``schemas.Pipeline``; the supervisor turns it
+into processes, pools and queues; ``worker`` receives the parts of it a child needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BATCH = 1024  # most items one queue message carries
+LINGER = 0.05  # seconds a buffered item may wait before it is sent anyway
+
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """A queue: what it is, how big, and who is on each end."""
+
+    name: str
+    type: str  # "fifo" | "lifo"
+    maxsize: int  # items; 0 = unbounded
+    batch: int  # most items per message on this queue
+    writers: tuple[str, ...]  # stage names
+    reader_processes: int  # how many processes read it (each needs one end marker)
+
+    @property
+    def slots(self) -> int:
+        """Messages (batches) the queue holds before writers wait; 0 = unbounded."""
+        return 0 if self.maxsize == 0 else max(1, self.maxsize // self.batch)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage, with every reference still a ``module:attribute`` string."""
+
+    name: str
+    kind: str  # "producer" | "consumer" | "pool"
+    process_names: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    function: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] | None = None
+    init: str | None = None
+    lock: str | None = None
+    daemon: bool = False
+    after: tuple[str, ...] = ()
+    ordered: bool = False
+    chunksize: int | None = None
+    maxtasksperchild: int | None = None
+
+    @property
+    def processes(self) -> int:
+        """How many processes run the stage."""
+        return len(self.process_names)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A whole run: settings, queues and stages (in file order)."""
+
+    name: str
+    base_dir: str
+    start_method: str
+    log_level: str
+    log_format: str
+    log_file: str | None
+    queues: dict[str, QueuePlan]
+    stages: tuple[StagePlan, ...]
+    limit: int | None = None  # each producer emits at most this many items
+
+    def stage(self, name: str) -> StagePlan:
+        """The stage called ``name``."""
+        return next(s for s in self.stages if s.name == name)
+
+    def writers_of(self, queue: str) -> list[StagePlan]:
+        """Stages that write to ``queue``."""
+        return [s for s in self.stages if queue in s.outputs]
+
+    def readers_of(self, queue: str) -> list[StagePlan]:
+        """Stages that read ``queue``."""
+        return [s for s in self.stages if queue in s.inputs]
+
+    @property
+    def locks(self) -> list[str]:
+        """Names of the shared locks."""
+        return sorted({s.lock for s in self.stages if s.lock})

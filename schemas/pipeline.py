@@ -1,0 +1,160 @@
+"""The root of a pipeline file: ``Pipeline``, its ``Settings`` and ``QueueSpec``.
+
+Cross-field checks that need the whole file (unique names, references that exist, a topology that can
+end) live here too, so an invalid file never reaches the runner.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, PrivateAttr
+
+from schemas.stages import NAME_PATTERN, Consumer, Model, Pool, Producer, Stage
+
+DEFAULT_MAXSIZE = 10_000
+
+
+class Settings(Model):
+    """Run-wide settings; every key optional."""
+
+    start_method: Literal["fork", "spawn", "forkserver"] = Field(
+        "forkserver", description="How processes are started: fork, spawn or forkserver."
+    )
+    backend: Literal["local"] = Field("local", description="Where the pipeline runs: local (multiprocessing).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level of records shown, in every process."
+    )
+    log_format: Literal["console", "json"] = Field("console", description="How stderr renders records.")
+    log_file: str | None = Field(None, description="A path: every record also goes there as JSON lines.")
+
+
+class QueueSpec(Model):
+    """A queue between stages."""
+
+    type: Literal["fifo", "lifo"] = Field("fifo", description="fifo: first in first out; lifo: a stack served by a manager.")
+    maxsize: int = Field(
+        DEFAULT_MAXSIZE, ge=0, description="About how many items the queue holds before writers wait; 0 = unbounded."
+    )
+
+
+class Pipeline(Model):
+    """A whole pipeline file."""
+
+    version: Literal[1] = Field(1, description="Format version; 1.")
+    name: str | None = Field(None, description="Pipeline name (default: the file's stem).")
+    description: str | None = Field(None, description="What the pipeline does.")
+    settings: Settings = Field(default_factory=Settings, description="Run-wide settings.")
+    queues: dict[str, QueueSpec] = Field(
+        default_factory=dict, description="Queues by name; a queue a stage names but not declared here is FIFO."
+    )
+    stages: list[Stage] = Field(min_length=1, description="The stages, producers first by convention.")
+
+    # The folder of the pipeline file: tasks modules and relative paths are found there first.
+    _base_dir: str = PrivateAttr(".")
+
+    @property
+    def base_dir(self) -> str:
+        """The folder relative paths and tasks modules are resolved from."""
+        return self._base_dir
+
+    def stage(self, name: str) -> Producer | Consumer | Pool:
+        """The stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def queue(self, name: str) -> QueueSpec:
+        """The spec of queue ``name`` (declared, or the FIFO default)."""
+        return self.queues.get(name) or QueueSpec()
+
+    def queue_names(self) -> list[str]:
+        """Every queue, declared or named by a stage, in first-mention order."""
+        names = dict.fromkeys(self.queues)
+        for stage in self.stages:
+            names.update(dict.fromkeys(stage.outputs + stage.inputs))
+        return list(names)
+
+
+def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], str]]:
+    """Problems no single field shows, each with the location (a field path) it belongs to."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(pipeline.stages):
+        if stage.name in seen:
+            problems.append((("stages", i, "name"), f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"))
+        seen.setdefault(stage.name, i)
+    writers: dict[str, list[str]] = {}
+    readers: dict[str, list[str]] = {}
+    for stage in pipeline.stages:
+        for q in stage.outputs:
+            writers.setdefault(q, []).append(stage.name)
+        for q in stage.inputs:
+            readers.setdefault(q, []).append(stage.name)
+    for i, stage in enumerate(pipeline.stages):
+        for j, q in enumerate(stage.inputs):
+            if q not in writers:
+                problems.append((("stages", i, "input"), f"queue {q!r} has readers but no stage writes to it"))
+        for j, q in enumerate(stage.outputs):
+            if q not in readers:
+                loc = ("stages", i, "output") if isinstance(stage.output, str) else ("stages", i, "output", j)
+                problems.append((loc, f"queue {q!r} is written but no stage reads it"))
+        for j, name in enumerate(stage.after):
+            if name not in seen:
+                problems.append((("stages", i, "after", j), f"unknown stage {name!r} in after"))
+            elif name == stage.name:
+                problems.append((("stages", i, "after", j), "a stage cannot wait for itself"))
+        if getattr(stage, "daemon", False):
+            for q in stage.outputs:
+                blocked = [r for r in readers.get(q, []) if r in seen and not getattr(pipeline.stages[seen[r]], "daemon", False)]
+                if blocked:
+                    problems.append((("stages", i, "output"), f"daemon stage writes to {q!r}, read by non-daemon stage {blocked[0]!r}, which would never end"))
+    for name in pipeline.queues:
+        if name not in writers and name not in readers:
+            problems.append((("queues", name), f"queue {name!r} is declared but no stage uses it"))
+        if not _valid_name(name):
+            problems.append((("queues", name), f"queue name {name!r} must match {NAME_PATTERN}"))
+    cycle = _find_cycle(pipeline, writers)
+    if cycle:
+        i = seen[cycle[0]]
+        problems.append((("stages", i, "name"), "cycle that can never end: " + " -> ".join([*cycle, cycle[0]])))
+    return problems
+
+
+def _valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def _find_cycle(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[str] | None:
+    """A cycle of 'must finish before' edges (queue writer -> reader, after -> stage), if any."""
+    upstream: dict[str, set[str]] = {s.name: set(s.after) for s in pipeline.stages}
+    for stage in pipeline.stages:
+        for q in stage.inputs:
+            upstream[stage.name].update(writers.get(q, []))
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for up in sorted(upstream.get(name, ())):
+            if up not in upstream:
+                continue
+            if state.get(up) == 1:
+                return list(reversed(path[path.index(up):]))
+            if up not in state:
+                found = visit(up)
+                if found:
+                    return found
+        path.pop()
+        state[name] = 2
+        return None
+
+    for stage in pipeline.stages:
+        if stage.name not in state:
+            found = visit(stage.name)
+            if found:
+                return found
+    return None
