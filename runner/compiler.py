@@ -35,6 +35,12 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
             ordered=getattr(s, "ordered", False),
             chunksize=getattr(s, "chunksize", None),
             maxtasksperchild=getattr(s, "maxtasksperchild", None),
+            timeout=getattr(s, "timeout", None),
+            on_error=getattr(s, "on_error", "fail"),
+            retries=getattr(s, "retries", 3),
+            retry_backoff=getattr(s, "retry_backoff", 0.1),
+            dead_letter=getattr(s, "dead_letter", None),
+            restart=getattr(s, "restart", True),
         )
         stages.append(plan)
     queues = {}
@@ -46,9 +52,9 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
             type=spec.type,
             maxsize=spec.maxsize,
             batch=min(MAX_BATCH, spec.maxsize) if spec.maxsize else MAX_BATCH,
-            writers=tuple(s.name for s in stages if name in s.outputs),
-            # A pool stage reads its input in one thread of the main process.
-            reader_processes=sum(1 if s.kind == "pool" else s.processes for s in readers),
+            writers=tuple(s.name for s in stages if name in s.outputs or name == s.dead_letter),
+            # Consumer and pool stages read their input in one thread of the main process each.
+            reader_processes=len(readers),
         )
     settings = pipeline.settings
     log_file = settings.log_file
@@ -64,4 +70,5 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
         queues=queues,
         stages=tuple(stages),
         limit=limit,
+        shutdown_timeout=settings.shutdown_timeout,
     )

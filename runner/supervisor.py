@@ -1,13 +1,18 @@
 """Code that runs IN THE MAIN process: start the topology, watch it, end streams, shut it down.
 
-    producer processes --FifoChannel/LifoChannel--> consumer processes --...--> sinks
-                                 \\--> pool stage: pump thread (here) --apply_async--> Pool workers
-    every child --control pipe--> Supervisor.loop (stats, collected items, errors)
+    producer processes --FifoChannel / LifoChannel--> StageRunner thread (here) <--pipes--> worker processes
+                                                             \\--Emitter--> output channels, dead letters
+    producer control pipes, runner doorbell, signal pipe --> Supervisor.loop
     every process --log queue--> Listener (here) --> stderr, log_file
 
-The supervisor blocks in ``multiprocessing.connection.wait`` on every control pipe, every process
-sentinel and a signal pipe; it never polls.  When every stage writing to a queue has finished, it ends
-that queue (one marker per reader process, or closing a LIFO stack), so readers drain it and stop.
+Producers write to the shared queues directly. Each consumer or pool stage is read by one StageRunner
+thread here, which hands chunks of items to its worker processes over one private duplex pipe each and
+emits their results; so a worker that dies, is killed or hangs never touches a shared queue, and the
+runner knows exactly which items it held.
+
+The supervisor blocks in ``multiprocessing.connection.wait`` (process sentinels, pipes, a doorbell and a
+signal pipe); it never polls.  When every stage writing to a queue has finished, it ends that queue (one
+marker per reading stage, or closing a LIFO stack), so its readers drain it and stop.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -27,10 +33,10 @@ import structlog
 
 from runner import logs, worker
 from runner.errors import RunFailed
-from runner.queues import Channel, Emitter, FifoChannel, LifoChannel, StackManager, read
-from runner.topology import StagePlan, Topology
+from runner.queues import Channel, Emitter, FifoChannel, LifoChannel, StackManager
+from runner.topology import MAX_BATCH, StagePlan, Topology
 
-JOIN_TIMEOUT = 5.0  # seconds a terminated process gets before it is killed
+KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
 
 
 @dataclass
@@ -39,9 +45,15 @@ class StageStats:
 
     items_in: int = 0
     items_out: int = 0
+    skipped: int = 0
+    retried: int = 0
+    failed: int = 0  # failed attempts: exceptions, timeouts, deaths
+    dead_lettered: int = 0
+    restarts: int = 0
     seconds: float = 0.0
     busy_seconds: float = 0.0
     processes: int = 0
+    kind: str = ""
 
     @property
     def items_per_second(self) -> float:
@@ -59,22 +71,25 @@ class RunResult:
     collected: dict[str, list[Any]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    exit_codes: dict[str, int | None] = field(default_factory=dict)  # last exit code of each process, by name
 
 
-@dataclass
-class _Unit:
-    """A process (or a pool's pump thread) of a stage, with the read end of its control pipe."""
-
-    stage: str
-    name: str
-    conn: Any
-    process: Any = None
-    done: bool = False
+class _StageFailed(Exception):
+    """A stage cannot go on; the message names the stage and says why."""
 
 
 class _Signalled(Exception):
     def __init__(self, signum: int) -> None:
         self.signum = signum
+
+
+@dataclass
+class _Producer:
+    stage: str
+    name: str
+    process: Any
+    conn: Any
+    done: bool = False
 
 
 class Supervisor:
@@ -86,17 +101,22 @@ class Supervisor:
         if topology.start_method == "forkserver":
             self.ctx.set_forkserver_preload(["runner.worker"])
         self.log = structlog.get_logger("mprun")
-        self.units: list[_Unit] = []
-        self.stats = {s.name: StageStats() for s in topology.stages}
+        self.pid = os.getpid()
+        self.stats = {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topology.stages}
         self.collected: dict[str, list[Any]] = {s.name: [] for s in topology.stages if s.function == "collect"}
+        self.exit_codes: dict[str, int | None] = {}
+        self.producers: list[_Producer] = []
+        self.runners: dict[str, StageRunner] = {}
         self.started: dict[str, float] = {}
         self.finished: set[str] = set()
         self.ended_queues: set[str] = set()
-        self.pools: dict[str, _PoolStage] = {}
         self.failure: str | None = None
         self.manager: StackManager | None = None
         self.channels: dict[str, Channel] = {}
         self.locks: dict[str, Any] = {}
+        self.signal_received = 0
+        self.stop_deadline: float | None = None
+        self._bell_r, self._bell_w = os.pipe()  # runners ring it when they finish
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -104,11 +124,10 @@ class Supervisor:
         """Start, supervise and shut down the whole topology."""
         t0 = time.perf_counter()
         # Records from every process of the run (log records made plain data); read by the listener.
-        log_queue = self.ctx.Queue()
-        self.log_queue = log_queue
-        listener = logs.start_listener(log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file)
-        root = logging_state()
-        logs.configure(log_queue, self.topo.log_level, stage="-", process="MainProcess")
+        self.log_queue = self.ctx.Queue()
+        listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file)
+        saved = logging_state()
+        logs.configure(self.log_queue, self.topo.log_level, stage="-", process="MainProcess")
         sig_r, sig_w = os.pipe()
         os.set_blocking(sig_w, False)
         previous = _install_signals(self, sig_w)
@@ -117,24 +136,26 @@ class Supervisor:
             self._setup()
             self._loop(sig_r)
         except _Signalled as e:
-            exit_code = 128 + e.signum
-            self.failure = f"stopped by {signal.Signals(e.signum).name}"
+            self.failure = self.failure or f"stopped by {signal.Signals(e.signum).name}"
         except KeyboardInterrupt:
-            exit_code = 130
-            self.failure = "stopped by SIGINT"
+            self.signal_received = self.signal_received or signal.SIGINT
+            self.failure = self.failure or "stopped by SIGINT (second signal: stopped at once)"
         except RunFailed as e:
-            exit_code = 1
             self.failure = str(e)
         finally:
             _restore_signals(previous)
             self._shutdown()
-            os.close(sig_r)
-            os.close(sig_w)
+            if self.signal_received:
+                exit_code = 128 + self.signal_received
+                self.failure = self.failure or f"stopped by {signal.Signals(self.signal_received).name}"
+            elif self.failure:
+                exit_code = 1
+            for fd in (sig_r, sig_w, self._bell_r, self._bell_w):
+                os.close(fd)
             listener.stop()
             logs.close_handlers(listener)
-            restore_logging(root)
-        elapsed = time.perf_counter() - t0
-        return RunResult(exit_code, self.stats, self.collected, self.failure, elapsed)
+            restore_logging(saved)
+        return RunResult(exit_code, self.stats, self.collected, self.failure, time.perf_counter() - t0, self.exit_codes)
 
     def _setup(self) -> None:
         for plan in self.topo.queues.values():
@@ -142,7 +163,7 @@ class Supervisor:
                 if self.manager is None:
                     # Serves the LIFO stacks of this run; private socket, random key, shut down with the run.
                     self.manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
-                    self.manager.start(_ignore_sigint)
+                    self.manager.start(_manager_init, (self.pid,))
                 self.channels[plan.name] = LifoChannel(self.manager, plan)
             else:
                 self.channels[plan.name] = FifoChannel(self.ctx, plan)
@@ -155,82 +176,96 @@ class Supervisor:
     def _loop(self, sig_r: int) -> None:
         self._start_ready_stages()
         while not self._all_done():
-            waitables: list[Any] = [sig_r]
-            for unit in self.units:
-                if unit.done:
-                    continue
-                if unit.conn is not None:
-                    waitables.append(unit.conn)
-                if unit.process is not None:
-                    waitables.append(unit.process.sentinel)
-            for ready in wait(waitables):
-                if ready == sig_r:
+            waitables: list[Any] = [sig_r, self._bell_r]
+            for p in self.producers:
+                if not p.done:
+                    waitables += [p.process.sentinel] + ([p.conn] if p.conn is not None else [])
+            timeout = None if self.stop_deadline is None else max(0.0, self.stop_deadline - time.monotonic())
+            ready = wait(waitables, timeout)
+            if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                self.log.warning("shutdown timeout passed: stopping what is left", timeout=self.topo.shutdown_timeout)
+                raise _Signalled(self.signal_received)
+            for r in ready:
+                if r == sig_r:
                     os.read(sig_r, 64)
-                    raise _Signalled(self.signal_received)
-                self._handle_ready(ready)
+                    self._begin_stop()
+                elif r == self._bell_r:
+                    os.read(self._bell_r, 4096)
+                else:
+                    self._producer_ready(r)
+            for runner in self.runners.values():
+                if runner.error and not self.failure:
+                    self.failure = runner.error
             if self.failure:
                 raise RunFailed(self.failure)
             self._advance()
 
+    def _begin_stop(self) -> None:
+        """First SIGINT/SIGTERM: stop producers, let in-flight items finish within shutdown_timeout."""
+        name = signal.Signals(self.signal_received).name
+        self.log.warning("stopping: producers stopped, in-flight items finishing", signal=name,
+                         shutdown_timeout=self.topo.shutdown_timeout)
+        self.stop_deadline = time.monotonic() + self.topo.shutdown_timeout
+        for p in self.producers:
+            if not p.done and p.process.is_alive():
+                p.process.terminate()
+        for stage in self.topo.stages:  # stages not started yet never will be
+            self.started.setdefault(stage.name, time.perf_counter())
+            if stage.name not in self.runners and stage.kind != "producer":
+                self.finished.add(stage.name)
+
     def _all_done(self) -> bool:
         return all(s.name in self.finished for s in self.topo.stages if not s.daemon)
 
-    def _handle_ready(self, ready: Any) -> None:
-        for unit in self.units:
-            if unit.done:
+    def _producer_ready(self, ready: Any) -> None:
+        for p in self.producers:
+            if p.done:
                 continue
-            if unit.conn is ready:
-                self._drain(unit)
-            elif unit.process is not None and unit.process.sentinel == ready:
-                self._drain(unit)
-                unit.process.join()
-                unit.done = True
-                code = unit.process.exitcode
-                self.log.info("process exited", stage=unit.stage, process=unit.name, pid=unit.process.pid, exitcode=code)
-                if code != 0 and not self.failure:
-                    self.failure = _died(unit.stage, unit.name, code)
+            if p.conn is ready:
+                self._drain(p)
+            elif p.process.sentinel == ready:
+                self._drain(p)
+                p.process.join()
+                p.done = True
+                code = p.process.exitcode
+                self.exit_codes[p.name] = code
+                self.log.info("process exited", stage=p.stage, process=p.name, pid=p.process.pid, exitcode=code)
+                expected = code == 0 or (self.signal_received and code in (143, -signal.SIGTERM))
+                if not expected and not self.failure:
+                    self.failure = died_message(p.stage, p.name, code)
 
-    def _drain(self, unit: _Unit) -> None:
-        if unit.conn is None:
+    def _drain(self, p: _Producer) -> None:
+        if p.conn is None:
             return
         try:
-            while unit.conn.poll():
-                self._message(unit, unit.conn.recv())
+            while p.conn.poll():
+                message = p.conn.recv()
+                if message[0] == "stats":
+                    self.stats[message[1]].items_out += message[4]
+                    self.stats[message[1]].busy_seconds += message[5]
+                elif message[0] == "error" and not self.failure:
+                    self.failure = f"stage {message[1]!r} (process {message[2]}) failed: {message[3]}"
         except (EOFError, OSError):
-            unit.conn = None
-
-    def _message(self, unit: _Unit, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "collect":
-            self.collected[message[1]].extend(message[2])
-        elif kind == "stats":
-            _, stage, _, items_in, items_out, busy = message
-            st = self.stats[stage]
-            st.items_in += items_in
-            st.items_out += items_out
-            st.busy_seconds += busy
-        elif kind == "error":
-            _, stage, process, summary, _tb, item = message
-            on = f" on item {item}" if item else ""
-            self.failure = self.failure or f"stage {stage!r} (process {process}) failed{on}: {summary}"
-        elif kind == "done":
-            unit.done = True
+            p.conn = None
 
     def _advance(self) -> None:
         """Mark finished stages, end the queues they were the last writer of, start what may start."""
         for stage in self.topo.stages:
-            if stage.name in self.started and stage.name not in self.finished:
-                units = [u for u in self.units if u.stage == stage.name]
-                if all(u.done for u in units):
-                    self.finished.add(stage.name)
-                    self.stats[stage.name].seconds = time.perf_counter() - self.started[stage.name]
+            if stage.name in self.finished or stage.name not in self.started:
+                continue
+            runner = self.runners.get(stage.name)
+            done = runner.finished if runner else all(p.done for p in self.producers if p.stage == stage.name)
+            if done:
+                self.finished.add(stage.name)
+                self.stats[stage.name].seconds = time.perf_counter() - self.started[stage.name]
         for name, plan in self.topo.queues.items():
             if name not in self.ended_queues and all(w in self.finished for w in plan.writers):
                 self.ended_queues.add(name)
                 # Ending a bounded queue may wait for room: do it beside the loop, never in it.
                 channel = self.channels[name]
                 threading.Thread(target=channel.end, args=(plan.reader_processes,), daemon=True).start()
-        self._start_ready_stages()
+        if self.stop_deadline is None:
+            self._start_ready_stages()
 
     def _start_ready_stages(self) -> None:
         for stage in self.topo.stages:
@@ -239,15 +274,11 @@ class Supervisor:
 
     def _start_stage(self, stage: StagePlan) -> None:
         self.started[stage.name] = time.perf_counter()
-        self.stats[stage.name].processes = stage.processes
-        lock = self.locks.get(stage.lock) if stage.lock else None
         outputs = [self.channels[q] for q in stage.outputs]
-        if stage.kind == "pool":
-            reader, writer = multiprocessing.Pipe(duplex=False)
-            pool = _PoolStage(self, stage, self.channels[stage.inputs[0]], outputs, lock, writer)
-            self.pools[stage.name] = pool
-            self.units.append(_Unit(stage.name, stage.name, reader))
-            pool.start()
+        if stage.kind != "producer":
+            runner = StageRunner(self, stage, outputs)
+            self.runners[stage.name] = runner
+            runner.start()
             return
         for index, name in enumerate(stage.process_names):
             reader, writer = self.ctx.Pipe(duplex=False)
@@ -258,37 +289,45 @@ class Supervisor:
                 base_dir=self.topo.base_dir,
                 log_queue=self.log_queue,
                 log_level=self.topo.log_level,
+                parent_pid=self.pid,
                 ctl=writer,
-                input=self.channels[stage.inputs[0]] if stage.inputs else None,
                 outputs=outputs,
-                lock=lock,
-                limit=self.topo.limit if stage.kind == "producer" else None,
+                limit=self.topo.limit,
             )
-            process = self.ctx.Process(target=worker.process_main, args=(spec,), name=name, daemon=stage.daemon)
+            process = self.ctx.Process(target=worker.producer_main, args=(spec,), name=name, daemon=stage.daemon)
             process.start()
             writer.close()
-            self.units.append(_Unit(stage.name, name, reader, process))
+            self.producers.append(_Producer(stage.name, name, process, reader))
+
+    def ring(self) -> None:
+        """Wake the supervisor loop (called by runner threads)."""
+        try:
+            os.write(self._bell_w, b"!")
+        except OSError:  # the run is over
+            pass
 
     # -- the end ---------------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Stop whatever still runs (daemon stages at a normal end; everything after a failure)."""
-        for unit in self.units:
-            if unit.stage in self.pools and not unit.done:
-                self.pools[unit.stage].stop()
-        alive = [u for u in self.units if u.process is not None and not u.done]
-        for unit in alive:
-            if unit.process.is_alive():
-                unit.process.terminate()
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        for unit in alive:
-            unit.process.join(max(0.0, deadline - time.monotonic()))
-            if unit.process.is_alive():
-                unit.process.kill()
-                unit.process.join()
-            self._drain(unit)
-            unit.done = True
-            self.log.info("process exited", stage=unit.stage, process=unit.name, pid=unit.process.pid, exitcode=unit.process.exitcode)
+        for runner in self.runners.values():
+            runner.abort()
+        alive = [p for p in self.producers if not p.done]
+        for p in alive:
+            if p.process.is_alive():
+                p.process.terminate()
+        for runner in self.runners.values():
+            runner.thread.join(KILL_GRACE + 5)
+        deadline = time.monotonic() + KILL_GRACE
+        for p in alive:
+            p.process.join(max(0.0, deadline - time.monotonic()))
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join()
+            self._drain(p)
+            p.done = True
+            self.exit_codes[p.name] = p.process.exitcode
+            self.log.info("process exited", stage=p.stage, process=p.name, pid=p.process.pid, exitcode=p.process.exitcode)
         now = time.perf_counter()
         for name, t in self.started.items():
             if name not in self.finished:
@@ -297,117 +336,322 @@ class Supervisor:
             self.manager.shutdown()
 
 
-class _PoolStage:
-    """A pool stage: a ``multiprocessing.Pool`` fed, from a pump thread of the main process, by the input queue.
+@dataclass
+class _Worker:
+    """A worker process of a stage, seen from its runner."""
 
-    The pump reads batches, cuts them into chunks and submits each with ``apply_async``; at most
-    ``window`` chunks are in flight, which bounds memory and the reorder buffer of ``ordered: true``.
-    Results are emitted from the pool's result thread (in input order when ordered).
+    name: str
+    process: Any
+    conn: Any
+    progress: Any
+    task: tuple[int, list[tuple[Any, int]]] | None = None  # (seq, [(item, attempts)]) it holds
+    retiring: bool = False
+    timed_out: bool = False
+    kill_at: float | None = None
+
+
+class StageRunner:
+    """A consumer or pool stage, run from one thread of the main process.
+
+    Reads the input queue (a fetcher thread gets one batch at a time, on demand), hands chunks to idle
+    workers, emits their results (in input order for ``ordered: true``), applies the error policy to
+    items held by workers that died or timed out, and replaces those workers.
     """
 
-    def __init__(self, sup: Supervisor, plan: StagePlan, input_: Channel, outputs: list[Channel], lock: Any, conn: Any) -> None:
-        self.sup, self.plan, self.input, self.lock = sup, plan, input_, lock
-        self.ctl = worker.Control(conn)
+    def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
+        self.sup, self.plan = sup, plan
+        self.stats = sup.stats[plan.name]
+        self.input = sup.channels[plan.inputs[0]]
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
         self.emitter = Emitter(outputs, on_batch=collect)
-        self.window = 2 * plan.processes + 2
-        self.slots = threading.Semaphore(self.window)
-        self.pending: dict[int, worker.TaskResult] = {}
+        self.dead_emitter = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
+        self.lock = sup.locks.get(plan.lock) if plan.lock else None
+        self.workers: list[_Worker] = []
+        self.buffer: deque[tuple[Any, int]] = deque()  # (item, failed attempts so far), waiting for a worker
+        self.again: deque[tuple[int, list[tuple[Any, int]]]] = deque()  # chunks of dead workers, to hand out again
+        self.results: dict[int, worker.ChunkResult | None] = {}  # finished chunks waiting for their turn (ordered)
         self.next_seq = 0
-        self.busy = 0.0
-        self.failed = False
-        self.pool: Any = None
-        self.thread = threading.Thread(target=self._pump, name=f"pool-{plan.name}", daemon=True)
+        self.next_out = 0
+        self.fetched: deque[list[Any] | None] = deque()
+        self.want = threading.Event()
+        self.bell_r, self.bell_w = os.pipe()
+        self.input_done = False
+        self.fetching = False
+        self.aborted = False
+        self.finished = False
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
     def start(self) -> None:
-        spec = worker.PoolSpec(self.plan, self.sup.topo.base_dir, self.sup.log_queue, self.sup.topo.log_level, self.lock)
-        self.pool = self.sup.ctx.Pool(
-            self.plan.processes, worker.pool_init, (spec,), self.plan.maxtasksperchild
-        )
+        for name in self.plan.process_names:
+            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("d", 2)))
+        threading.Thread(target=self._fetch, name=f"fetch-{self.plan.name}", daemon=True).start()
         self.thread.start()
 
-    def _pump(self) -> None:
-        n_in, seq, workers = 0, 0, self.plan.processes
-        try:
-            for batch in read(self.input):
-                n_in += len(batch)
-                size = self.plan.chunksize or max(1, math.ceil(len(batch) / workers))
-                for i in range(0, len(batch), size):
-                    self.slots.acquire()
-                    if self.failed:
-                        return
-                    self.pool.apply_async(
-                        worker.pool_task, (seq, batch[i : i + size]), callback=self._done, error_callback=self._error
-                    )
-                    seq += 1
-            for _ in range(self.window):
-                self.slots.acquire()
-            if self.failed:
-                return
-            self.pool.close()
-            self.pool.join()
-            self.emitter.close()
-            self.ctl.send(("stats", self.plan.name, self.plan.name, n_in, self.emitter.sent, self.busy))
-            self.ctl.send(("done",))
-        except Exception as e:  # noqa: BLE001 - reported to the supervisor, never lost
-            self._fail(f"{type(e).__name__}: {e}", "")
+    def _spawn(self, name: str, progress: Any) -> _Worker:
+        mine, theirs = self.sup.ctx.Pipe(duplex=True)
+        progress[0] = progress[1] = 0.0
+        spec = worker.WorkerSpec(
+            stage=self.plan,
+            name=name,
+            base_dir=self.sup.topo.base_dir,
+            log_queue=self.sup.log_queue,
+            log_level=self.sup.topo.log_level,
+            parent_pid=self.sup.pid,
+            conn=theirs,
+            progress=progress,
+            lock=self.lock,
+        )
+        process = self.sup.ctx.Process(target=worker.worker_main, args=(spec,), name=name, daemon=self.plan.daemon)
+        process.start()
+        theirs.close()
+        return _Worker(name, process, mine, progress)
 
-    def _done(self, result: worker.TaskResult) -> None:
-        """Runs in the pool's result thread."""
-        try:
-            self.busy += result.busy
-            if result.error is not None:
-                summary, tb, item = result.error
-                self.sup.log.error("function raised", stage=self.plan.name, error=summary, item=item, exception=tb)
-                self._fail(summary, item)
+    def _fetch(self) -> None:
+        """Fetcher thread: one blocking read of the input queue each time the runner asks."""
+        while True:
+            self.want.wait()
+            self.want.clear()
+            batch = self.input.get()
+            self.fetched.append(batch)
+            self._ring()
+            if batch is None:
                 return
-            if self.plan.ordered:
-                self.pending[result.seq] = result
-                while self.next_seq in self.pending:
-                    for out in self.pending.pop(self.next_seq).outputs:
-                        self.emitter.emit(out)
-                    self.next_seq += 1
-            else:
-                for out in result.outputs:
-                    self.emitter.emit(out)
-        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result
-            self._fail(f"{type(e).__name__}: {e}", "")
+
+    def _ring(self) -> None:
+        try:
+            os.write(self.bell_w, b"!")
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown)."""
+        self.aborted = True
+        self._ring()
+
+    # -- the runner thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+            if not self.aborted:
+                self.emitter.close()
+                if self.dead_emitter is not None:
+                    self.dead_emitter.close()
+        except _StageFailed as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result: reported, never lost
+            self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
         finally:
-            self.slots.release()
+            self._stop_workers()
+            self.stats.items_out = self.emitter.sent
+            self.finished = True
+            for fd in (self.bell_r, self.bell_w):
+                os.close(fd)
+            self.sup.ring()
 
-    def _error(self, exc: BaseException) -> None:
-        self._fail(f"{type(exc).__name__}: {exc}", "")
-        self.slots.release()
+    def _loop(self) -> None:
+        while not self.aborted:
+            self._dispatch()
+            if self.input_done and not self.buffer and not self.again and not any(w.task for w in self.workers):
+                return
+            if not self.input_done and not self.fetching and len(self.buffer) < MAX_BATCH:
+                self.fetching = True
+                self.want.set()
+            waitables: list[Any] = [self.bell_r]
+            for w in self.workers:
+                waitables += [w.conn, w.process.sentinel]
+            for ready in wait(waitables, self._next_deadline()):
+                if ready == self.bell_r:
+                    self._take_fetched()
+                else:
+                    self._worker_ready(ready)
+            self._enforce_timeouts()
 
-    def _fail(self, summary: str, item: str) -> None:
-        if not self.failed:
-            self.failed = True
-            self.ctl.send(("error", self.plan.name, self.plan.name, summary, "", item))
+    def _take_fetched(self) -> None:
+        os.read(self.bell_r, 4096)
+        while self.fetched:
+            batch = self.fetched.popleft()
+            self.fetching = False
+            if batch is None:
+                self.input_done = True
+            else:
+                self.stats.items_in += len(batch)
+                self.buffer.extend((item, 0) for item in batch)
 
-    def stop(self) -> None:
-        """Terminate the pool's workers (a no-op once it has closed and joined)."""
-        self.failed = True
-        self.slots.release(self.window + 1)
-        if self.pool is not None:
-            self.pool.terminate()
+    def _dispatch(self) -> None:
+        for w in self.workers:
+            if w.task is not None or w.retiring or w.kill_at is not None:
+                continue
+            if self.again:
+                w.task = self.again.popleft()
+            elif self.buffer:
+                size = self.plan.chunksize or max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
+                chunk = [self.buffer.popleft() for _ in range(min(size, len(self.buffer)))]
+                w.task = (self.next_seq, chunk)
+                self.next_seq += 1
+            else:
+                return
+            w.conn.send(w.task)
+
+    def _worker_ready(self, ready: Any) -> None:
+        for w in list(self.workers):
+            if ready is w.conn:
+                self._receive(w)
+            elif ready == w.process.sentinel:
+                self._receive(w)
+                self._exited(w)
+
+    def _receive(self, w: _Worker) -> None:
+        try:
+            while w.conn.poll():
+                self._result(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _result(self, w: _Worker, res: worker.ChunkResult) -> None:
+        st = self.stats
+        st.skipped += res.skipped
+        st.retried += res.retried
+        st.failed += res.failed
+        st.busy_seconds += res.busy
+        if res.error is not None:
+            summary, tb, item = res.error
+            on = f" on item {item}" if item else ""
+            self.sup.log.error("stage failed", stage=self.plan.name, process=w.name, error=summary, item=item, exception=tb)
+            msg = f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}"
+            raise _StageFailed(msg)
+        w.task = None
+        w.retiring = res.retire
+        for letter in res.dead:
+            self._dead_letter(letter)
+        self._emit(res.seq, res.outputs)
+
+    def _emit(self, seq: int, outputs: list[Any]) -> None:
+        if not self.plan.ordered:
+            for out in outputs:
+                self.emitter.emit(out)
+            return
+        self.results[seq] = outputs  # type: ignore[assignment]
+        while self.next_out in self.results:
+            for out in self.results.pop(self.next_out) or ():
+                self.emitter.emit(out)
+            self.next_out += 1
+
+    def _dead_letter(self, letter: dict[str, Any]) -> None:
+        assert self.dead_emitter is not None
+        self.stats.dead_lettered += 1
+        self.dead_emitter.emit(letter)
+
+    def _exited(self, w: _Worker) -> None:
+        w.process.join()
+        code = w.process.exitcode
+        self.sup.exit_codes[w.name] = code
+        self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid, exitcode=code)
+        self.workers.remove(w)
+        w.conn.close()
+        if w.retiring and code == 0 and w.task is None:
+            self.workers.append(self._spawn(w.name, w.progress))
+            return
+        reason = (
+            f"call timed out after {self.plan.timeout:g}s (worker {w.name} replaced)"
+            if w.timed_out
+            else died_message(self.plan.name, w.name, code)
+        )
+        if w.task is not None:
+            self._recover(w, reason)
+        if not w.timed_out and not self.plan.restart:
+            raise _StageFailed(f"{died_message(self.plan.name, w.name, code)}; restart: false, so the run stops")
+        self.stats.restarts += 1
+        self.sup.log.warning("worker replaced", stage=self.plan.name, process=w.name, reason=reason)
+        self.workers.append(self._spawn(w.name, w.progress))
+
+    def _recover(self, w: _Worker, reason: str) -> None:
+        """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
+        assert w.task is not None
+        seq, chunk = w.task
+        index = min(int(w.progress[0]), len(chunk) - 1)
+        item, attempts = chunk[index]
+        attempts += 1
+        self.stats.failed += 1
+        rest = chunk[:index] + chunk[index + 1 :]
+        plan = self.plan
+        if plan.on_error == "retry" and attempts <= plan.retries:
+            self.stats.retried += 1
+            rest.insert(index, (item, attempts))
+        elif plan.on_error == "fail" or (plan.on_error == "retry" and not plan.dead_letter):
+            raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
+        elif plan.dead_letter:
+            self._dead_letter(worker.give_up_letter(plan, item, reason, attempts))
+        else:
+            self.stats.skipped += 1
+        self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
+                             attempts=attempts, reason=reason)
+        if rest:
+            self.again.appendleft((seq, rest))
+        else:
+            self._emit(seq, [])
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
+        if self.plan.timeout:
+            deadlines += [w.progress[1] + self.plan.timeout for w in self.workers if w.task and w.progress[1] > 0]
+        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.kill_at is not None:
+                if now >= w.kill_at and w.process.is_alive():
+                    w.process.kill()
+            elif self.plan.timeout and w.task and w.progress[1] > 0 and now >= w.progress[1] + self.plan.timeout:
+                w.timed_out = True
+                w.kill_at = now + KILL_GRACE
+                w.process.terminate()
+
+    def _stop_workers(self) -> None:
+        for w in self.workers:
+            try:
+                if self.aborted or w.task is not None:
+                    w.process.terminate()
+                else:
+                    w.conn.send(None)
+            except OSError:
+                w.process.terminate()
+        deadline = time.monotonic() + KILL_GRACE
+        for w in self.workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
+            self.sup.exit_codes[w.name] = w.process.exitcode
+            self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid,
+                              exitcode=w.process.exitcode)
+        self.workers.clear()
 
 
-def _died(stage: str, process: str, code: int | None) -> str:
+def died_message(stage: str, process: str, code: int | None) -> str:
+    """Why a process ended, with the likely cause."""
     if code is not None and code < 0:
         name = signal.Signals(-code).name
-        cause = " (out of memory?)" if name == "SIGKILL" else " (a crash in native code?)" if name == "SIGSEGV" else ""
-        return f"stage {stage!r}: process {process} was killed by {name}{cause}"
-    return f"stage {stage!r}: process {process} exited with code {code}"
+        causes = {
+            "SIGKILL": " (killed from outside, or by the kernel for lack of memory)",
+            "SIGSEGV": " (a crash in native code)",
+            "SIGABRT": " (aborted by native code)",
+        }
+        return f"stage {stage!r}: process {process} was killed by {name}{causes.get(name, '')}"
+    return f"stage {stage!r}: process {process} exited with code {code} (os._exit or sys.exit in the stage function?)"
 
 
-def _ignore_sigint() -> None:
+def _manager_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=worker._watch_parent, args=(parent_pid,), daemon=True).start()
 
 
 def _install_signals(sup: Supervisor, sig_w: int) -> dict[int, Any] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
-    sup.signal_received = 0
 
     def handler(signum: int, frame: Any) -> None:
         if sup.signal_received:  # a second signal: stop at once
@@ -432,6 +676,7 @@ def logging_state() -> tuple[list[Any], int]:
 
 
 def restore_logging(state: tuple[list[Any], int]) -> None:
+    """Put back the root logger's handlers and level."""
     import logging
 
     root = logging.getLogger()

@@ -22,7 +22,7 @@ class QueuePlan:
     maxsize: int  # items; 0 = unbounded
     batch: int  # most items per message on this queue
     writers: tuple[str, ...]  # stage names
-    reader_processes: int  # how many processes read it (each needs one end marker)
+    reader_processes: int  # how many readers it has (one per reading stage; each needs one end marker)
 
     @property
     def slots(self) -> int:
@@ -49,6 +49,12 @@ class StagePlan:
     ordered: bool = False
     chunksize: int | None = None
     maxtasksperchild: int | None = None
+    timeout: float | None = None
+    on_error: str = "fail"  # "fail" | "skip" | "retry"
+    retries: int = 3
+    retry_backoff: float = 0.1
+    dead_letter: str | None = None
+    restart: bool = True
 
     @property
     def processes(self) -> int:
@@ -69,14 +75,15 @@ class Topology:
     queues: dict[str, QueuePlan]
     stages: tuple[StagePlan, ...]
     limit: int | None = None  # each producer emits at most this many items
+    shutdown_timeout: float = 10.0
 
     def stage(self, name: str) -> StagePlan:
         """The stage called ``name``."""
         return next(s for s in self.stages if s.name == name)
 
     def writers_of(self, queue: str) -> list[StagePlan]:
-        """Stages that write to ``queue``."""
-        return [s for s in self.stages if queue in s.outputs]
+        """Stages that write to ``queue`` (as an output or as their dead-letter queue)."""
+        return [s for s in self.stages if queue in s.outputs or queue == s.dead_letter]
 
     def readers_of(self, queue: str) -> list[StagePlan]:
         """Stages that read ``queue``."""

@@ -1,12 +1,14 @@
-"""Code that runs IN A CHILD process: bootstrap, the producer loop, the consumer loop, pool tasks.
+"""Code that runs IN A CHILD process: bootstrap, the producer loop, the worker loop of consumers and pools.
 
-A child talks to the supervisor over its own control pipe (``Control``); messages are small tuples:
+    producer process: source --Emitter--> output channels          (shared queues, written directly)
+                      control pipe --> supervisor: ("error", ...), ("stats", ...)
+    worker process:   its own duplex pipe <--> the stage's runner thread in the main process
+                      receives Task(seq, [(item, attempts)]), calls the function with the error policy,
+                      sends back a ChunkResult (outputs, dead letters, counts, the error that stops the run)
 
-    ("collect", stage, [items])                          items that reached a ``collect`` sink
-    ("error", stage, process, summary, traceback, item)  a function raised; the process then exits 1
-    ("stats", stage, process, items_in, items_out, busy_seconds)
-
-Pool workers have no control pipe: ``pool_task`` returns a ``TaskResult`` to the pool's pump thread.
+Workers never touch a shared queue, so a worker that dies or is killed cannot corrupt or block one; the
+runner knows which chunk it held, and ``progress`` (shared memory: index of the item being called, and
+when the call started) says which item was in its hands, for timeouts and deaths.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -81,10 +84,23 @@ def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def bootstrap(base_dir: str, log_queue: Any, log_level: str, stage: str, process: str) -> None:
-    """First thing in every child: signals, import path, name, logging."""
+def _watch_parent(parent_pid: int) -> None:
+    """Stop this process when the main process is gone (even when it was killed with SIGKILL)."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except (OSError, AttributeError):
+        return
+    select.select([fd], [], [])
+    os.kill(os.getpid(), signal.SIGTERM)  # unwind normally; if that does not end us, end now
+    time.sleep(2.0)
+    os._exit(143)
+
+
+def bootstrap(base_dir: str, log_queue: Any, log_level: str, stage: str, process: str, parent_pid: int) -> None:
+    """First thing in every child: signals, parent watch, import path, name, logging."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, _terminated)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     if base_dir not in sys.path:
         sys.path.insert(0, base_dir)
     multiprocessing.current_process().name = process
@@ -155,12 +171,12 @@ def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], N
         raise FunctionFailed(summary, traceback.format_exc(), short_repr(item)) from None
 
 
-# -- processes of producer and consumer stages ---------------------------------------------------------
+# -- producer processes --------------------------------------------------------------------------------
 
 
 @dataclass
 class ProcessSpec:
-    """What one child process of a producer or consumer stage needs (pickled to it)."""
+    """What one producer process needs (pickled to it)."""
 
     stage: StagePlan
     name: str
@@ -168,50 +184,33 @@ class ProcessSpec:
     base_dir: str
     log_queue: Any
     log_level: str
+    parent_pid: int
     ctl: Any  # the write end of this process's control pipe
-    input: Channel | None = None
     outputs: list[Channel] = field(default_factory=list)
-    lock: Any = None
     limit: int | None = None
 
 
-def process_main(spec: ProcessSpec) -> None:
-    """Target of every producer and consumer process."""
+def producer_main(spec: ProcessSpec) -> None:
+    """Target of every producer process."""
     stage = spec.stage
-    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name)
+    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid)
     import structlog
 
     log = structlog.get_logger("mprun")
     ctl = Control(spec.ctl)
     log.info("process started")
     started = time.perf_counter()
-    counts = {"in": 0, "busy": 0.0}
     emitter = Emitter(spec.outputs)
-    collector = _collector(ctl, stage) if stage.function == "collect" else None
     try:
-        if stage.kind == "producer":
-            _produce(spec, emitter)
-        else:
-            _consume(spec, emitter, collector, counts)
+        _produce(spec, emitter)
         emitter.close()
-        if collector is not None:
-            collector.close()
-    except FunctionFailed as e:
-        log.error("function raised", error=e.summary, item=e.item, exception=e.tb)
-        ctl.send(("error", stage.name, spec.name, e.summary, e.tb, e.item))
-        sys.exit(1)
-    except Exception as e:  # noqa: BLE001 - anything else is reported the same way, never lost
+    except Exception as e:  # noqa: BLE001 - reported to the supervisor, never lost
         summary = f"{type(e).__name__}: {e}"
-        log.error("stage failed", error=summary)
+        log.error("source failed", error=summary, exception=traceback.format_exc())
         ctl.send(("error", stage.name, spec.name, summary, traceback.format_exc(), ""))
         sys.exit(1)
     finally:
-        busy = counts["busy"] if stage.kind != "producer" else time.perf_counter() - started
-        ctl.send(("stats", stage.name, spec.name, counts["in"], emitter.sent, busy))
-
-
-def _collector(ctl: Control, stage: StagePlan) -> Emitter:
-    return Emitter([], on_batch=lambda batch: ctl.send(("collect", stage.name, batch)))
+        ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
 
 
 def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) -> Iterable[Any]:
@@ -254,73 +253,116 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
         emit(item)
 
 
-def _consume(spec: ProcessSpec, emitter: Emitter, collector: Emitter | None, counts: dict[str, Any]) -> None:
-    stage = spec.stage
-    assert spec.input is not None
-    if stage.init:
-        resolve(stage.init, spec.base_dir)()
-    fn = make_function(stage, spec.base_dir, collector.emit if collector else None)
-    lock, emit = spec.lock, emitter.emit
-    clock = time.perf_counter
-    for batch in read(spec.input):
-        counts["in"] += len(batch)
-        t0 = clock()
-        for item in batch:
-            call(fn, item, lock, emit)
-        counts["busy"] += clock() - t0
-
-
-# -- pool workers --------------------------------------------------------------------------------------
+# -- worker processes of consumer and pool stages ----------------------------------------------------------
 
 
 @dataclass
-class PoolSpec:
-    """What every worker of a pool stage needs (passed once, through the pool's initializer)."""
+class WorkerSpec:
+    """What one worker process of a consumer or pool stage needs (pickled to it)."""
 
     stage: StagePlan
+    name: str
     base_dir: str
     log_queue: Any
     log_level: str
+    parent_pid: int
+    conn: Any  # this worker's end of its duplex pipe to the stage's runner
+    progress: Any  # RawArray('d', 2): index of the item being called in the current chunk, call start (monotonic)
     lock: Any = None
 
 
 @dataclass
-class TaskResult:
-    """What a pool task sends back: its sequence number, outputs, and the error that stopped it, if any."""
+class ChunkResult:
+    """What a worker sends back for one chunk."""
 
     seq: int
     outputs: list[Any]
-    busy: float
-    error: tuple[str, str, str] | None = None  # (summary, traceback, item)
+    dead: list[dict[str, Any]]  # dead letters: {"item", "error", "stage", "attempts"}
+    done: int = 0  # items finished (delivered, skipped or dead-lettered)
+    skipped: int = 0
+    retried: int = 0
+    failed: int = 0  # failed attempts
+    busy: float = 0.0
+    error: tuple[str, str, str] | None = None  # (summary, traceback, item): stops the run
+    retire: bool = False  # the worker exits after this chunk (maxtasksperchild)
 
 
-_pool: dict[str, Any] = {}  # this pool worker's state, set by pool_init
-
-
-def pool_init(spec: PoolSpec) -> None:
-    """Initializer of every pool worker: bootstrap, then the stage's ``init``."""
-    me = multiprocessing.current_process()
-    number = me._identity[-1] if me._identity else os.getpid()
-    names = spec.stage.process_names
-    name = names[(number - 1) % len(names)] if len(names) > 1 else f"{spec.stage.name}-{number}"
-    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, spec.stage.name, name)
+def worker_main(spec: WorkerSpec) -> None:
+    """Target of every consumer and pool worker: chunks in, results out, until told to stop."""
+    stage = spec.stage
+    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid)
     import structlog
 
-    structlog.get_logger("mprun").debug("process started")
-    if spec.stage.init:
-        resolve(spec.stage.init, spec.base_dir)()
-    _pool["fn"] = make_function(spec.stage, spec.base_dir, None)
-    _pool["lock"] = spec.lock
-
-
-def pool_task(seq: int, items: list[Any]) -> TaskResult:
-    """Run the stage function over one chunk of items, in a pool worker."""
-    fn, lock = _pool["fn"], _pool["lock"]
-    outputs: list[Any] = []
-    t0 = time.perf_counter()
+    log = structlog.get_logger("mprun")
+    log.info("process started")
+    conn = spec.conn
     try:
-        for item in items:
-            call(fn, item, lock, outputs.append)
-    except FunctionFailed as e:
-        return TaskResult(seq, outputs, time.perf_counter() - t0, (e.summary, e.tb, e.item))
-    return TaskResult(seq, outputs, time.perf_counter() - t0)
+        if stage.init:
+            resolve(stage.init, spec.base_dir)()
+        fn = make_function(stage, spec.base_dir, None)
+    except Exception as e:  # noqa: BLE001 - the stage cannot start: say why, once
+        summary = f"{type(e).__name__}: {e}"
+        log.error("worker could not start", error=summary, exception=traceback.format_exc())
+        conn.send(ChunkResult(-1, [], [], error=(summary, traceback.format_exc(), "")))
+        return
+    tasks = 0
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the runner is gone
+            return
+        if task is None:
+            return
+        tasks += 1
+        result = run_chunk(fn, stage, task[0], task[1], spec.lock, spec.progress, log)
+        result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
+        conn.send(result)
+        if result.retire:
+            return
+
+
+def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
+    """The dead letter of an item given up on."""
+    return {"item": item, "error": error, "stage": stage.name, "attempts": attempts}
+
+
+def run_chunk(
+    fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
+) -> ChunkResult:
+    """Call ``fn`` on each item of a chunk under the stage's error policy."""
+    result = ChunkResult(seq, [], [])
+    emit = result.outputs.append
+    clock = time.perf_counter
+    t0 = clock()
+    for index, (item, attempts) in enumerate(chunk):
+        progress[0] = index
+        while True:
+            progress[1] = time.monotonic()
+            try:
+                call(fn, item, lock, emit)
+                break
+            except FunctionFailed as e:
+                attempts += 1
+                result.failed += 1
+                if stage.on_error == "retry" and attempts <= stage.retries:
+                    result.retried += 1
+                    log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, exception=e.tb)
+                    progress[1] = 0.0
+                    time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+                    continue
+                if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+                    log.error("function raised", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
+                    result.error = (e.summary, e.tb, e.item)
+                    result.busy = clock() - t0
+                    progress[1] = 0.0
+                    return result
+                if stage.dead_letter:
+                    result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+                else:
+                    result.skipped += 1
+                log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
+                break
+        result.done += 1
+    progress[1] = 0.0
+    result.busy = clock() - t0
+    return result

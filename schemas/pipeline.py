@@ -7,11 +7,11 @@ end) live here too, so an invalid file never reaches the runner.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr
 
-from schemas.stages import NAME_PATTERN, Consumer, Model, Pool, Producer, Stage
+from schemas.stages import NAME_PATTERN, Consumer, Model, Pool, Producer, Source, Stage
 
 DEFAULT_MAXSIZE = 10_000
 
@@ -28,6 +28,9 @@ class Settings(Model):
     )
     log_format: Literal["console", "json"] = Field("console", description="How stderr renders records.")
     log_file: str | None = Field(None, description="A path: every record also goes there as JSON lines.")
+    shutdown_timeout: float = Field(
+        10, ge=0, description="Seconds stages get to finish their items after SIGINT/SIGTERM before they are stopped."
+    )
 
 
 class QueueSpec(Model):
@@ -36,6 +39,23 @@ class QueueSpec(Model):
     type: Literal["fifo", "lifo"] = Field("fifo", description="fifo: first in first out; lifo: a stack served by a manager.")
     maxsize: int = Field(
         DEFAULT_MAXSIZE, ge=0, description="About how many items the queue holds before writers wait; 0 = unbounded."
+    )
+
+
+class TestCase(Model):
+    """One case of ``mprun test``: replace producers' sources, then check the items that flowed through queues."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    name: str = Field(min_length=1, description="What the case checks; shown as FILE::NAME in the report.")
+    sources: dict[str, Source] = Field(
+        default_factory=dict, description="Producer stage name -> the source it uses in this case instead of its own."
+    )
+    expect: dict[str, list[Any]] = Field(
+        min_length=1, description="Queue name -> every item that must flow through that queue (all writers together)."
+    )
+    ordered: bool = Field(
+        False, description="true: the items must come in this order (the order they were put); false: any order."
     )
 
 
@@ -50,9 +70,14 @@ class Pipeline(Model):
         default_factory=dict, description="Queues by name; a queue a stage names but not declared here is FIFO."
     )
     stages: list[Stage] = Field(min_length=1, description="The stages, producers first by convention.")
+    tests: list[TestCase] = Field(
+        default_factory=list, description="Cases run by `mprun test`: sources replaced, items through queues checked."
+    )
 
     # The folder of the pipeline file: tasks modules and relative paths are found there first.
     _base_dir: str = PrivateAttr(".")
+    # Where each value was in the file (runner.diagnostics.Marks), so later checks can locate problems.
+    _marks: Any = PrivateAttr(None)
 
     @property
     def base_dir(self) -> str:
@@ -74,7 +99,7 @@ class Pipeline(Model):
         """Every queue, declared or named by a stage, in first-mention order."""
         names = dict.fromkeys(self.queues)
         for stage in self.stages:
-            names.update(dict.fromkeys(stage.outputs + stage.inputs))
+            names.update(dict.fromkeys(stage.written + stage.inputs))
         return list(names)
 
 
@@ -89,7 +114,7 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
     writers: dict[str, list[str]] = {}
     readers: dict[str, list[str]] = {}
     for stage in pipeline.stages:
-        for q in stage.outputs:
+        for q in stage.written:
             writers.setdefault(q, []).append(stage.name)
         for q in stage.inputs:
             readers.setdefault(q, []).append(stage.name)
@@ -101,6 +126,11 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
             if q not in readers:
                 loc = ("stages", i, "output") if isinstance(stage.output, str) else ("stages", i, "output", j)
                 problems.append((loc, f"queue {q!r} is written but no stage reads it"))
+        dead = getattr(stage, "dead_letter", None)
+        if dead and dead not in readers:
+            problems.append((("stages", i, "dead_letter"), f"dead-letter queue {dead!r} is written but no stage reads it"))
+        if dead and dead in stage.inputs:
+            problems.append((("stages", i, "dead_letter"), "a stage cannot dead-letter into its own input"))
         for j, name in enumerate(stage.after):
             if name not in seen:
                 problems.append((("stages", i, "after", j), f"unknown stage {name!r} in after"))
@@ -116,10 +146,34 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
             problems.append((("queues", name), f"queue {name!r} is declared but no stage uses it"))
         if not _valid_name(name):
             problems.append((("queues", name), f"queue name {name!r} must match {NAME_PATTERN}"))
+    problems += _test_problems(pipeline, writers)
     cycle = _find_cycle(pipeline, writers)
     if cycle:
         i = seen[cycle[0]]
         problems.append((("stages", i, "name"), "cycle that can never end: " + " -> ".join([*cycle, cycle[0]])))
+    return problems
+
+
+def _test_problems(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cases of ``tests:`` that name a stage that is not a producer, or a queue no stage writes."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    kinds = {s.name: s.kind for s in pipeline.stages}
+    daemons = {s.name for s in pipeline.stages if getattr(s, "daemon", False)}
+    names = [case.name for case in pipeline.tests]
+    for i, case in enumerate(pipeline.tests):
+        if names.index(case.name) != i:
+            problems.append((("tests", i, "name"), f"duplicate test name {case.name!r}"))
+        for stage in case.sources:
+            if stage not in kinds:
+                problems.append((("tests", i, "sources", stage), f"unknown stage {stage!r}; producers: {', '.join(n for n, k in kinds.items() if k == 'producer')}"))
+            elif kinds[stage] != "producer":
+                problems.append((("tests", i, "sources", stage), f"stage {stage!r} is a {kinds[stage]}, not a producer: only a producer has a source"))
+        for queue in case.expect:
+            if queue not in writers:
+                known = ", ".join(sorted(writers))
+                problems.append((("tests", i, "expect", queue), f"no stage writes to queue {queue!r}; queues: {known}"))
+            elif set(writers[queue]) & daemons:
+                problems.append((("tests", i, "expect", queue), f"queue {queue!r} is written by a daemon stage, which never ends"))
     return problems
 
 

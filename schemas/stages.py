@@ -98,6 +98,12 @@ class StageBase(Model):
         return [self.output] if isinstance(self.output, str) else list(self.output)
 
     @property
+    def written(self) -> list[str]:
+        """Every queue the stage writes: its outputs and its dead-letter queue."""
+        dead = getattr(self, "dead_letter", None)
+        return self.outputs + ([dead] if dead and dead not in self.outputs else [])
+
+    @property
     def inputs(self) -> list[str]:
         """The input queues as a list (empty for producers)."""
         value = getattr(self, "input", None)
@@ -127,6 +133,24 @@ class Worker(StageBase):
     )
     lock: str | None = Field(
         None, pattern=NAME_PATTERN, description="Name of a lock shared across processes, held around each call."
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds one call may take; past it the call fails and the worker is replaced."
+    )
+    on_error: Literal["fail", "skip", "retry"] = Field(
+        "fail",
+        description="When a call fails: fail (stop the run, exit 1), skip (drop the item, counted), retry (try again).",
+    )
+    retries: int = Field(3, ge=0, description="Attempts after the first, with on_error: retry.")
+    retry_backoff: float = Field(0.1, ge=0, description="Seconds before the first retry, doubling after each.")
+    dead_letter: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description='Queue receiving {"item", "error", "stage", "attempts"} for every item given up on.',
+    )
+    restart: bool = Field(
+        True,
+        description="true: a worker process that dies is replaced and its item counts as a failed attempt; false: the run fails.",
     )
 
     @model_validator(mode="after")
