@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pickle
 import threading
-import time
 from collections.abc import Iterator
 from multiprocessing.managers import BaseManager
 from typing import Any
@@ -38,7 +37,7 @@ def dumps(batch: list[Any]) -> bytes:
         for item in batch:
             try:
                 pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever pickle raises, the item is named
                 msg = f"item {_short(item)} cannot be pickled: {type(e).__name__}: {e}"
                 raise UnpicklableItem(msg) from None
         raise
@@ -149,11 +148,17 @@ def read(channel: Channel) -> Iterator[list[Any]]:
 class Emitter:
     """Buffers items and sends them to every output channel in batches.
 
-    A batch leaves when it is full, when its oldest item has waited ``LINGER`` seconds (a background
-    thread sees to that, so a slow function or a slow source never holds items back), or on ``close``.
-    The first batches hold one item each, one for every reader process, so the first items of a stream
-    spread across the readers; then batches double up to the channels' limit, so a fast stream still
-    moves in large batches.
+    A batch leaves when it is full, when its oldest item has waited about ``LINGER`` seconds (a
+    background thread sees to that, so a slow function or a slow source never holds items back), or on
+    ``close``.  The first batches hold one item each, one for every reader process, so the first items
+    of a stream spread across the readers; then batches double up to the channels' limit, so a fast
+    stream still moves in large batches.
+
+    ``emit`` is the hot path of every stage (one call per item), so it takes no lock: it appends to the
+    buffer, an atomic list operation, and only a flush takes ``_flushing``.  A flush takes the items
+    present when it starts (``buffer[:n]`` then ``del buffer[:n]``); appends of another thread land
+    behind them, so nothing is lost or reordered.  The linger thread wakes every ``LINGER / 2`` and
+    flushes when the oldest buffered item was already the oldest at its previous wake-up.
     """
 
     def __init__(self, channels: list[Channel], on_batch: Any = None) -> None:
@@ -163,30 +168,51 @@ class Emitter:
         self._limit = 1
         self._singles = max([c.readers for c in channels], default=1)  # one-item batches still to send
         self._buffer: list[Any] = []
-        self._first = 0.0
-        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._closed = threading.Event()
-        self.sent = 0
+        self.sent = 0  # items taken out of the buffer and handed to the channels
         self._error: BaseException | None = None  # raised by the linger thread, re-raised by emit/close
         self._thread = threading.Thread(target=self._linger, name="emitter-linger", daemon=True)
         self._thread.start()
 
     def emit(self, item: Any) -> None:
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            if not self._buffer:
-                self._first = time.monotonic()
-            self._buffer.append(item)
-            if len(self._buffer) >= self._limit:
-                self._flush()
+        """Buffer one item; send the buffer when it holds a batch."""
+        buffer = self._buffer
+        buffer.append(item)
+        if len(buffer) >= self._limit:
+            self._flush()
+
+    def emit_many(self, items: list[Any] | tuple[Any, ...]) -> None:
+        """Buffer a list of items at once (a chunk of results): ``emit`` of each, without the per-item cost."""
+        buffer = self._buffer
+        buffer.extend(items)
+        if len(buffer) >= self._limit:
+            self._flush()
 
     def _flush(self) -> None:
-        batch, self._buffer = self._buffer, []
-        if self._on_batch is not None:
-            self._on_batch(batch)
-        for channel in self._channels:
-            channel.put(batch)
+        """Send the items buffered now, in batches of at most the current limit (which grows as they go)."""
+        with self._flushing:
+            if self._error is not None:
+                raise self._error
+            buffer = self._buffer
+            todo = len(buffer)  # items appended from now on wait for the next flush
+            while todo > 0:
+                n = min(todo, self._limit)
+                batch = buffer[:n]
+                del buffer[:n]
+                todo -= n
+                self._send(batch)
+
+    def _send(self, batch: list[Any]) -> None:
+        try:
+            if self._on_batch is not None:
+                self._on_batch(batch)
+            for channel in self._channels:
+                channel.put(batch)
+        except BaseException as e:
+            self._error = e
+            self._limit = 0  # the stage's next emit flushes, and so raises this error in the stage's thread
+            raise
         self.sent += len(batch)
         if self._singles > 1:
             self._singles -= 1
@@ -194,21 +220,25 @@ class Emitter:
             self._limit = min(self._limit * 2, self._max)
 
     def _linger(self) -> None:
-        while not self._closed.wait(LINGER):
-            with self._lock:
-                if self._buffer and time.monotonic() - self._first >= LINGER:
-                    try:
-                        self._flush()
-                    except BaseException as e:  # handed to the stage's thread by emit/close
-                        self._error = e
-                        return
+        tick = LINGER / 2
+        seen = -1  # the `sent` count when the linger thread last saw items waiting
+        while not self._closed.wait(tick):
+            if not self._buffer:
+                seen = -1
+                continue
+            if seen != self.sent:  # the oldest waiting item is new since the last wake-up: give it a tick
+                seen = self.sent
+                continue
+            try:
+                self._flush()
+            except BaseException:  # noqa: BLE001 - kept in _error: emit/close raise it in the stage's thread
+                return
+            seen = -1
 
     def close(self) -> None:
         """Send what is buffered and stop the linger thread."""
         self._closed.set()
         self._thread.join()
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            if self._buffer:
-                self._flush()
+        if self._error is not None:
+            raise self._error
+        self._flush()
