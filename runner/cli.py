@@ -12,7 +12,7 @@ from typing import Any
 
 from runner.errors import MprunError, PipelineInvalid
 
-COMMANDS = ("run", "validate", "schema")
+COMMANDS = ("run", "validate", "schema", "test", "graph", "new")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,10 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help="also write every record there as JSON lines")
     run.add_argument("--limit", type=_positive, metavar="N", help="each producer emits at most N items")
     run.add_argument("--no-summary", action="store_true", help="do not print the per-stage summary")
+    run.add_argument("--inline", action="store_true",
+                     help="run every stage in this process, one after another, so breakpoint() and pdb work")
     validate = sub.add_parser("validate", help="check pipeline files without running them")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument("--format", choices=["text", "json"], default="text")
     sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    test = sub.add_parser("test", help="run the tests: cases of pipeline files")
+    test.add_argument("files", nargs="+", metavar="FILE")
+    graph = sub.add_parser("graph", help="print the topology of a pipeline (Mermaid, dot or JSON)")
+    graph.add_argument("file", metavar="FILE")
+    graph.add_argument("--format", choices=["mermaid", "dot", "json"], default="mermaid")
+    new = sub.add_parser("new", help="write pipelines/NAME.yaml and NAME.py, ready to run and test")
+    new.add_argument("name", metavar="NAME")
+    new.add_argument("--dir", default="pipelines", metavar="DIR", help="folder to write to (default: pipelines)")
     return parser
 
 
@@ -67,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(schema_json())
             return 0
+        if ns.command == "test":
+            from runner.testing import run_tests
+
+            return run_tests(ns.files)
+        if ns.command == "graph":
+            return _graph(ns)
+        if ns.command == "new":
+            return _new(ns)
         parser.print_help(sys.stderr)
         return 2
     except PipelineInvalid as e:
@@ -83,15 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(ns: argparse.Namespace) -> int:
     from runner import run_pipeline
 
-    result = run_pipeline(
-        ns.file,
-        ns.overrides,
-        limit=ns.limit,
-        start_method=ns.start_method,
-        log_level=ns.log_level,
-        log_format=ns.log_format,
-        log_file=ns.log_file,
-    )
+    if ns.inline:
+        result = _run_inline(ns)
+    else:
+        result = run_pipeline(
+            ns.file,
+            ns.overrides,
+            limit=ns.limit,
+            start_method=ns.start_method,
+            log_level=ns.log_level,
+            log_format=ns.log_format,
+            log_file=ns.log_file,
+        )
     for items in result.collected.values():
         print(json.dumps(items, default=repr))
     sys.stdout.flush()
@@ -100,6 +121,35 @@ def _run(ns: argparse.Namespace) -> int:
     if result.error:
         print(f"mprun: error: {result.error}", file=sys.stderr)
     return result.exit_code
+
+
+def _run_inline(ns: argparse.Namespace) -> Any:
+    """``run --inline``: the same run in this process; options about processes do not apply."""
+    from runner.errors import UsageError
+    from runner.inline import run_inline_pipeline
+
+    if ns.start_method:
+        msg = "--inline starts no process: --start-method does not apply"
+        raise UsageError(msg)
+    return run_inline_pipeline(
+        ns.file, ns.overrides, limit=ns.limit, log_level=ns.log_level, log_format=ns.log_format, log_file=ns.log_file
+    )
+
+
+def _graph(ns: argparse.Namespace) -> int:
+    from runner import load_pipeline
+    from runner.graph import render
+
+    print(render(load_pipeline(ns.file), ns.format))
+    return 0
+
+
+def _new(ns: argparse.Namespace) -> int:
+    from runner.scaffold import scaffold
+
+    for path in scaffold(ns.name, ns.dir):
+        print(f"wrote {path}")
+    return 0
 
 
 def summary_table(result: Any) -> str:

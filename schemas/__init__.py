@@ -1,6 +1,6 @@
 """Pydantic v2 models of the mprun pipeline file (format version 1)."""
 
-from schemas.pipeline import Pipeline, QueueSpec, Settings, topology_problems
+from schemas.pipeline import Pipeline, QueueSpec, Settings, TestCase, topology_problems
 from schemas.stages import Consumer, FileSource, Pool, Producer, RangeSource, Source, Stage
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "Settings",
     "Source",
     "Stage",
+    "TestCase",
     "topology_problems",
 ]

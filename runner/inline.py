@@ -1,0 +1,193 @@
+"""``mprun run --inline``: every stage in this one process, one after another, so ``breakpoint()`` and pdb work.
+
+    stage 1 (all its items) --list--> stage 2 (all its items) --list--> ... in topological order
+    (writers of a queue before its readers; ``after`` respected; file order otherwise)
+
+A queue is a list: a FIFO queue is read in the order its items were put, a LIFO queue newest first (every
+writer has finished before a reader starts, as if the reader waited ``after`` them). Items are pickled
+on their way through a queue, as in a normal run, so results are copies and an unpicklable item fails in
+the stage that made it. The functions, sources, built-ins and error policies (skip, retry, dead letters)
+are the worker's own (``make_function``, ``source_items``, ``run_chunk``); collected items, stats and
+errors come back as a ``RunResult`` with the same exit codes and one-line errors as a normal run. What
+needs processes does not apply: ``timeout`` (a call may sit in the debugger), ``restart``, ``lock``.
+Daemon stages never end, so they are skipped (a warning record says so); their queues are read only by
+daemon stages, which are skipped too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from runner import logs
+from runner.queues import dumps
+from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
+from runner.topology import StagePlan, Topology
+from runner.worker import make_function, resolve, run_chunk, source_items
+from schemas import Pipeline
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived during an inline run."""
+
+
+def stage_order(topo: Topology) -> list[StagePlan]:
+    """Stages in an order where every writer of a queue and every ``after`` stage comes before its readers."""
+    pending = list(topo.stages)
+    done: set[str] = set()
+    order = []
+    while pending:
+        for stage in pending:
+            upstream = set(stage.after) | {w.name for q in stage.inputs for w in topo.writers_of(q)}
+            if upstream <= done:
+                break
+        else:  # validation rejects cycles; keep file order rather than loop forever
+            stage = pending[0]
+        pending.remove(stage)
+        done.add(stage.name)
+        order.append(stage)
+    return order
+
+
+def run_inline_pipeline(
+    path_or_pipeline: str | Path | Pipeline,
+    overrides: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+    log_file: str | None = None,
+) -> RunResult:
+    """Load (if given a path) and run a pipeline inline; the settings given replace the file's.
+
+    Raises:
+        PipelineInvalid: the file is invalid (exit code 2).
+    """
+    from runner.compiler import compile_pipeline
+    from runner.loader import load_pipeline
+
+    if isinstance(path_or_pipeline, Pipeline):
+        pipeline = path_or_pipeline
+    else:
+        pipeline = load_pipeline(path_or_pipeline, overrides)
+    given = {k: v for k, v in {"log_level": log_level, "log_format": log_format, "log_file": log_file}.items() if v}
+    if given:
+        settings = type(pipeline.settings).model_validate(pipeline.settings.model_dump() | given)
+        pipeline = pipeline.model_copy(update={"settings": settings})
+    return run_inline(compile_pipeline(pipeline, limit=limit))
+
+
+def run_inline(topo: Topology) -> RunResult:
+    """Run a compiled topology in this process; never raises for a failing stage (see ``RunResult.error``)."""
+    t0 = time.perf_counter()
+    # Records of this run (stage functions and the runner), rendered by the listener as in a normal run.
+    log_queue: queue.Queue[Any] = queue.Queue()
+    listener = logs.start_listener(log_queue, topo.log_level, topo.log_format, topo.log_file)
+    root = logging_state()
+    me = multiprocessing.current_process()
+    own_name = me.name
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    stats = {s.name: StageStats() for s in topo.stages}
+    collected: dict[str, list[Any]] = {s.name: [] for s in topo.stages if s.function == "collect"}
+    # Every queue of the run: the pickled items put on it, in the order they were put.
+    queues: dict[str, list[bytes]] = {name: [] for name in topo.queues}
+    exit_code, error = 0, None
+    try:
+        for stage in topo.stages:
+            if stage.function == "jsonl":
+                Path(topo.base_dir, str(stage.kwargs["path"])).write_text("")
+        for stage in stage_order(topo):
+            me.name = stage.process_names[0]
+            logs.configure(log_queue, topo.log_level, stage=stage.name, process=me.name)
+            log = structlog.get_logger("mprun")
+            if stage.daemon:
+                log.warning("daemon stage skipped: --inline runs every stage to its end, and a daemon never ends")
+                continue
+            error = _run_stage(topo, stage, queues, stats[stage.name], collected.get(stage.name), log)
+            if error:
+                exit_code = 1
+                break
+    except KeyboardInterrupt:
+        exit_code, error = 130, "stopped by SIGINT"
+    except _Stopped:
+        exit_code, error = 143, "stopped by SIGTERM"
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        me.name = own_name
+        listener.stop()
+        logs.close_handlers(listener)
+        restore_logging(root)
+    return RunResult(exit_code, stats, collected, error, time.perf_counter() - t0)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
+def _run_stage(
+    topo: Topology, stage: StagePlan, queues: dict[str, list[bytes]], st: StageStats, sink: list[Any] | None, log: Any
+) -> str | None:
+    """Run one stage over all its input; the one-line error of a normal run if it fails."""
+    st.processes, st.kind = 1, stage.kind
+    outputs = [queues[q] for q in stage.outputs]
+
+    def emit(item: Any) -> None:
+        data = dumps([item])
+        for out in outputs:
+            out.append(data)
+        st.items_out += 1
+
+    started = time.perf_counter()
+    process = stage.process_names[0]
+    try:
+        if stage.kind == "producer":
+            assert stage.source is not None
+            items: Any = source_items(stage.source, stage.kwargs, topo.base_dir)
+            if topo.limit is not None:
+                items = itertools.islice(items, topo.limit)
+            for item in items:
+                emit(item)
+        else:
+            if stage.init:
+                resolve(stage.init, topo.base_dir)()
+            fn = make_function(stage, topo.base_dir, sink.append if sink is not None else None)
+            spec = topo.queues[stage.inputs[0]]
+            taken = queues[stage.inputs[0]]
+            progress = [0, 0.0]  # run_chunk reports the item in hand here (read by a normal run's timeouts)
+            for data in reversed(taken) if spec.type == "lifo" else list(taken):
+                st.items_in += 1
+                # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
+                res = run_chunk(fn, stage, 0, [(pickle.loads(data)[0], 0)], None, progress, log)
+                st.skipped += res.skipped
+                st.retried += res.retried
+                st.failed += res.failed
+                if res.error is not None:
+                    summary, _tb, item = res.error
+                    on = f" on item {item}" if item else ""
+                    return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
+                for out in res.outputs:
+                    emit(out)
+                for letter in res.dead:
+                    queues[str(stage.dead_letter)].append(dumps([letter]))
+                    st.dead_lettered += 1
+            taken.clear()
+    except Exception as e:  # noqa: BLE001 - reported like a normal run's failing stage
+        summary = f"{type(e).__name__}: {e}"
+        log.error("stage failed", error=summary, exception=traceback.format_exc())
+        return f"stage {stage.name!r} (process {process}) failed: {summary}"
+    finally:
+        st.seconds = time.perf_counter() - started
+        st.busy_seconds = st.seconds
+    return None

@@ -1,0 +1,217 @@
+"""`mprun test`: `tests:` cases replace sources, check the items through queues, and report each case."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.conftest import PIPELINES, run_cli
+
+HEAD = """\
+version: 1
+settings: {start_method: fork}
+stages:
+  - name: numbers
+    kind: producer
+    source: {items: [1, 2, 3]}
+    output: numbers
+  - name: double
+    kind: consumer
+    input: numbers
+    function: tasks_t:double
+    output: doubled
+  - name: results
+    kind: consumer
+    input: doubled
+    function: collect
+"""
+TASKS = """\
+import sys
+
+
+def double(n):
+    print(f"noise {n}")
+    if n == 13:
+        raise ValueError("unlucky 13")
+    return n * 2
+
+
+def pair(n):
+    return (n, [n])
+"""
+
+
+def test_shipped_pipelines_pass():
+    """Every shipped pipeline carries at least one case, and `mprun test pipelines/*.yaml` passes them all."""
+    files = sorted(PIPELINES.glob("*.yaml"))
+    cases = [len(yaml.safe_load(f.read_text()).get("tests", [])) for f in files]
+    assert all(n >= 1 for n in cases), dict(zip([f.name for f in files], cases))
+    result = run_cli("test", *[f"pipelines/{f.name}" for f in files])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"{sum(cases)} passed, 0 failed"
+    assert len([line for line in lines if line.startswith("PASS pipelines/")]) == sum(cases)
+
+
+def test_passing_and_failing_cases(tmp_pipeline):
+    """A case passes when the multiset matches in any order; a wrong one fails naming missing and unexpected items."""
+    path = tmp_pipeline(
+        HEAD
+        + """\
+tests:
+  - name: any order
+    expect: {doubled: [6, 2, 4]}
+  - name: replaced source
+    sources: {numbers: {range: {start: 10, stop: 12}}}
+    expect: {doubled: [20, 22], numbers: [11, 10]}
+  - name: wrong
+    sources: {numbers: {items: [1, 2, 2]}}
+    expect: {doubled: [2, 4, 8]}
+""",
+        TASKS,
+    )
+    result = run_cli("test", str(path))
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == [
+        f"PASS {path}::any order",
+        f"PASS {path}::replaced source",
+        f"FAIL {path}::wrong",
+        "    queue 'doubled': missing 1 item(s): 8",
+    ]
+    assert lines[4] == "    queue 'doubled': unexpected 1 item(s): 4"
+    assert lines[-1] == "2 passed, 1 failed"
+
+
+def test_output_of_stages_is_captured(tmp_pipeline):
+    """What stages print stays out of the report of a passing case and is shown under a failing one."""
+    path = tmp_pipeline(
+        HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n  - {name: bad, expect: {doubled: [2]}}\n", TASKS
+    )
+    result = run_cli("test", str(path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"PASS {path}::ok"
+    assert lines[1] == f"FAIL {path}::bad"
+    assert lines[2] == "    queue 'doubled': unexpected 2 item(s): 4, 6"
+    assert lines[3] == "    output of the run:"
+    shown = lines[4:-1]
+    assert sorted(line for line in shown if "noise" in line) == ["      | noise 1", "      | noise 2", "      | noise 3"]
+    assert all(line.startswith("      | ") for line in shown)
+    assert result.stderr == ""
+
+
+def test_ordered_cases(tmp_pipeline):
+    """`ordered: true` compares position by position: the first difference, or what is missing at the end."""
+    path = tmp_pipeline(
+        HEAD
+        + """\
+tests:
+  - name: in order
+    ordered: true
+    expect: {doubled: [2, 4, 6]}
+  - name: swapped
+    ordered: true
+    expect: {doubled: [2, 6, 4]}
+  - name: too few
+    ordered: true
+    expect: {doubled: [2, 4, 6, 8]}
+  - name: too many
+    ordered: true
+    expect: {doubled: [2, 4]}
+""",
+        TASKS,
+    )
+    result = run_cli("test", str(path))
+    assert result.returncode == 1
+    report = [line for line in result.stdout.splitlines() if not line.startswith(("      | ", "    output of the run"))]
+    assert report == [
+        f"PASS {path}::in order",
+        f"FAIL {path}::swapped",
+        "    queue 'doubled': first difference at position 1: expected 6, got 4",
+        f"FAIL {path}::too few",
+        "    queue 'doubled': 3 items, expected 4; missing at the end: 8",
+        f"FAIL {path}::too many",
+        "    queue 'doubled': 3 items, expected 2; unexpected at the end: 6",
+        "1 passed, 3 failed",
+    ]
+
+
+def test_a_failing_run_is_a_failed_case(tmp_pipeline):
+    """A case whose run fails (exit 1) is reported as failed with the run's error; the next case still runs."""
+    path = tmp_pipeline(
+        HEAD
+        + """\
+tests:
+  - name: thirteen
+    sources: {numbers: {items: [12, 13]}}
+    expect: {doubled: [24, 26]}
+  - name: fine
+    expect: {doubled: [2, 4, 6]}
+""",
+        TASKS,
+    )
+    result = run_cli("test", str(path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"FAIL {path}::thirteen"
+    assert lines[1] == (
+        "    the run failed (exit 1): stage 'double' (process double) failed on item 13: ValueError: unlucky 13"
+    )
+    assert f"PASS {path}::fine" in lines
+    assert lines[-1] == "1 passed, 1 failed"
+
+
+def test_items_compare_as_their_yaml(tmp_pipeline):
+    """A tuple result equals the YAML list written for it (items compare as JSON values)."""
+    text = HEAD.replace("tasks_t:double", "tasks_t:pair") + "tests:\n  - {name: pairs, expect: {doubled: [[1, [1]], [2, [2]], [3, [3]]]}}\n"
+    result = run_cli("test", str(tmp_pipeline(text, TASKS)))
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[-1] == "1 passed, 0 failed"
+
+
+def test_bad_references_in_cases_are_located_errors(tmp_pipeline):
+    """An unknown stage, a non-producer in sources, or a queue no stage writes: located errors, exit 2, nothing runs."""
+    path = tmp_pipeline(
+        HEAD
+        + """\
+tests:
+  - name: bad refs
+    sources:
+      nope: {items: [1]}
+      double: {items: [1]}
+    expect: {nothing: [1]}
+""",
+        TASKS,
+    )
+    result = run_cli("test", str(path))
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f"{path}:20:13: error: tests[0].sources.nope: unknown stage 'nope'; producers: numbers",
+        f"{path}:21:15: error: tests[0].sources.double: stage 'double' is a consumer, not a producer: only a producer has a source",
+        f"{path}:22:23: error: tests[0].expect.nothing: no stage writes to queue 'nothing'; queues: doubled, numbers",
+        "0 passed, 0 failed",
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_in_a_case_is_a_located_error(tmp_pipeline):
+    """A misspelt key of a case (`expected`) is an unknown key at its line, and `expect` is reported missing."""
+    path = tmp_pipeline(HEAD + "tests:\n  - name: typo\n    expected: {doubled: [2]}\n", TASKS)
+    result = run_cli("test", str(path))
+    assert result.returncode == 2
+    errors = result.stdout.splitlines()
+    assert any(line.startswith(f"{path}:19:5: error: tests[0].expected: unknown key 'expected'") for line in errors), errors
+    assert any(line.startswith(f"{path}:18:") and "tests[0].expect: missing required key" in line for line in errors), errors
+    assert errors[-1] == "0 passed, 0 failed"
+
+
+def test_invalid_file_among_good_ones(tmp_pipeline, tmp_path):
+    """An invalid file gives exit 2 while the cases of the other files still run; a file without tests says so."""
+    good = tmp_pipeline(HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n", TASKS)
+    bare = tmp_pipeline(HEAD, name="bare.yaml")
+    broken = tmp_pipeline("version: 1\nstages: 3\n", name="broken.yaml")
+    result = run_cli("test", str(broken), str(good), str(bare))
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{broken}:2:9: error: stages:")
+    assert lines[1:] == [f"PASS {good}::ok", f"no tests in {bare}", "1 passed, 0 failed"]
