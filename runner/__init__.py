@@ -47,7 +47,7 @@ def run_pipeline(
         **settings: any of start_method, log_level, log_format, log_file, backend, replacing the file's.
 
     Raises:
-        PipelineInvalid: the file is invalid (exit code 2).
+        PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
     """
     from runner.compiler import compile_pipeline
     from runner.supervisor import Supervisor
@@ -71,4 +71,7 @@ def run_pipeline(
             msg = f"{problem['loc'][0]}: {problem['msg']}"
             raise UsageError(msg) from None
         pipeline = pipeline.model_copy(update={"settings": new_settings})
+    from runner.validate import check_pipeline_environment
+
+    check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
     return Supervisor(compile_pipeline(pipeline, limit=limit)).run()

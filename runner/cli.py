@@ -36,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="run every stage in this process, one after another, so breakpoint() and pdb work")
     validate = sub.add_parser("validate", help="check pipeline files without running them")
     validate.add_argument("files", nargs="+", metavar="FILE")
-    validate.add_argument("--format", choices=["text", "json"], default="text")
+    validate.add_argument("--format", choices=["text", "json", "github"], default="text",
+                          help="text: one line per problem; json: a list of {file, ok, errors}; "
+                          "github: ::error annotations for GitHub Actions")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                          help="check the file as `mprun run --set` would run it; repeatable")
     sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
     test = sub.add_parser("test", help="run the tests: cases of pipeline files")
     test.add_argument("files", nargs="+", metavar="FILE")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "schema":
             from runner.schema import schema_json
 
-            print(schema_json())
+            sys.stdout.write(schema_json())
             return 0
         if ns.command == "test":
             from runner.testing import run_tests
@@ -164,23 +168,20 @@ def summary_table(result: Any) -> str:
 
 
 def _validate(ns: argparse.Namespace) -> int:
-    from runner import load_pipeline
+    """Check each file in every tier (runner.validate); ``ok FILE`` or its problems on stdout; 2 if any is invalid."""
+    from runner.validate import as_dict, github_annotation, validate_file
 
     worst = 0
     report = []
     for file in ns.files:
-        try:
-            load_pipeline(file)
-        except PipelineInvalid as e:
-            worst = 2
-            report.append({"file": file, "ok": False, "errors": e.diagnostics})
-            if ns.format == "text":
-                for line in e.diagnostics:
-                    print(line)
-            continue
-        report.append({"file": file, "ok": True, "errors": []})
-        if ns.format == "text":
-            print(f"ok {file}")
+        problems = validate_file(file, ns.overrides)
+        worst = 2 if problems else worst
+        report.append({"file": file, "ok": not problems, "errors": [as_dict(p, file) for p in problems]})
+        if ns.format != "json":
+            for problem in problems:
+                print(github_annotation(problem, file) if ns.format == "github" else problem)
+            if not problems:
+                print(f"ok {file}")
     if ns.format == "json":
         print(json.dumps(report, indent=2))
     return worst

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$"
@@ -153,12 +153,14 @@ class Worker(StageBase):
         description="true: a worker process that dies is replaced and its item counts as a failed attempt; false: the run fails.",
     )
 
-    @model_validator(mode="after")
-    def _function_is_ref_or_builtin(self) -> Worker:
-        if ":" not in self.function and self.function not in BUILTINS:
-            msg = f"function must be module:attribute or one of {', '.join(BUILTINS)}, not {self.function!r}"
+    @field_validator("function")
+    @classmethod
+    def _function_is_ref_or_builtin(cls, value: str) -> str:
+        # A field validator, so the error is located at the value in the file.
+        if ":" not in value and value not in BUILTINS:
+            msg = f"function must be module:attribute or one of {', '.join(BUILTINS)}, not {value!r}"
             raise ValueError(msg)
-        return self
+        return value
 
 
 class Consumer(Worker):
