@@ -15,7 +15,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ValidationError
 
-from schemas import Pipeline, QueueSpec, Settings
+from schemas import Pipeline, QueueSpec, Settings, TestCase
 from schemas.stages import Consumer, FileSource, Pool, Producer, RangeSource, Source
 
 PathKey = tuple[str | int, ...]
@@ -148,6 +148,12 @@ def model_at(data: Any, path: PathKey) -> type[BaseModel] | None:
             return model
         if tail[0] == "source":
             return {(): Source, ("range",): RangeSource, ("file",): FileSource}.get(tuple(tail[1:]))
+    if head == "tests" and rest and isinstance(rest[0], int):
+        tail = rest[1:]
+        if not tail:
+            return TestCase
+        if tail[0] == "sources" and len(tail) >= 2:
+            return {(): Source, ("range",): RangeSource, ("file",): FileSource}.get(tuple(tail[2:]))
     return None
 
 

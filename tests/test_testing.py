@@ -199,12 +199,13 @@ tests:
 
 
 def test_unknown_key_in_a_case_is_a_located_error(tmp_pipeline):
-    """A misspelt key of a case (`expected`) is an unknown key at its line, and `expect` is reported missing."""
-    path = tmp_pipeline(HEAD + "tests:\n  - name: typo\n    expected: {doubled: [2]}\n", TASKS)
+    """Misspelt keys of a case or its source are unknown keys at their line with a suggestion; `expect` is missing."""
+    path = tmp_pipeline(HEAD + "tests:\n  - name: typo\n    expected: {doubled: [2]}\n    sources: {numbers: {itemz: [1]}}\n", TASKS)
     result = run_cli("test", str(path))
     assert result.returncode == 2
     errors = result.stdout.splitlines()
-    assert any(line.startswith(f"{path}:19:5: error: tests[0].expected: unknown key 'expected'") for line in errors), errors
+    assert f"{path}:19:5: error: tests[0].expected: unknown key 'expected'; did you mean 'expect'?" in errors, errors
+    assert f"{path}:20:25: error: tests[0].sources.numbers.itemz: unknown key 'itemz'; did you mean 'items'?" in errors, errors
     assert any(line.startswith(f"{path}:18:") and "tests[0].expect: missing required key" in line for line in errors), errors
     assert errors[-1] == "0 passed, 0 failed"
 
