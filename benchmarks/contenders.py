@@ -1,0 +1,110 @@
+"""What users write instead of mprun, one function per contender; run as ``python contenders.py NAME N``.
+
+Every contender doubles ``range(N)`` with 2 worker processes and sums the results in the parent, then
+prints ``sum=S count=C`` so that ``run.py`` can check the answer.  ``tasks.double`` is the work.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tasks import burn, double
+
+WORKERS = 2
+
+
+def imap1000(n: int) -> tuple[int, int]:
+    """``Pool(2).imap(f, it, chunksize=1000)``."""
+    with mp.Pool(WORKERS) as pool:
+        return _total(pool.imap(double, range(n), chunksize=1000))
+
+
+def imap1(n: int) -> tuple[int, int]:
+    """``Pool(2).imap(f, it, chunksize=1)``."""
+    with mp.Pool(WORKERS) as pool:
+        return _total(pool.imap(double, range(n), chunksize=1))
+
+
+def executor1000(n: int) -> tuple[int, int]:
+    """``ProcessPoolExecutor(2).map(f, it, chunksize=1000)``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(WORKERS) as ex:
+        return _total(ex.map(double, range(n), chunksize=1000))
+
+
+def mpire(n: int) -> tuple[int, int]:
+    """mpire ``WorkerPool(2).map`` (default chunk size)."""
+    from mpire import WorkerPool
+
+    with WorkerPool(WORKERS) as pool:
+        return _total(pool.map(double, range(n)))
+
+
+def pypeln(n: int) -> tuple[int, int]:
+    """pypeln ``pl.process.map(f, it, workers=2)``."""
+    import pypeln as pl
+
+    return _total(pl.process.map(double, range(n), workers=WORKERS))
+
+
+def _tutorial_producer(n: int, out: mp.Queue) -> None:
+    for i in range(n):
+        out.put(i)
+    for _ in range(WORKERS):
+        out.put(None)
+
+
+def _tutorial_worker(inq: mp.Queue, out: mp.Queue) -> None:
+    while (item := inq.get()) is not None:
+        out.put(double(item))
+    out.put(None)
+
+
+def tutorial(n: int) -> tuple[int, int]:
+    """The tutorial style: Process objects, one ``Queue.put`` per item, a ``None`` sentinel per worker."""
+    numbers: mp.Queue = mp.Queue(10_000)
+    results: mp.Queue = mp.Queue(10_000)
+    procs = [mp.Process(target=_tutorial_producer, args=(n, numbers))]
+    procs += [mp.Process(target=_tutorial_worker, args=(numbers, results)) for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    total = count = ended = 0
+    while ended < WORKERS:
+        item = results.get()
+        if item is None:
+            ended += 1
+        else:
+            total += item
+            count += 1
+    for p in procs:
+        p.join()
+    return total, count
+
+
+def serial(n: int) -> tuple[int, int]:
+    """One process, no parallelism: ``sum(map(f, range(N)))``."""
+    return _total(map(double, range(n)))
+
+
+def serial_burn(n: int) -> tuple[int, int]:
+    """W2 reference: ``n`` calls of ``tasks.burn`` (~6 ms each) in a plain loop."""
+    return _total(map(burn, range(n)))
+
+
+def _total(results: object) -> tuple[int, int]:
+    total = count = 0
+    for r in results:  # type: ignore[attr-defined]
+        total += r
+        count += 1
+    return total, count
+
+
+if __name__ == "__main__":
+    name, n = sys.argv[1], int(sys.argv[2])
+    s, c = globals()[name](n)
+    print(f"sum={s} count={c}")
