@@ -36,6 +36,7 @@ def run_pipeline(
     overrides: list[str] | None = None,
     *,
     limit: int | None = None,
+    ray_address: str | None = None,
     **settings: Any,
 ) -> RunResult:
     """Load (if given a path), validate and run a pipeline on this machine.
@@ -44,6 +45,7 @@ def run_pipeline(
         path_or_pipeline: a pipeline file, or a ``Pipeline`` already loaded.
         overrides: ``PATH=VALUE`` strings, as ``--set`` on the command line.
         limit: each producer emits at most this many items.
+        ray_address: with the ray backend, the cluster to run on (default: ``RAY_ADDRESS``, else a local instance).
         **settings: any of start_method, log_level, log_format, log_file, backend, replacing the file's.
 
     Raises:
@@ -74,4 +76,12 @@ def run_pipeline(
     from runner.validate import check_pipeline_environment
 
     check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
-    return Supervisor(compile_pipeline(pipeline, limit=limit)).run()
+    topology = compile_pipeline(pipeline, limit=limit)
+    if pipeline.settings.backend == "ray":
+        from runner.backends import run_on_ray
+
+        return run_on_ray(topology, ray_address)
+    if ray_address:
+        msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
+        raise UsageError(msg)
+    return Supervisor(topology).run()

@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help="also write every record there as JSON lines")
     run.add_argument("--limit", type=_positive, metavar="N", help="each producer emits at most N items")
     run.add_argument("--no-summary", action="store_true", help="do not print the per-stage summary")
+    run.add_argument("--backend", choices=["local", "ray"],
+                     help="local: multiprocessing on this machine; ray: Ray actors (pip install 'mprun[ray]')")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="with --backend ray: the Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--inline", action="store_true",
                      help="run every stage in this process, one after another, so breakpoint() and pdb work")
     validate = sub.add_parser("validate", help="check pipeline files without running them")
@@ -104,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from runner import run_pipeline
+    from runner.errors import UsageError
 
+    if ns.inline and (ns.backend == "ray" or ns.ray_address):
+        msg = "--inline runs every stage in this process: --backend ray and --ray-address do not apply"
+        raise UsageError(msg)
     if ns.inline:
         result = _run_inline(ns)
     else:
@@ -116,6 +124,8 @@ def _run(ns: argparse.Namespace) -> int:
             log_level=ns.log_level,
             log_format=ns.log_format,
             log_file=ns.log_file,
+            backend=ns.backend,
+            ray_address=ns.ray_address,
         )
     for items in result.collected.values():
         print(json.dumps(items, default=repr))

@@ -22,7 +22,11 @@ class Settings(Model):
     start_method: Literal["fork", "spawn", "forkserver"] = Field(
         "forkserver", description="How processes are started: fork, spawn or forkserver."
     )
-    backend: Literal["local"] = Field("local", description="Where the pipeline runs: local (multiprocessing).")
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="Where the pipeline runs: local (multiprocessing on this machine) or ray (Ray actors, on a local "
+        "Ray instance or the cluster at --ray-address / RAY_ADDRESS; needs pip install 'mprun[ray]').",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level of records shown, in every process."
     )

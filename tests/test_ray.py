@@ -1,0 +1,336 @@
+"""The ray backend: the same pipeline gives the same results as the local backend, on one local Ray instance.
+
+One Ray instance serves every test of this module (started by the ``ray_instance`` fixture, stopped at the end
+of the module, before other modules fork processes); the backend reuses an instance it finds connected. The
+CLI tests start their own instance through the real entry point and check that none of its processes remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from runner import run_pipeline
+from tests.conftest import run_cli, wait_gone
+
+pytestmark = pytest.mark.ray
+
+TASKS = '''
+import logging, os, time
+import structlog
+from pathlib import Path
+
+def double(x):
+    return x * 2
+
+def add(x, n=0):
+    return x + n
+
+def bad_sevens(x):
+    if x % 7 == 0:
+        raise ValueError(f"no sevens: {x}")
+    return x
+
+def flaky(x, marks):
+    """Fails the first attempt of every fifth item (a mark file per item remembers), then works."""
+    mark = Path(marks, str(x))
+    if x % 5 == 0 and not mark.exists():
+        mark.touch()
+        raise ConnectionError(f"flaky {x}")
+    return x
+
+def chatty(x):
+    structlog.get_logger("t").info("structlog record", item=x)
+    logging.getLogger("t").warning("stdlib record %s", x)
+    print(f"line {x}")
+    return None
+
+def exits_on_4(x):
+    if x == 4:
+        os._exit(3)
+    return x
+
+def slow_on_3(x):
+    if x == 3:
+        time.sleep(60)
+    return x
+
+def count_in_file(x, path):
+    """Read-modify-write of a shared counter: only a lock keeps every increment."""
+    p = Path(path)
+    n = int(p.read_text() or 0)
+    time.sleep(0.002)
+    p.write_text(str(n + 1))
+    return x
+
+def monitor():
+    while True:
+        structlog.get_logger("monitor").info("monitor alive")
+        time.sleep(0.05)
+'''
+
+PATTERNS = """version: 1
+queues:
+  stack: {type: lifo}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3000}}, output: [a, fan]}
+  - {name: inc, kind: pool, processes: 2, ordered: true, chunksize: 7, input: a, function: "tasks_t:add",
+     kwargs: {n: 1}, output: b}
+  - {name: dbl, kind: consumer, input: b, function: "tasks_t:double", output: c}
+  - {name: chain, kind: consumer, input: c, function: collect}
+  - {name: more, kind: producer, processes: 2, source: {items: [-1, -2, -3]}, output: fan}
+  - {name: spread, kind: consumer, processes: 3, input: fan, function: identity, output: merged}
+  - {name: fanin, kind: consumer, input: merged, function: collect}
+  - {name: lifo_src, kind: producer, source: {range: {stop: 300}}, output: stack}
+  - {name: lifo_read, kind: consumer, after: [lifo_src], input: stack, function: identity, output: popped}
+  - {name: lifo, kind: consumer, input: popped, function: collect}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance (2 CPUs) for the module; every Ray process carries a token, all gone at the end."""
+    ray = pytest.importorskip("ray")
+    token = uuid.uuid4().hex
+    saved = os.environ.get("MPRUN_TEST_TOKEN")
+    os.environ["MPRUN_TEST_TOKEN"] = token  # inherited by the Ray processes started here
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    finally:
+        if saved is None:
+            del os.environ["MPRUN_TEST_TOKEN"]
+        else:
+            os.environ["MPRUN_TEST_TOKEN"] = saved
+    yield token
+    ray.shutdown()
+    assert wait_gone(token) == [], "Ray processes left after ray.shutdown()"
+
+
+def actors_alive(token: str) -> list[str]:
+    """Command lines of live processes of this Ray instance that run an mprun actor (a stage or the hub)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path("/proc", entry, "environ").read_bytes()
+        except OSError:
+            continue
+        if f"MPRUN_TEST_TOKEN={token}".encode() in environ.split(b"\0") and any(
+            name in cmdline for name in ("_WorkerActor", "_ProducerActor", "_Hub")
+        ):
+            found.append(cmdline)
+    return found
+
+
+@pytest.fixture
+def ray_run(ray_instance):
+    """Run a pipeline on the ray backend; afterwards no actor of the run may be alive (bounded wait)."""
+
+    def run(path, **options):
+        return run_pipeline(path, backend="ray", **options)
+
+    yield run
+    deadline = time.monotonic() + 10
+    while actors_alive(ray_instance) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert actors_alive(ray_instance) == []
+
+
+def stats_of(result) -> dict[str, tuple[int, ...]]:
+    return {
+        name: (s.items_in, s.items_out, s.skipped, s.retried, s.failed, s.dead_lettered)
+        for name, s in result.stats.items()
+    }
+
+
+def test_core_patterns_match_local(tmp_pipeline, ray_run):
+    """Chain, ordered pool, fan-out, fan-in and LIFO order: the same items, order and counts as locally."""
+    path = tmp_pipeline(PATTERNS, TASKS)
+    local = run_pipeline(path, start_method="fork")
+    ray = ray_run(path)
+    assert local.exit_code == 0 and ray.exit_code == 0, ray.error
+    assert ray.collected["chain"] == local.collected["chain"] == [2 * i + 2 for i in range(3000)]
+    assert Counter(ray.collected["fanin"]) == Counter(local.collected["fanin"]) == Counter([*range(3000), -1, -2, -3])
+    assert ray.collected["lifo"] == local.collected["lifo"] == list(range(299, -1, -1))
+    assert stats_of(ray) == stats_of(local)
+
+
+def test_skip_retry_and_dead_letter_match_local(tmp_pipeline, ray_run, tmp_path):
+    """on_error skip / retry and dead letters: the same delivered items, letters and counts as locally."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 60}}, output: [a, b]}
+  - {name: skipper, kind: pool, processes: 2, input: a, function: "tasks_t:bad_sevens", on_error: skip, output: good}
+  - {name: retrier, kind: consumer, processes: 2, input: b, function: "tasks_t:flaky", on_error: retry,
+     retries: 2, retry_backoff: 0, kwargs: {marks: "MARKS"}, output: good}
+  - {name: letters, kind: consumer, processes: 2, input: good, function: "tasks_t:bad_sevens", on_error: skip,
+     dead_letter: dlq, output: ok}
+  - {name: ok, kind: consumer, input: ok, function: collect}
+  - {name: dead, kind: consumer, input: dlq, function: collect}
+"""
+    results = []
+    for backend in ("local", "ray"):
+        marks = tmp_path / f"marks-{backend}"
+        marks.mkdir()
+        path = tmp_pipeline(text.replace("MARKS", str(marks)), TASKS, name=f"{backend}.yaml")
+        results.append(run_pipeline(path, start_method="fork") if backend == "local" else ray_run(path))
+    local, ray = results
+    assert ray.exit_code == 0, ray.error
+    assert Counter(ray.collected["ok"]) == Counter(local.collected["ok"])
+    assert sorted(d["item"] for d in ray.collected["dead"]) == sorted(d["item"] for d in local.collected["dead"])
+    assert {d["stage"] for d in ray.collected["dead"]} == {"letters"}
+    assert ray.collected["dead"][0]["error"].startswith("ValueError: no sevens")
+    assert stats_of(ray) == stats_of(local)
+    assert ray.stats["retrier"].retried == 12 and ray.stats["skipper"].skipped == 9
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+def test_raising_function_fails_like_local(tmp_pipeline, ray_run, kind):
+    """A raising function under on_error: fail ends the run with exit 1 and the local backend's error line."""
+    text = f"""version: 1
+stages:
+  - {{name: src, kind: producer, source: {{range: {{start: 7, stop: 8}}}}, output: a}}
+  - {{name: fragile, kind: {kind}, input: a, function: "tasks_t:bad_sevens"}}
+"""
+    path = tmp_pipeline(text, TASKS)
+    local = run_pipeline(path, start_method="fork")
+    ray = ray_run(path)
+    assert ray.exit_code == local.exit_code == 1
+    assert ray.error == local.error == "stage 'fragile' (process fragile) failed on item 7: ValueError: no sevens: 7"
+
+
+def test_worker_records_and_output_reach_the_driver(tmp_pipeline, ray_run, tmp_path, capfd):
+    """300 items x 2 records from two worker actors all reach the log file with stage/process/pid/node; printed
+    lines reach stdout."""
+    log_file = tmp_path / "log.jsonl"
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 300}}, output: a}
+  - {name: talk, kind: consumer, processes: 2, input: a, function: "tasks_t:chatty"}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS), log_file=str(log_file))
+    assert result.exit_code == 0, result.error
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    structured = [r for r in records if r["event"] == "structlog record"]
+    stdlib = [r for r in records if r["event"].startswith("stdlib record")]
+    assert sorted(r["item"] for r in structured) == list(range(300))
+    assert len(stdlib) == 300 and {r["level"] for r in stdlib} == {"warning"}
+    assert {r["process"] for r in structured} <= {"talk-1", "talk-2"} and {r["stage"] for r in structured} == {"talk"}
+    assert all(r["pid"] != os.getpid() and r["node"] for r in structured)
+    started = [r for r in records if r["event"] == "process started"]
+    assert {r["process"] for r in started} >= {"src", "talk-1", "talk-2"}
+    out = capfd.readouterr().out.splitlines()
+    assert sorted(out) == sorted(f"line {i}" for i in range(300))
+
+
+def test_dead_worker_is_replaced_and_its_item_skipped(tmp_pipeline, ray_run):
+    """os._exit in a worker actor: with skip, the item it held is dropped and counted, the rest arrive."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 10}}, output: a}
+  - {name: work, kind: consumer, processes: 2, input: a, function: "tasks_t:exits_on_4", on_error: skip, output: b}
+  - {name: good, kind: consumer, input: b, function: collect}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 0, result.error
+    assert sorted(result.collected["good"]) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts >= 1
+
+
+def test_dead_worker_with_restart_false_fails_the_run(tmp_pipeline, ray_run):
+    """restart: false: a worker actor that dies ends the run with exit 1, naming stage and process."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 10}}, output: a}
+  - {name: work, kind: pool, processes: 2, input: a, function: "tasks_t:exits_on_4", restart: false, on_error: skip}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 1
+    assert "stage 'work'" in result.error and "work-" in result.error and "died" in result.error
+    assert "restart: false" in result.error
+
+
+def test_timeout_kills_the_call_and_replaces_the_worker(tmp_pipeline, ray_run):
+    """A call past `timeout` fails (the worker actor is replaced); with skip the other items arrive."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 8}}, output: a}
+  - {name: work, kind: pool, processes: 2, input: a, function: "tasks_t:slow_on_3", timeout: 1, on_error: skip,
+     output: b}
+  - {name: good, kind: consumer, input: b, function: collect}
+"""
+    t0 = time.monotonic()
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 0, result.error
+    assert time.monotonic() - t0 < 30
+    assert sorted(result.collected["good"]) == [0, 1, 2, 4, 5, 6, 7]
+    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
+
+
+def test_lock_names_and_daemon(tmp_pipeline, ray_run, tmp_path):
+    """A lock serializes calls across worker actors (no lost increment); process_names name them; a daemon
+    monitor never holds the run open."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    log_file = tmp_path / "log.jsonl"
+    text = f"""version: 1
+stages:
+  - {{name: mon, kind: producer, daemon: true, source: {{function: "tasks_t:monitor"}}}}
+  - {{name: src, kind: producer, source: {{range: {{stop: 40}}}}, output: a}}
+  - {{name: work, kind: consumer, processes: 2, process_names: [alice, bob], lock: counter, input: a,
+     function: "tasks_t:count_in_file", kwargs: {{path: "{counter}"}}}}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS), log_file=str(log_file))
+    assert result.exit_code == 0, result.error
+    assert counter.read_text() == "40"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {r["process"] for r in records if r["event"] == "process started" and r["stage"] == "work"} == {"alice", "bob"}
+    assert any(r["event"] == "monitor alive" for r in records)
+
+
+def test_cli_backend_ray_same_output_and_no_process_left(tmp_pipeline):
+    """`mprun run FILE --backend ray` (its own local Ray instance) prints what the local backend prints and
+    leaves no process behind (run_cli checks every process carrying its token, Ray's included)."""
+    pytest.importorskip("ray")
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {items: [1, 2, 3]}, output: a}
+  - {name: dbl, kind: pool, processes: 2, ordered: true, input: a, function: "tasks_t:double", output: b}
+  - {name: out, kind: consumer, input: b, function: collect}
+"""
+    path = tmp_pipeline(text, TASKS)
+    local = run_cli("run", str(path), "--no-summary", "--start-method", "fork")
+    ray = run_cli("run", str(path), "--no-summary", "--backend", "ray", timeout=120)
+    assert ray.returncode == 0, ray.stderr
+    assert ray.stdout == local.stdout == "[2, 4, 6]\n"
+    assert "Traceback" not in ray.stderr
+
+
+def test_missing_ray_is_a_one_line_usage_error(tmp_pipeline, tmp_path):
+    """Without Ray installed, --backend ray exits 2 with one line saying what to install."""
+    shadow = tmp_path / "shadow" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    path = tmp_pipeline("version: 1\nstages:\n  - {name: s, kind: producer, source: {items: [1]}}\n")
+    result = run_cli("run", str(path), "--backend", "ray", env={"PYTHONPATH": str(shadow.parent)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mprun: error: the ray backend needs Ray, which is not installed: pip install -e '.[ray]' (or pip install 'mprun[ray]')"
+    ]
+
+
+def test_ray_address_needs_the_ray_backend(tmp_pipeline):
+    """--ray-address with the local backend is a usage error (exit 2), not silently ignored."""
+    path = tmp_pipeline("version: 1\nstages:\n  - {name: s, kind: producer, source: {items: [1]}}\n")
+    result = run_cli("run", str(path), "--ray-address", "127.0.0.1:6379")
+    assert result.returncode == 2
+    assert "--ray-address applies to the ray backend" in result.stderr and "Traceback" not in result.stderr
