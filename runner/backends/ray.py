@@ -56,8 +56,10 @@ from runner import logs, worker
 from runner.errors import RunFailed, UsageError
 from runner.queues import LIFO_TAKE, Emitter, dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
-from runner.topology import LINGER, MAX_BATCH, QueuePlan, StagePlan, Topology
+from runner.topology import LINGER, QueuePlan, StagePlan, Topology
 
+RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
+RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies loses at most its chunk)
 KILL_GRACE = 2.0  # seconds an actor gets to flush its records before it is killed
 RELAY_BATCH = 256  # records or output lines an actor buffers before it sends them anyway
 SPREAD = "SPREAD"  # stage actors go round the nodes
@@ -183,6 +185,19 @@ class _Hub:
 # -- small objects that cross to the actors -------------------------------------------------------------------
 
 
+def _batch(plan: QueuePlan) -> int:
+    """Most items per message: a Ray call costs ~100x a pipe write, so FIFO batches are larger than the local
+    backend's (within maxsize).  A LIFO batch is pushed in order, its newest item on top; small, so it waits little."""
+    if plan.type == "lifo":
+        return min(plan.batch, LIFO_TAKE)
+    return min(RAY_BATCH, plan.maxsize) if plan.maxsize else RAY_BATCH
+
+
+def _slots(plan: QueuePlan) -> int:
+    """Batches a FIFO queue holds before writers wait (about maxsize items); 0 = unbounded."""
+    return 0 if plan.maxsize == 0 else max(1, plan.maxsize // _batch(plan))
+
+
 class RayChannel:
     """A queue of the hub, with the interface ``runner.queues.Emitter`` and readers use."""
 
@@ -190,8 +205,7 @@ class RayChannel:
         self.hub = hub
         self.name = plan.name
         self.readers = plan.reader_processes
-        # A LIFO batch is pushed in order, so its newest item is on top; small, so an item waits little.
-        self.batch = plan.batch if plan.type == "fifo" else min(plan.batch, LIFO_TAKE)
+        self.batch = _batch(plan)
 
     def put(self, batch: list[Any]) -> None:
         dumps(batch)  # an unpicklable item fails here, in its writer, naming the item
@@ -528,10 +542,11 @@ class RaySupervisor:
         return True
 
     def _setup(self) -> None:
-        self.hub = _Hub.remote({q.name: (q.type, q.slots, q.maxsize) for q in self.topo.queues.values()})
+        plans = self.topo.queues.values()
+        self.hub = _Hub.remote({q.name: (q.type, _slots(q), q.maxsize) for q in plans})
         self.relay_thread = threading.Thread(target=self._relay, name="ray-relay", daemon=True)
         self.relay_thread.start()
-        self.channels = {plan.name: RayChannel(self.hub, plan) for plan in self.topo.queues.values()}
+        self.channels = {plan.name: RayChannel(self.hub, plan) for plan in plans}
         for stage in self.topo.stages:
             if stage.function == "jsonl":
                 Path(self.topo.base_dir, str(stage.kwargs["path"])).write_text("")
@@ -781,7 +796,7 @@ class StageRunner:
             self._dispatch()
             if self.input_done and not self.buffer and not self.again and not any(w.task for w in self.workers):
                 return
-            if not self.input_done and self.fetch is None and len(self.buffer) < MAX_BATCH:
+            if not self.input_done and self.fetch is None and len(self.buffer) < RAY_BATCH:
                 self.fetch = self.input.get_ref()
             refs = [self.wake] + ([self.fetch] if self.fetch is not None else [])
             refs += [w.ready for w in self.workers if w.ready is not None]
@@ -811,7 +826,7 @@ class StageRunner:
                 if self.again:
                     w.task = self.again.popleft()
                 elif self.buffer:
-                    size = self.plan.chunksize or max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
+                    size = self.plan.chunksize or max(1, min(RAY_CHUNK, math.ceil(len(self.buffer) / len(self.workers))))
                     w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(min(size, len(self.buffer)))])
                     self.next_seq += 1
                 else:
