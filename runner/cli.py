@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help="also write every record there as JSON lines")
     run.add_argument("--limit", type=_positive, metavar="N", help="each producer emits at most N items")
     run.add_argument("--no-summary", action="store_true", help="do not print the per-stage summary")
+    run.add_argument("--metrics-json", metavar="PATH", help="write per-stage and per-queue counts there as JSON")
     run.add_argument("--backend", choices=["local", "ray"],
                      help="local: multiprocessing on this machine; ray: Ray actors (pip install 'mprun[ray]')")
     run.add_argument("--ray-address", metavar="ADDR",
@@ -130,6 +131,10 @@ def _run(ns: argparse.Namespace) -> int:
     for items in result.collected.values():
         print(json.dumps(items, default=repr))
     sys.stdout.flush()
+    if ns.metrics_json:
+        from runner.metrics import write_metrics
+
+        write_metrics(result, ns.metrics_json)
     if not ns.no_summary:
         print(summary_table(result), file=sys.stderr)
     if result.error:

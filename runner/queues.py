@@ -70,6 +70,11 @@ class FifoChannel:
         for _ in range(readers):
             self.queue.put(None)
 
+    def close(self) -> None:
+        """After the run: drop what nobody will read, so this process never waits to flush it."""
+        self.queue.cancel_join_thread()
+        self.queue.close()
+
 
 class Stack:
     """A bounded LIFO stack with an end, served by the manager process (one thread per client)."""
@@ -131,6 +136,9 @@ class LifoChannel:
 
     def end(self, readers: int) -> None:
         self.stack.close()
+
+    def close(self) -> None:
+        """After the run (the manager is shut down by then): nothing to release."""
 
 
 Channel = FifoChannel | LifoChannel

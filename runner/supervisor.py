@@ -17,6 +17,7 @@ marker per reading stage, or closing a LIFO stack), so its readers drain it and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ class StageStats:
 
     items_in: int = 0
     items_out: int = 0
+    delivered: int = 0  # items whose call succeeded (consumer, pool)
     skipped: int = 0
     retried: int = 0
     failed: int = 0  # failed attempts: exceptions, timeouts, deaths
@@ -72,6 +74,18 @@ class RunResult:
     error: str | None = None
     seconds: float = 0.0
     exit_codes: dict[str, int | None] = field(default_factory=dict)  # last exit code of each process, by name
+    queues: dict[str, dict[str, Any]] = field(default_factory=dict)  # per queue: produced, delivered, balanced
+
+
+def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
+    """Per queue: items put by its writers (outputs and dead letters) and items taken by its readers."""
+    accounts = {}
+    for name in topo.queues:
+        produced = sum(stats[s.name].items_out for s in topo.stages if name in s.outputs)
+        produced += sum(stats[s.name].dead_lettered for s in topo.stages if s.dead_letter == name)
+        delivered = sum(stats[s.name].items_in for s in topo.stages if name in s.inputs)
+        accounts[name] = {"produced": produced, "delivered": delivered, "balanced": produced == delivered}
+    return accounts
 
 
 class _StageFailed(Exception):
@@ -117,6 +131,9 @@ class Supervisor:
         self.signal_received = 0
         self.stop_deadline: float | None = None
         self._bell_r, self._bell_w = os.pipe()  # runners ring it when they finish
+        os.set_blocking(self._bell_w, False)
+        self._bell_lock = threading.Lock()
+        self._bell_closed = False
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -150,12 +167,26 @@ class Supervisor:
                 self.failure = self.failure or f"stopped by {signal.Signals(self.signal_received).name}"
             elif self.failure:
                 exit_code = 1
-            for fd in (sig_r, sig_w, self._bell_r, self._bell_w):
-                os.close(fd)
+            os.close(sig_r)
+            os.close(sig_w)
+            with self._bell_lock:
+                self._bell_closed = True
+                os.close(self._bell_r)
+                os.close(self._bell_w)
             listener.stop()
             logs.close_handlers(listener)
+            # The run is over: never let interpreter exit wait on a queue nobody reads any more.
+            self.log_queue.cancel_join_thread()
             restore_logging(saved)
-        return RunResult(exit_code, self.stats, self.collected, self.failure, time.perf_counter() - t0, self.exit_codes)
+        return RunResult(
+            exit_code,
+            self.stats,
+            self.collected,
+            self.failure,
+            time.perf_counter() - t0,
+            self.exit_codes,
+            queue_accounts(self.topo, self.stats),
+        )
 
     def _setup(self) -> None:
         for plan in self.topo.queues.values():
@@ -177,6 +208,8 @@ class Supervisor:
         self._start_ready_stages()
         while not self._all_done():
             waitables: list[Any] = [sig_r, self._bell_r]
+            if self.manager is not None:
+                waitables.append(self.manager._process.sentinel)
             for p in self.producers:
                 if not p.done:
                     waitables += [p.process.sentinel] + ([p.conn] if p.conn is not None else [])
@@ -191,6 +224,9 @@ class Supervisor:
                     self._begin_stop()
                 elif r == self._bell_r:
                     os.read(self._bell_r, 4096)
+                elif self.manager is not None and r == self.manager._process.sentinel:
+                    code = self.manager._process.exitcode
+                    self.failure = self.failure or f"the manager serving the LIFO queues died ({died_message('-', 'manager', code).split(': ', 1)[1]})"
                 else:
                     self._producer_ready(r)
             for runner in self.runners.values():
@@ -301,10 +337,10 @@ class Supervisor:
 
     def ring(self) -> None:
         """Wake the supervisor loop (called by runner threads)."""
-        try:
-            os.write(self._bell_w, b"!")
-        except OSError:  # the run is over
-            pass
+        with self._bell_lock:  # never write to the number of a closed (and maybe reused) descriptor
+            if not self._bell_closed:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self._bell_w, b"!")
 
     # -- the end ---------------------------------------------------------------------------------------
 
@@ -334,6 +370,8 @@ class Supervisor:
                 self.stats[name].seconds = now - t
         if self.manager is not None:
             self.manager.shutdown()
+        for channel in self.channels.values():
+            channel.close()
 
 
 @dataclass
@@ -375,11 +413,15 @@ class StageRunner:
         self.fetched: deque[list[Any] | None] = deque()
         self.want = threading.Event()
         self.bell_r, self.bell_w = os.pipe()
+        os.set_blocking(self.bell_w, False)
+        self.bell_lock = threading.Lock()
+        self.bell_closed = False
         self.input_done = False
         self.fetching = False
         self.aborted = False
         self.finished = False
         self.error: str | None = None
+        self.fetch_error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
     def start(self) -> None:
@@ -412,17 +454,22 @@ class StageRunner:
         while True:
             self.want.wait()
             self.want.clear()
-            batch = self.input.get()
+            try:
+                batch = self.input.get()
+            except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
+                self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
+                self._ring()
+                return
             self.fetched.append(batch)
             self._ring()
             if batch is None:
                 return
 
     def _ring(self) -> None:
-        try:
-            os.write(self.bell_w, b"!")
-        except OSError:
-            pass
+        with self.bell_lock:  # never write to the number of a closed (and maybe reused) descriptor
+            if not self.bell_closed:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self.bell_w, b"!")
 
     def abort(self) -> None:
         """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown)."""
@@ -446,8 +493,10 @@ class StageRunner:
             self._stop_workers()
             self.stats.items_out = self.emitter.sent
             self.finished = True
-            for fd in (self.bell_r, self.bell_w):
-                os.close(fd)
+            with self.bell_lock:
+                self.bell_closed = True
+                os.close(self.bell_r)
+                os.close(self.bell_w)
             self.sup.ring()
 
     def _loop(self) -> None:
@@ -470,6 +519,8 @@ class StageRunner:
 
     def _take_fetched(self) -> None:
         os.read(self.bell_r, 4096)
+        if self.fetch_error:
+            raise _StageFailed(self.fetch_error)
         while self.fetched:
             batch = self.fetched.popleft()
             self.fetching = False
@@ -521,6 +572,7 @@ class StageRunner:
             self.sup.log.error("stage failed", stage=self.plan.name, process=w.name, error=summary, item=item, exception=tb)
             msg = f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}"
             raise _StageFailed(msg)
+        st.delivered += res.done - res.skipped - len(res.dead)
         w.task = None
         w.retiring = res.retire
         for letter in res.dead:

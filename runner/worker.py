@@ -20,6 +20,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import select
 import signal
 import sys
@@ -285,6 +286,7 @@ class ChunkResult:
     busy: float = 0.0
     error: tuple[str, str, str] | None = None  # (summary, traceback, item): stops the run
     retire: bool = False  # the worker exits after this chunk (maxtasksperchild)
+    ends: list[int] = field(default_factory=list)  # len(outputs) after each item (to find a bad output's item)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -316,9 +318,40 @@ def worker_main(spec: WorkerSpec) -> None:
         tasks += 1
         result = run_chunk(fn, stage, task[0], task[1], spec.lock, spec.progress, log)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
-        conn.send(result)
+        ends, result.ends = result.ends, []
+        try:
+            data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
+            result.ends = ends
+            data = pickle.dumps(_without_unpicklable(stage, result, task[1], log), pickle.HIGHEST_PROTOCOL)
+        conn.send_bytes(data)
         if result.retire:
             return
+
+
+def _without_unpicklable(stage: StagePlan, result: ChunkResult, chunk: list[tuple[Any, int]], log: Any) -> ChunkResult:
+    """The result with each unpicklable output failed under the policy (retrying it would not help)."""
+    kept = []
+    items = [item for (item, _), end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    for out, item in zip(result.outputs, items, strict=True):
+        try:
+            pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # noqa: BLE001
+            summary = f"result {short_repr(out, 80)} cannot be pickled: {type(e).__name__}: {e}"
+            result.failed += 1
+            log.error("unpicklable result", error=summary, item=short_repr(item))
+            if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+                result.error = (summary, "", short_repr(item))
+                result.outputs = []
+                return result
+            if stage.dead_letter:
+                result.dead.append(give_up_letter(stage, item, summary, 1))
+            else:
+                result.skipped += 1
+            continue
+        kept.append(out)
+    result.outputs, result.ends = kept, []
+    return result
 
 
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
@@ -331,7 +364,7 @@ def run_chunk(
 ) -> ChunkResult:
     """Call ``fn`` on each item of a chunk under the stage's error policy."""
     result = ChunkResult(seq, [], [])
-    emit = result.outputs.append
+    emit, ends, outputs = result.outputs.append, result.ends, result.outputs
     clock = time.perf_counter
     t0 = clock()
     for index, (item, attempts) in enumerate(chunk):
@@ -363,6 +396,7 @@ def run_chunk(
                 log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
                 break
         result.done += 1
+        ends.append(len(outputs))
     progress[1] = 0.0
     result.busy = clock() - t0
     return result

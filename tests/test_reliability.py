@@ -1,0 +1,285 @@
+"""Fault injection: failures never hang the run, never lose an item, never leave a process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from runner import run_pipeline
+from tests.conftest import run_cli, wait_gone
+
+METHODS = ["fork", "spawn"]
+
+TASKS = '''
+import os, signal, threading, time
+from pathlib import Path
+
+MARKS = Path(os.environ.get("MARKS", "."))
+
+def attempt(x):
+    """How many times this item has been tried, across processes (1 on the first call)."""
+    n = 1
+    while True:
+        try:
+            fd = os.open(MARKS / f"{x}-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+            return n
+        except FileExistsError:
+            n += 1
+
+def bad_sevens(x):
+    if x % 7 == 0:
+        raise ValueError(f"no sevens: {x}")
+    return x
+
+def flaky(x):
+    """Fails the first two attempts of every fifth item, then works."""
+    if x % 5 == 0 and attempt(x) <= 2:
+        raise ConnectionError(f"flaky {x}")
+    return x
+
+def slow_on_13(x):
+    if x == 13:
+        time.sleep(60)
+    return x
+
+def killed_once(x):
+    """SIGKILLs its own process the first time it holds every tenth item."""
+    if x % 10 == 3 and attempt(x) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+def exits_on_4(x):
+    if x == 4:
+        os._exit(3)
+    return x
+
+def unpicklable_on_2(x):
+    return threading.Lock() if x == 2 else x
+
+def slow(x):
+    time.sleep(0.05)
+    Path(MARKS / "started").touch()
+    return x
+'''
+
+
+def pipeline(kind: str, function: str, extra: str = "", stop: int = 60, out: str = "good") -> str:
+    return f"""version: 1
+stages:
+  - {{name: src, kind: producer, source: {{range: {{stop: {stop}}}}}, output: a}}
+  - {{name: work, kind: {kind}, processes: 2, input: a, function: "tasks_t:{function}", output: {out}{extra}}}
+  - {{name: good, kind: consumer, input: good, function: collect}}
+"""
+
+
+DLQ = "\n  - {name: dead, kind: consumer, input: dlq, function: collect}\n"
+
+
+@pytest.fixture
+def marks(tmp_path, monkeypatch):
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    monkeypatch.setenv("MARKS", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+@pytest.mark.parametrize("method", METHODS)
+def test_skip_drops_and_counts_failed_items(tmp_pipeline, marks, kind, method):
+    """on_error: skip drops each raising item, counts it, and delivers every other item once."""
+    path = tmp_pipeline(pipeline(kind, "bad_sevens", ", on_error: skip"), TASKS)
+    result = run_pipeline(path, start_method=method)
+    assert result.exit_code == 0, result.error
+    assert Counter(result.collected["good"]) == Counter(x for x in range(60) if x % 7)
+    st = result.stats["work"]
+    assert (st.skipped, st.failed, st.items_in) == (9, 9, 60)
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+def test_skip_with_dead_letter_queue(tmp_pipeline, marks, kind):
+    """With dead_letter, every item given up on arrives there as {item, error, stage, attempts}."""
+    text = pipeline(kind, "bad_sevens", ", on_error: skip, dead_letter: dlq") + DLQ
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert result.exit_code == 0, result.error
+    letters = result.collected["dead"]
+    assert sorted(d["item"] for d in letters) == [x for x in range(60) if x % 7 == 0]
+    assert all(d["stage"] == "work" and d["attempts"] == 1 and "ValueError: no sevens" in d["error"] for d in letters)
+    assert result.stats["work"].dead_lettered == 9 and result.stats["work"].skipped == 0
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+@pytest.mark.parametrize("method", METHODS)
+def test_retry_delivers_flaky_items_exactly_once(tmp_pipeline, marks, kind, method):
+    """Items that fail twice then succeed are delivered exactly once, with two retries each counted."""
+    text = pipeline(kind, "flaky", ", on_error: retry, retries: 3, retry_backoff: 0.01")
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method=method)
+    assert result.exit_code == 0, result.error
+    assert Counter(result.collected["good"]) == Counter(range(60))
+    assert result.stats["work"].retried == 24 and result.stats["work"].failed == 24
+
+
+def test_retry_exhausted_goes_to_dead_letter(tmp_pipeline, marks):
+    """An item still failing after `retries` retries is dead-lettered with its attempt count."""
+    text = pipeline("pool", "bad_sevens", ", on_error: retry, retries: 2, retry_backoff: 0, dead_letter: dlq", stop=8) + DLQ
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert result.exit_code == 0, result.error
+    assert [(d["item"], d["attempts"]) for d in result.collected["dead"]] == [(0, 3), (7, 3)]
+
+
+def test_fail_policy_exits_1_naming_stage_and_item(tmp_pipeline, marks):
+    """on_error: fail (the default) stops the run with exit 1, the stage, process and item named."""
+    result = run_pipeline(tmp_pipeline(pipeline("consumer", "bad_sevens"), TASKS), start_method="fork")
+    assert result.exit_code == 1
+    assert "stage 'work'" in result.error and "ValueError: no sevens" in result.error and "item" in result.error
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+@pytest.mark.parametrize("method", METHODS)
+def test_timeout_fails_the_call_and_replaces_the_worker(tmp_pipeline, marks, kind, method):
+    """A call sleeping past `timeout` fails; its worker is replaced; skip drops just that item."""
+    text = pipeline(kind, "slow_on_13", ", timeout: 0.5, on_error: skip, dead_letter: dlq", stop=30) + DLQ
+    t0 = time.monotonic()
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method=method)
+    assert time.monotonic() - t0 < 20
+    assert result.exit_code == 0, result.error
+    assert Counter(result.collected["good"]) == Counter(x for x in range(30) if x != 13)
+    [letter] = result.collected["dead"]
+    assert letter["item"] == 13 and "timed out after 0.5s" in letter["error"]
+    assert result.stats["work"].restarts == 1
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkilled_worker_with_retry_delivers_every_item_once(tmp_pipeline, marks, kind, method):
+    """Workers SIGKILLed while holding an item are replaced; with retry every item arrives exactly once."""
+    text = pipeline(kind, "killed_once", ", on_error: retry, retry_backoff: 0", stop=50)
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method=method)
+    assert result.exit_code == 0, result.error
+    assert Counter(result.collected["good"]) == Counter(range(50))
+    assert result.stats["work"].restarts == 5 and result.stats["work"].failed == 5
+
+
+def test_pool_ordered_survives_killed_workers(tmp_pipeline, marks):
+    """An ordered pool keeps input order even when workers die mid-chunk and chunks are handed out again."""
+    text = pipeline("pool", "killed_once", ", ordered: true, chunksize: 4, on_error: retry, retry_backoff: 0", stop=50)
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert result.collected["good"] == list(range(50))
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+def test_sigkilled_worker_with_restart_false_exits_1_fast(tmp_pipeline, marks, kind):
+    """restart: false: a killed worker ends the run with exit 1 within seconds, naming process and signal."""
+    text = pipeline(kind, "killed_once", ", restart: false, on_error: retry", stop=50)
+    t0 = time.monotonic()
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--start-method", "fork", env={"MARKS": str(marks)}, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - t0 < 15
+    last = result.stderr.strip().splitlines()[-1]
+    assert "stage 'work'" in last and "SIGKILL" in last and "work-" in last and "restart: false" in last, last
+
+
+def test_os_exit_in_worker_is_a_failed_attempt(tmp_pipeline, marks):
+    """os._exit in a worker: with skip, the item it held is dropped and counted; the rest arrive."""
+    text = pipeline("consumer", "exits_on_4", ", on_error: skip", stop=10)
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert result.exit_code == 0, result.error
+    assert sorted(result.collected["good"]) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
+
+
+def test_os_exit_with_fail_policy_names_exit_code(tmp_pipeline, marks):
+    """os._exit(3) under on_error: fail ends the run with exit 1 and says the process exited with code 3."""
+    result = run_pipeline(tmp_pipeline(pipeline("pool", "exits_on_4", stop=10), TASKS), start_method="fork")
+    assert result.exit_code == 1 and "exited with code 3" in result.error
+
+
+@pytest.mark.parametrize("kind", ["consumer", "pool"])
+def test_unpicklable_result_fails_that_item(tmp_pipeline, marks, kind):
+    """An unpicklable result fails its item with a clear error (skip: the others arrive; fail: exit 1)."""
+    result = run_pipeline(tmp_pipeline(pipeline(kind, "unpicklable_on_2", ", on_error: skip", stop=6), TASKS), start_method="fork")
+    assert result.exit_code == 0, result.error
+    assert sorted(result.collected["good"]) == [0, 1, 3, 4, 5]
+    failed = run_pipeline(tmp_pipeline(pipeline(kind, "unpicklable_on_2", stop=6), TASKS), start_method="fork")
+    assert failed.exit_code == 1 and "cannot be pickled" in failed.error and "work" in failed.error
+
+
+def test_unpicklable_source_item_fails_the_producer(tmp_pipeline, marks):
+    """A producer emitting an unpicklable item fails the run, naming the stage and the item."""
+    tasks = TASKS + "\ndef lock_source():\n    return [1, threading.Lock()]\n"
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {function: "tasks_t:lock_source"}, output: a}
+  - {name: out, kind: consumer, input: a, function: collect}
+"""
+    result = run_pipeline(tmp_pipeline(text, tasks), start_method="fork")
+    assert result.exit_code == 1 and "stage 'src'" in result.error and "cannot be pickled" in result.error
+
+
+def _start_slow_run(tmp_pipeline, marks, tmp_path, extra_env=None):
+    text = pipeline("consumer", "slow", stop=100000)
+    path = tmp_pipeline(text, TASKS)
+    token = uuid.uuid4().hex
+    log_file = tmp_path / "log.jsonl"
+    env = {**os.environ, "MARKS": str(marks), "MPRUN_TEST_TOKEN": token, **(extra_env or {})}
+    mprun = Path(sys.executable).with_name("mprun")
+    proc = subprocess.Popen(
+        [str(mprun), str(path), "--log-file", str(log_file), "--set", "settings.shutdown_timeout=2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    started = marks / "started"
+    deadline = time.monotonic() + 30
+    while not started.exists():  # the first item is being worked on
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.02)
+    return proc, token, log_file
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_run_stops_cleanly(tmp_pipeline, marks, tmp_path, signum, code):
+    """SIGINT/SIGTERM mid-run: exit 130/143 within the shutdown timeout, summary printed, log flushed, no child left."""
+    proc, token, log_file = _start_slow_run(tmp_pipeline, marks, tmp_path)
+    t0 = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert time.monotonic() - t0 < 10
+    assert wait_gone(token) == []
+    assert "stage" in err and "items/s" in err  # the summary
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    exited = {r["process"] for r in records if r["event"] == "process exited"}
+    assert {"src", "work-1", "work-2", "good"} <= exited
+
+
+def test_killing_the_main_process_leaves_no_child(tmp_pipeline, marks, tmp_path):
+    """SIGKILL of the main process: every child notices its parent is gone and exits."""
+    proc, token, _ = _start_slow_run(tmp_pipeline, marks, tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_gone(token, deadline=15) == []
+
+
+def test_accounting_balances_per_edge(tmp_pipeline, marks, tmp_path):
+    """--metrics-json: per stage counts, and per queue produced = delivered (+ skipped + dead-lettered downstream)."""
+    text = pipeline("pool", "flaky", ", on_error: retry, retries: 1, retry_backoff: 0, dead_letter: dlq") + DLQ
+    metrics = tmp_path / "m.json"
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--start-method", "fork", "--metrics-json", str(metrics),
+                     env={"MARKS": str(marks)})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(metrics.read_text())
+    work = data["stages"]["work"]
+    assert (work["items_in"], work["items_out"], work["dead_lettered"], work["retried"]) == (60, 48, 12, 12)
+    assert data["queues"]["a"] == {"produced": 60, "delivered": 60, "balanced": True}
+    assert data["queues"]["dlq"]["produced"] == 12 and data["queues"]["good"]["delivered"] == 48
+    assert work["delivered"] == 48 and all(st["balanced"] for st in data["stages"].values())
+    assert all(q["balanced"] for q in data["queues"].values())
+    assert data["exit_code"] == 0 and data["processes"]["work-1"] == 0
