@@ -319,7 +319,7 @@ def test_missing_ray_is_a_one_line_usage_error(tmp_pipeline, tmp_path):
     """Without Ray installed, --backend ray exits 2 with one line saying what to install."""
     shadow = tmp_path / "shadow" / "ray"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
     path = tmp_pipeline("version: 1\nstages:\n  - {name: s, kind: producer, source: {items: [1]}}\n")
     result = run_cli("run", str(path), "--backend", "ray", env={"PYTHONPATH": str(shadow.parent)})
     assert result.returncode == 2

@@ -60,6 +60,8 @@ from runner.topology import LINGER, QueuePlan, StagePlan, Topology
 
 RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
 RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies loses at most its chunk)
+CHUNK_SECONDS = 0.1  # chunks are sized to take about this long, from the measured time per item
+FIRST_CHUNK = 16  # items of the first chunks, before any time per item is known
 KILL_GRACE = 2.0  # seconds an actor gets to flush its records before it is killed
 RELAY_BATCH = 256  # records or output lines an actor buffers before it sends them anyway
 SPREAD = "SPREAD"  # stage actors go round the nodes
@@ -359,8 +361,8 @@ class _ProducerActor:
         """Emit the items; returns (items sent, seconds, error or None, where it ran)."""
         spec, stage = self.spec, self.spec.stage
         self.log.info("process started")
-        started = time.perf_counter()
-        emitter = Emitter(spec.outputs)  # type: ignore[arg-type]
+        started = self.started = time.perf_counter()
+        emitter = self.emitter = Emitter(spec.outputs)  # type: ignore[arg-type]
         error = None
         try:
             items: Any = worker.source_items(stage.source or {}, stage.kwargs, self.base_dir)
@@ -378,9 +380,12 @@ class _ProducerActor:
             _flush(self.relay)
         return emitter.sent, time.perf_counter() - started, error, _where()
 
-    def stop(self) -> None:
-        """Send every buffered record and line (the driver then kills the actor)."""
+    def stop(self) -> tuple[int, float, dict[str, Any]]:
+        """Send every buffered record and line (the driver then kills the actor); (items sent, seconds, where)."""
         _flush(self.relay)
+        emitter = getattr(self, "emitter", None)
+        seconds = time.perf_counter() - self.started if emitter else 0.0
+        return (emitter.sent if emitter else 0), seconds, _where()
 
 
 @ray.remote(num_cpus=0, max_concurrency=2)
@@ -451,6 +456,8 @@ class _Producer:
     ref: Any
     done: bool = False
     stopping: bool = False
+    counted: bool = False  # its items sent are in the stats
+    where: dict[str, Any] = field(default_factory=dict)
 
 
 class RaySupervisor:
@@ -600,7 +607,7 @@ class RaySupervisor:
         for p in self.producers:
             if not p.done:
                 p.stopping = True
-                _stop_actor(p.actor)
+                self._stopped(p, _stop_actor(p.actor))
         for stage in self.topo.stages:  # stages not started yet never will be
             self.started.setdefault(stage.name, time.perf_counter())
             if stage.name not in self.runners and stage.kind != "producer":
@@ -609,26 +616,32 @@ class RaySupervisor:
     def _all_done(self) -> bool:
         return all(s.name in self.finished for s in self.topo.stages if not s.daemon)
 
+    def _stopped(self, p: _Producer, said: Any) -> None:
+        """Count what a producer stopped before its end had sent."""
+        if said is not None and not p.counted:
+            p.counted = True
+            sent, seconds, p.where = said
+            self.stats[p.stage].items_out += sent
+            self.stats[p.stage].busy_seconds += seconds
+
     def _producer_done(self, p: _Producer) -> None:
         if p.done:
             return
         p.done = True
         code: int | None = 0
-        where: dict[str, Any] = {}
         try:
-            sent, seconds, error, where = ray.get(p.ref)
+            sent, seconds, error, p.where = ray.get(p.ref)
         except RayActorError:
             code = None
             if not p.stopping and not self.failure:
                 self.failure = died_message(p.stage, p.name)
         else:
-            self.stats[p.stage].items_out += sent
-            self.stats[p.stage].busy_seconds += seconds
+            self._stopped(p, (sent, seconds, p.where))
             if error is not None:
                 code = 1
                 self.failure = self.failure or f"stage {p.stage!r} (process {p.name}) failed: {error}"
         self.exit_codes[p.name] = code
-        self.log.info("process exited", stage=p.stage, process=p.name, exitcode=code, **where)
+        self.log.info("process exited", stage=p.stage, process=p.name, exitcode=code, **p.where)
         if code == 0:
             ray.kill(p.actor)
 
@@ -682,12 +695,12 @@ class RaySupervisor:
         """Stop whatever still runs, let every actor send its records, then close the relay."""
         for r in self.runners.values():
             r.abort()
-        alive = [p for p in self.producers if not p.done]
-        for p in alive:
-            _stop_actor(p.actor)
-            p.done = True
-            self.exit_codes[p.name] = None
-            self.log.info("process exited", stage=p.stage, process=p.name, exitcode=None)
+        for p in self.producers:
+            if not p.done:
+                self._stopped(p, _stop_actor(p.actor))
+                p.done = True
+                self.exit_codes[p.name] = None
+                self.log.info("process exited", stage=p.stage, process=p.name, exitcode=None, **p.where)
         for r in self.runners.values():
             r.thread.join()
         now = time.perf_counter()
@@ -702,11 +715,13 @@ class RaySupervisor:
             ray.kill(self.hub)
 
 
-def _stop_actor(actor: Any) -> None:
-    """Let a stage actor send its buffered records (bounded), then kill it."""
+def _stop_actor(actor: Any) -> Any:
+    """Let a stage actor send its buffered records (bounded), then kill it; what its ``stop`` returned, or None."""
+    said = None
     with contextlib.suppress(Exception):  # dead or stuck: killed all the same
-        ray.get(actor.stop.remote(), timeout=KILL_GRACE)
+        said = ray.get(actor.stop.remote(), timeout=KILL_GRACE)
     ray.kill(actor)
+    return said
 
 
 @dataclass
@@ -749,6 +764,7 @@ class StageRunner:
         self.results: dict[int, list[Any]] = {}  # outputs of finished chunks waiting for their turn (ordered)
         self.next_seq = 0
         self.next_out = 0
+        self.per_item: float | None = None  # seconds one item takes a worker (moving average), for chunk sizes
         self.fetch: Any = None  # the ref of the input get in flight
         self.input_done = False
         self.aborted = False
@@ -826,8 +842,8 @@ class StageRunner:
                 if self.again:
                     w.task = self.again.popleft()
                 elif self.buffer:
-                    size = self.plan.chunksize or max(1, min(RAY_CHUNK, math.ceil(len(self.buffer) / len(self.workers))))
-                    w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(min(size, len(self.buffer)))])
+                    size = min(self._chunk_size(), len(self.buffer))
+                    w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(size)])
                     self.next_seq += 1
                 else:
                     continue
@@ -836,6 +852,14 @@ class StageRunner:
             w.ref = w.actor.run_chunk.remote(task.seq, piece)
             w.timed_out = None
             w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
+
+    def _chunk_size(self) -> int:
+        """``chunksize``, else a fair share of the buffer that takes about CHUNK_SECONDS at the measured pace."""
+        if self.plan.chunksize:
+            return self.plan.chunksize
+        fair = math.ceil(len(self.buffer) / len(self.workers))
+        paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
+        return max(1, min(RAY_CHUNK, fair, paced))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
@@ -866,6 +890,9 @@ class StageRunner:
         task = w.task
         assert task is not None
         retire = res.retire
+        if res.done:
+            pace = res.busy / res.done
+            self.per_item = pace if self.per_item is None else 0.7 * self.per_item + 0.3 * pace
         if task.pos is not None:  # one item of a chunk sent alone: add it up until the chunk is done
             acc = task.acc = task.acc or worker.ChunkResult(task.seq, [], [])
             acc.outputs += res.outputs
