@@ -52,6 +52,10 @@ def chatty(x):
     print(f"line {x}")
     return None
 
+def unpicklable_on_2(x):
+    import threading
+    return threading.Lock() if x == 2 else x
+
 def exits_on_4(x):
     if x == 4:
         os._exit(3)
@@ -147,7 +151,7 @@ def ray_run(ray_instance):
 
 def stats_of(result) -> dict[str, tuple[int, ...]]:
     return {
-        name: (s.items_in, s.items_out, s.skipped, s.retried, s.failed, s.dead_lettered)
+        name: (s.items_in, s.items_out, s.delivered, s.skipped, s.retried, s.failed, s.dead_lettered)
         for name, s in result.stats.items()
     }
 
@@ -190,6 +194,7 @@ stages:
     assert {d["stage"] for d in ray.collected["dead"]} == {"letters"}
     assert ray.collected["dead"][0]["error"].startswith("ValueError: no sevens")
     assert stats_of(ray) == stats_of(local)
+    assert ray.queues == local.queues and all(q["balanced"] for q in ray.queues.values())
     assert ray.stats["retrier"].retried == 12 and ray.stats["skipper"].skipped == 9
 
 
@@ -230,6 +235,20 @@ stages:
     assert {r["process"] for r in started} >= {"src", "talk-1", "talk-2"}
     out = capfd.readouterr().out.splitlines()
     assert sorted(out) == sorted(f"line {i}" for i in range(300))
+
+
+def test_unpicklable_result_fails_its_item_like_local(tmp_pipeline, ray_run):
+    """An output that cannot be pickled fails just its item under the policy (skip: the others arrive)."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 6}}, output: a}
+  - {name: work, kind: pool, processes: 2, input: a, function: "tasks_t:unpicklable_on_2", on_error: skip, output: b}
+  - {name: good, kind: consumer, input: b, function: collect}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 0, result.error
+    assert sorted(result.collected["good"]) == [0, 1, 3, 4, 5]
+    assert result.stats["work"].skipped == 1 and result.stats["work"].delivered == 5
 
 
 def test_dead_worker_is_replaced_and_its_item_skipped(tmp_pipeline, ray_run):

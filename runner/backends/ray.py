@@ -35,6 +35,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -55,7 +56,7 @@ import schemas
 from runner import logs, worker
 from runner.errors import RunFailed, UsageError
 from runner.queues import LIFO_TAKE, Emitter, dumps
-from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
+from runner.supervisor import RunResult, StageStats, logging_state, queue_accounts, restore_logging
 from runner.topology import LINGER, QueuePlan, StagePlan, Topology
 
 RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
@@ -421,6 +422,12 @@ class _WorkerActor:
         result = worker.run_chunk(self.fn, stage, seq, chunk, self.spec.lock, self.progress, self.log)
         self.tasks += 1
         result.retire = bool(stage.maxtasksperchild and self.tasks >= stage.maxtasksperchild)
+        ends, result.ends = result.ends, []
+        try:  # as on the local backend: an output that cannot be pickled fails its item, under the policy
+            pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001
+            result.ends = ends
+            result = worker._without_unpicklable(stage, result, [item for item, _ in chunk], self.log)
         return result
 
     def elapsed(self) -> tuple[int, float]:
@@ -521,7 +528,8 @@ class RaySupervisor:
         exit_code = 128 + self.signal_received if self.signal_received else 1 if self.failure else 0
         if self.signal_received:
             self.failure = self.failure or f"stopped by {signal.Signals(self.signal_received).name}"
-        return RunResult(exit_code, self.stats, self.collected, self.failure, time.perf_counter() - t0, self.exit_codes)
+        queues = queue_accounts(self.topo, self.stats)
+        return RunResult(exit_code, self.stats, self.collected, self.failure, time.perf_counter() - t0, self.exit_codes, queues)
 
     def _connect(self) -> bool:
         """Use the Ray instance this process is already connected to, else start or join one; True if ours."""
@@ -919,6 +927,7 @@ class StageRunner:
         st.retried += res.retried
         st.failed += res.failed
         st.busy_seconds += res.busy
+        st.delivered += res.done - res.skipped - len(res.dead)
         for letter in res.dead:
             self._dead_letter(letter)
         self._emit(seq, res.outputs)
@@ -933,13 +942,11 @@ class StageRunner:
 
     def _emit(self, seq: int, outputs: list[Any]) -> None:
         if not self.plan.ordered:
-            for out in outputs:
-                self.emitter.emit(out)
+            self.emitter.emit_many(outputs)
             return
         self.results[seq] = outputs
         while self.next_out in self.results:
-            for out in self.results.pop(self.next_out):
-                self.emitter.emit(out)
+            self.emitter.emit_many(self.results.pop(self.next_out))
             self.next_out += 1
 
     def _dead_letter(self, letter: dict[str, Any]) -> None:
