@@ -33,8 +33,9 @@ def named_doubler(number: int, delay: float = 0.0) -> int:
     return result
 
 
-def double(number: int) -> int:
-    """Double a number quietly (tutorial: Pool.map and apply_async)."""
+def double(number: int, delay: float = 0.0) -> int:
+    """Double a number quietly (tutorial: Pool.map and apply_async); ``delay`` stands for real work."""
+    time.sleep(delay)
     return number * 2
 
 

@@ -10,12 +10,25 @@ Entry points: ``load_pipeline(path, overrides=None)`` and ``run_pipeline(path_or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import MprunError, PipelineInvalid, RunFailed, UsageError
-from runner.loader import load_pipeline
-from runner.supervisor import RunResult, StageStats
-from schemas import Pipeline
+
+if TYPE_CHECKING:
+    from runner.loader import load_pipeline
+    from runner.supervisor import RunResult, StageStats
+    from schemas import Pipeline
+
+_LAZY = {"load_pipeline": "runner.loader", "RunResult": "runner.supervisor", "StageStats": "runner.supervisor"}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: child processes import runner.worker without pydantic or the schemas.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
 
 __all__ = [
     "MprunError",
@@ -52,7 +65,9 @@ def run_pipeline(
         PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
     """
     from runner.compiler import compile_pipeline
+    from runner.loader import load_pipeline
     from runner.supervisor import Supervisor
+    from schemas import Pipeline
 
     if isinstance(path_or_pipeline, Pipeline):
         pipeline = path_or_pipeline

@@ -174,7 +174,8 @@ def _run_stage(
                 st.retried += res.retried
                 st.failed += res.failed
                 if res.error is not None:
-                    summary, _tb, item = res.error
+                    summary, tb, item = res.error
+                    log.error("stage failed", error=summary, item=item, exception=tb)
                     on = f" on item {item}" if item else ""
                     return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
                 for out in res.outputs:

@@ -382,7 +382,7 @@ class _Worker:
     process: Any
     conn: Any
     progress: Any
-    task: tuple[int, list[tuple[Any, int]]] | None = None  # (seq, [(item, attempts)]) it holds
+    task: tuple[int, list[Any], list[int] | None] | None = None  # (seq, items, failed attempts or None) it holds
     retiring: bool = False
     timed_out: bool = False
     kill_at: float | None = None
@@ -405,8 +405,8 @@ class StageRunner:
         self.dead_emitter = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
         self.lock = sup.locks.get(plan.lock) if plan.lock else None
         self.workers: list[_Worker] = []
-        self.buffer: deque[tuple[Any, int]] = deque()  # (item, failed attempts so far), waiting for a worker
-        self.again: deque[tuple[int, list[tuple[Any, int]]]] = deque()  # chunks of dead workers, to hand out again
+        self.buffer: list[Any] = []  # items waiting for a worker (sliced, never walked item by item here)
+        self.again: deque[tuple[int, list[Any], list[int]]] = deque()  # chunks of dead workers, to hand out again
         self.results: dict[int, worker.ChunkResult | None] = {}  # finished chunks waiting for their turn (ordered)
         self.next_seq = 0
         self.next_out = 0
@@ -528,7 +528,7 @@ class StageRunner:
                 self.input_done = True
             else:
                 self.stats.items_in += len(batch)
-                self.buffer.extend((item, 0) for item in batch)
+                self.buffer.extend(batch)
 
     def _dispatch(self) -> None:
         for w in self.workers:
@@ -538,8 +538,9 @@ class StageRunner:
                 w.task = self.again.popleft()
             elif self.buffer:
                 size = self.plan.chunksize or max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
-                chunk = [self.buffer.popleft() for _ in range(min(size, len(self.buffer)))]
-                w.task = (self.next_seq, chunk)
+                chunk = self.buffer[:size]
+                del self.buffer[:size]
+                w.task = (self.next_seq, chunk, None)
                 self.next_seq += 1
             else:
                 return
@@ -581,13 +582,11 @@ class StageRunner:
 
     def _emit(self, seq: int, outputs: list[Any]) -> None:
         if not self.plan.ordered:
-            for out in outputs:
-                self.emitter.emit(out)
+            self.emitter.emit_many(outputs)
             return
         self.results[seq] = outputs  # type: ignore[assignment]
         while self.next_out in self.results:
-            for out in self.results.pop(self.next_out) or ():
-                self.emitter.emit(out)
+            self.emitter.emit_many(self.results.pop(self.next_out) or [])
             self.next_out += 1
 
     def _dead_letter(self, letter: dict[str, Any]) -> None:
@@ -621,16 +620,17 @@ class StageRunner:
     def _recover(self, w: _Worker, reason: str) -> None:
         """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
         assert w.task is not None
-        seq, chunk = w.task
-        index = min(int(w.progress[0]), len(chunk) - 1)
-        item, attempts = chunk[index]
-        attempts += 1
+        seq, items, tries = w.task
+        tries = tries or [0] * len(items)
+        index = min(int(w.progress[0]), len(items) - 1)
+        item, attempts = items[index], tries[index] + 1
         self.stats.failed += 1
-        rest = chunk[:index] + chunk[index + 1 :]
+        rest, rest_tries = items[:index] + items[index + 1 :], tries[:index] + tries[index + 1 :]
         plan = self.plan
         if plan.on_error == "retry" and attempts <= plan.retries:
             self.stats.retried += 1
-            rest.insert(index, (item, attempts))
+            rest.insert(index, item)
+            rest_tries.insert(index, attempts)
         elif plan.on_error == "fail" or (plan.on_error == "retry" and not plan.dead_letter):
             raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
         elif plan.dead_letter:
@@ -640,7 +640,7 @@ class StageRunner:
         self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
                              attempts=attempts, reason=reason)
         if rest:
-            self.again.appendleft((seq, rest))
+            self.again.appendleft((seq, rest, rest_tries))
         else:
             self._emit(seq, [])
 

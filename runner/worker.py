@@ -27,13 +27,14 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner import logs
-from runner.queues import Channel, Emitter, read
+from runner.queues import Channel, Emitter
 from runner.topology import StagePlan
 
 BUILTINS = ("print", "collect", "jsonl", "identity")
@@ -167,7 +168,7 @@ def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], N
                 emit(out)
         else:
             emit(result)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item
         summary = f"{type(e).__name__}: {e}"
         raise FunctionFailed(summary, traceback.format_exc(), short_repr(item)) from None
 
@@ -316,24 +317,25 @@ def worker_main(spec: WorkerSpec) -> None:
         if task is None:
             return
         tasks += 1
-        result = run_chunk(fn, stage, task[0], task[1], spec.lock, spec.progress, log)
+        seq, items, tries = task
+        result = run_items(fn, stage, seq, items, tries, spec.lock, spec.progress, log)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
         ends, result.ends = result.ends, []
         try:
             data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
             result.ends = ends
-            data = pickle.dumps(_without_unpicklable(stage, result, task[1], log), pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(_without_unpicklable(stage, result, items, log), pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(data)
         if result.retire:
             return
 
 
-def _without_unpicklable(stage: StagePlan, result: ChunkResult, chunk: list[tuple[Any, int]], log: Any) -> ChunkResult:
+def _without_unpicklable(stage: StagePlan, result: ChunkResult, chunk: list[Any], log: Any) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept = []
-    items = [item for (item, _), end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
-    for out, item in zip(result.outputs, items, strict=True):
+    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    for out, item in zip(result.outputs, sources, strict=True):
         try:
             pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001
@@ -362,41 +364,101 @@ def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> di
 def run_chunk(
     fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
 ) -> ChunkResult:
-    """Call ``fn`` on each item of a chunk under the stage's error policy."""
+    """``run_items`` for a chunk of ``(item, failed attempts so far)`` pairs."""
+    tries = [attempts for _, attempts in chunk]
+    return run_items(fn, stage, seq, [item for item, _ in chunk], tries if any(tries) else None, lock, progress, log)
+
+
+def run_items(
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    items: list[Any],
+    tries: list[int] | None,
+    lock: Any,
+    progress: Any,
+    log: Any,
+) -> ChunkResult:
+    """Call ``fn`` on each item under the stage's error policy; ``tries``: failed attempts so far, if any.
+
+    The common case (no lock, first attempt, no exception) stays in a tight loop; anything else goes
+    through ``_with_policy``.  ``progress[0]`` always holds the index of the item in hand, and with a
+    ``timeout`` ``progress[1]`` holds when its call started.
+    """
     result = ChunkResult(seq, [], [])
-    emit, ends, outputs = result.outputs.append, result.ends, result.outputs
+    outputs, ends = result.outputs, result.ends
+    append, extend = outputs.append, outputs.extend
+    timed = stage.timeout is not None
+    generator = types.GeneratorType
     clock = time.perf_counter
     t0 = clock()
-    for index, (item, attempts) in enumerate(chunk):
+    for index, item in enumerate(items):
         progress[0] = index
-        while True:
+        if timed:
             progress[1] = time.monotonic()
+        failure = None
+        if lock is None and not (tries and tries[index]):
             try:
-                call(fn, item, lock, emit)
-                break
-            except FunctionFailed as e:
-                attempts += 1
-                result.failed += 1
-                if stage.on_error == "retry" and attempts <= stage.retries:
-                    result.retried += 1
-                    log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, exception=e.tb)
-                    progress[1] = 0.0
-                    time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
-                    continue
-                if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
-                    log.error("function raised", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
-                    result.error = (e.summary, e.tb, e.item)
-                    result.busy = clock() - t0
-                    progress[1] = 0.0
-                    return result
-                if stage.dead_letter:
-                    result.dead.append(give_up_letter(stage, item, e.summary, attempts))
-                else:
-                    result.skipped += 1
-                log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
-                break
-        result.done += 1
+                out = fn(item)
+                if out is not None:
+                    if type(out) is generator:
+                        extend(out)
+                    else:
+                        append(out)
+                ends.append(len(outputs))
+                continue
+            except Exception as e:  # noqa: BLE001 - handled by the policy below
+                del outputs[ends[-1] if ends else 0 :]  # what a failing generator yielded does not count
+                failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+        if _with_policy(fn, stage, item, tries[index] if tries else 0, failure, lock, progress, result, log):
+            break
         ends.append(len(outputs))
     progress[1] = 0.0
+    result.done = len(ends)
     result.busy = clock() - t0
     return result
+
+
+def _with_policy(
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    item: Any,
+    attempts: int,
+    failure: FunctionFailed | None,
+    lock: Any,
+    progress: Any,
+    result: ChunkResult,
+    log: Any,
+) -> bool:
+    """Call ``fn(item)`` (unless it has just failed with ``failure``) and retry, skip, dead-letter or fail
+    it as the stage says.  Returns True when the run must stop (``result.error`` is set)."""
+    outputs = result.outputs
+    while True:
+        if failure is None:
+            if stage.timeout is not None:
+                progress[1] = time.monotonic()
+            mark = len(outputs)
+            try:
+                call(fn, item, lock, outputs.append)
+                return False
+            except FunctionFailed as e:
+                del outputs[mark:]
+                failure = e
+        e, failure = failure, None
+        attempts += 1
+        result.failed += 1
+        progress[1] = 0.0
+        if stage.on_error == "retry" and attempts <= stage.retries:
+            result.retried += 1
+            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, exception=e.tb)
+            time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+            continue
+        if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+            result.error = (e.summary, e.tb, e.item)
+            return True
+        if stage.dead_letter:
+            result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+        else:
+            result.skipped += 1
+        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
+        return False
