@@ -283,3 +283,54 @@ def test_accounting_balances_per_edge(tmp_pipeline, marks, tmp_path):
     assert work["delivered"] == 48 and all(st["balanced"] for st in data["stages"].values())
     assert all(q["balanced"] for q in data["queues"].values())
     assert data["exit_code"] == 0 and data["processes"]["work-1"] == 0
+
+
+def test_second_sigint_stops_at_once(tmp_pipeline, marks, tmp_path):
+    """A second Ctrl-C does not wait for in-flight items (here: a 60 s call): exit 130 at once, no child left."""
+    tasks = TASKS + "\ndef stuck(x):\n    Path(MARKS / 'started').touch()\n    time.sleep(60)\n    return x\n"
+    path = tmp_pipeline(pipeline("consumer", "stuck", stop=10), tasks)
+    token = uuid.uuid4().hex
+    env = {**os.environ, "MARKS": str(marks), "MPRUN_TEST_TOKEN": token}
+    mprun = Path(sys.executable).with_name("mprun")
+    proc = subprocess.Popen([str(mprun), str(path), "--set", "settings.shutdown_timeout=60"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (marks / "started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 15
+    assert wait_gone(token) == []
+
+
+def test_lifo_manager_dying_fails_the_run(tmp_pipeline, marks):
+    """If the manager serving a LIFO queue dies, the run fails with exit 1 and says so; nothing hangs."""
+    import multiprocessing
+    import threading
+
+    text = """version: 1
+queues:
+  stack: {type: lifo}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 100000}}, output: stack}
+  - {name: work, kind: consumer, input: stack, function: "tasks_t:slow", output: good}
+  - {name: good, kind: consumer, input: good, function: collect}
+"""
+    path = tmp_pipeline(text, TASKS)
+    results = []
+    runner = threading.Thread(target=lambda: results.append(run_pipeline(path, start_method="fork")))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not (marks / "started").exists():
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.02)
+    [manager] = [p for p in multiprocessing.active_children() if p.name.startswith("StackManager")]
+    os.kill(manager.pid, signal.SIGKILL)
+    runner.join(30)
+    assert not runner.is_alive()
+    [result] = results
+    assert result.exit_code == 1 and "LIFO" in result.error, result.error
