@@ -57,7 +57,7 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None, 
     token = uuid.uuid4().hex
     full_env = {**os.environ, **(env or {}), "MPRUN_TEST_TOKEN": token}
     mprun = Path(sys.executable).with_name("mprun")
-    result = subprocess.run([str(mprun), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    result = subprocess.run([str(mprun), *args], check=False, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     left = wait_gone(token)
     assert left == [], f"processes left behind by mprun {' '.join(args)}: {left}"
     return result

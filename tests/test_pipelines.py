@@ -37,7 +37,7 @@ def test_doubler_cli_prints_summary():
     result = run_cli("pipelines/doubler.yaml")
     assert result.returncode == 0, result.stderr
     assert len(lines(result.stdout)) == 5
-    assert re.search(r"^doubler\s+5\s+5\s+5\s", result.stderr, re.M), result.stderr
+    assert re.search(r"^doubler\s+5\s+5\s+5\s", result.stderr, re.MULTILINE), result.stderr
     assert "ok in" in result.stderr
 
 
