@@ -347,6 +347,19 @@ def test_missing_ray_is_a_one_line_usage_error(tmp_pipeline, tmp_path):
     ]
 
 
+def test_unreachable_ray_address_fails_fast(tmp_pipeline):
+    """An address where no Ray cluster listens ends in seconds with exit 2 and one line (Ray alone retries for
+    minutes)."""
+    pytest.importorskip("ray")
+    path = tmp_pipeline("version: 1\nstages:\n  - {name: s, kind: producer, source: {items: [1]}}\n")
+    t0 = time.monotonic()
+    result = run_cli("run", str(path), "--backend", "ray", "--ray-address", "127.0.0.1:1", timeout=60)
+    assert result.returncode == 2 and time.monotonic() - t0 < 20
+    assert result.stderr.strip().splitlines() == [
+        "mprun: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused (is a Ray head node running there?)"
+    ]
+
+
 def test_ray_address_needs_the_ray_backend(tmp_pipeline):
     """--ray-address with the local backend is a usage error (exit 2), not silently ignored."""
     path = tmp_pipeline("version: 1\nstages:\n  - {name: s, kind: producer, source: {items: [1]}}\n")

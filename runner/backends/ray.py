@@ -38,6 +38,7 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,6 +64,7 @@ RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about
 RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies loses at most its chunk)
 CHUNK_SECONDS = 0.1  # chunks are sized to take about this long, from the measured time per item
 FIRST_CHUNK = 16  # items of the first chunks, before any time per item is known
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a connection
 KILL_GRACE = 2.0  # seconds an actor gets to flush its records before it is killed
 RELAY_BATCH = 256  # records or output lines an actor buffers before it sends them anyway
 SPREAD = "SPREAD"  # stage actors go round the nodes
@@ -472,6 +474,7 @@ class RaySupervisor:
 
     def __init__(self, topology: Topology, address: str | None = None) -> None:
         self.topo = topology
+        self.given_address = address
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.log = structlog.get_logger("mprun")
         self.stats = {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topology.stages}
@@ -534,6 +537,9 @@ class RaySupervisor:
     def _connect(self) -> bool:
         """Use the Ray instance this process is already connected to, else start or join one; True if ours."""
         if ray.is_initialized():
+            if self.given_address:
+                msg = f"this process is already connected to Ray: it cannot run on {self.given_address} as well"
+                raise UsageError(msg)
             return False
         options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         if self.address:
@@ -547,6 +553,8 @@ class RaySupervisor:
         else:
             options["num_cpus"] = os.cpu_count() or 1
             options["include_dashboard"] = False
+        if self.address:
+            _check_reachable(self.address)
         try:
             ray.init(address=self.address, **options)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -650,8 +658,7 @@ class RaySupervisor:
                 self.failure = self.failure or f"stage {p.stage!r} (process {p.name}) failed: {error}"
         self.exit_codes[p.name] = code
         self.log.info("process exited", stage=p.stage, process=p.name, exitcode=code, **p.where)
-        if code == 0:
-            ray.kill(p.actor)
+        ray.kill(p.actor)  # its run is over (a no-op for a dead actor)
 
     def _advance(self) -> None:
         """Mark finished stages, end the queues they were the last writer of, start what may start."""
@@ -721,6 +728,22 @@ class RaySupervisor:
             if self.relay_thread is not None:
                 self.relay_thread.join(KILL_GRACE + 5)
             ray.kill(self.hub)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes (Ray retries for long), when ``[ray://]HOST:PORT`` accepts no connection.
+
+    Raises:
+        UsageError: nothing listens there (exit code 2).
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and the like: Ray's to resolve
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        msg = f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is a Ray head node running there?)"
+        raise UsageError(msg) from None
 
 
 def _stop_actor(actor: Any) -> Any:
