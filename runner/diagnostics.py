@@ -8,13 +8,13 @@ then looked up in the loader's marks.  A value that came from ``--set`` is locat
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 from pydantic import BaseModel, ValidationError
 
+from runner.imports import suggest
 from schemas import Pipeline, QueueSpec, Settings, TestCase
 from schemas.stages import Consumer, FileSource, Pool, Producer, RangeSource, Source
 
@@ -111,12 +111,6 @@ def format_path(path: PathKey) -> str:
 def render(problems: list[Diagnostic]) -> list[Diagnostic]:
     """Sort problems by position and drop repeats."""
     return list(dict.fromkeys(sorted(problems, key=Diagnostic.sort_key)))
-
-
-def suggest(word: str, choices: list[str]) -> str:
-    """``; did you mean 'x'?`` when a choice is close to ``word``, else ``""``."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:

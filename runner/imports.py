@@ -1,0 +1,151 @@
+"""Whether every ``module:attribute`` of a pipeline imports in a fresh worker process.
+
+Kept free of pydantic and the schemas: the checker child imports only this module (the forkserver has
+it preloaded with ``runner.worker``), and ``prefetch`` lets ``mprun run`` start the check on the raw
+YAML while the main process is still importing pydantic and validating the file.
+
+    main process --Process(start_method)--> checker child: import each module, getattr, callable?
+                 <-------- Pipe: [problem or None, ...] --------
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import multiprocessing
+import os
+import sys
+import threading
+from typing import Any
+
+PathKey = tuple[str | int, ...]
+
+CHECK_TIMEOUT = 60.0  # seconds the checker child gets to import everything
+
+
+def references(data: Any) -> list[tuple[PathKey, str]]:
+    """Every ``module:attribute`` of a document (functions, inits, source functions, test sources)."""
+    found: list[tuple[PathKey, str]] = []
+
+    def add(path: PathKey, value: Any) -> None:
+        if isinstance(value, str) and ":" in value:
+            found.append((path, value))
+
+    def source(path: PathKey, value: Any) -> None:
+        if isinstance(value, dict):
+            add((*path, "function"), value.get("function"))
+
+    if not isinstance(data, dict):
+        return found
+    stages = data.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        if isinstance(stage, dict):
+            add(("stages", i, "function"), stage.get("function"))
+            add(("stages", i, "init"), stage.get("init"))
+            source(("stages", i, "source"), stage.get("source"))
+    tests = data.get("tests")
+    for i, case in enumerate(tests if isinstance(tests, list) else []):
+        sources = case.get("sources") if isinstance(case, dict) else None
+        for name, spec in (sources if isinstance(sources, dict) else {}).items():
+            source(("tests", i, "sources", name), spec)
+    return found
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """``; did you mean 'x'?`` when a choice is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_reference(ref: str) -> str | None:
+    """Import ``module:attribute`` here and say what is wrong with it, or ``None``.  Runs in the child."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            return f"cannot import {ref!r}: no module named {e.name!r} beside the pipeline file or on sys.path"
+        return f"cannot import {ref!r}: importing {module_name!r} failed: {type(e).__name__}: {e}"
+    except BaseException as e:  # noqa: BLE001 - any failure while running user code at import is the finding
+        return f"cannot import {ref!r}: importing {module_name!r} failed: {type(e).__name__}: {e}"
+    where = module_name
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            return f"cannot import {ref!r}: {where!r} has no attribute {part!r}" + suggest(part, names)
+        obj = getattr(obj, part)
+        where = f"{where}.{part}"
+    if not callable(obj):
+        return f"{ref!r} is not callable: it is a value of type {type(obj).__name__}"
+    qualname = str(getattr(obj, "__qualname__", ""))
+    if "<lambda>" in qualname:
+        return f"{ref!r} is a lambda: define it with def at module level so every process can import it by name"
+    if "<locals>" in qualname:
+        return f"{ref!r} is defined inside another function ({qualname}): define it at module level"
+    return None
+
+
+def _checker(conn: Any, base_dir: str, refs: list[str]) -> None:
+    """Child side: output of imported user code goes to stderr, never into a report on stdout."""
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    sys.path.insert(0, base_dir)
+    conn.send([check_reference(ref) for ref in refs])
+    conn.close()
+
+
+_prefetched: dict[tuple[tuple[str, ...], str, str], tuple[threading.Thread, list[Any]]] = {}
+
+
+def prefetch(refs: list[str], base_dir: str, start_method: str) -> None:
+    """Start checking ``refs`` in a background thread; ``import_problems`` with the same arguments joins it."""
+    key = (tuple(refs), base_dir, start_method)
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(_import_problems(refs, base_dir, start_method)), daemon=True)
+    _prefetched[key] = (thread, box)
+    thread.start()
+
+
+def import_problems(refs: list[str], base_dir: str, start_method: str) -> list[str | None]:
+    """Check ``refs`` in one fresh process; one problem (or ``None``) per reference.
+
+    If the child dies or hangs while importing, every reference gets that as its problem.
+    """
+    early = _prefetched.pop((tuple(refs), base_dir, start_method), None)
+    if early is not None:
+        early[0].join()
+        if early[1]:
+            return list(early[1][0])
+    return _import_problems(refs, base_dir, start_method)
+
+
+def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[str | None]:
+    if not refs:
+        return []
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # The same preload as the supervisor's: the server started here is the one the run then reuses.
+        ctx.set_forkserver_preload(["runner.worker"])
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_checker, args=(writer, base_dir, refs), name="mprun-import-check", daemon=True)
+    child.start()
+    writer.close()
+    try:
+        if reader.poll(CHECK_TIMEOUT):
+            try:
+                return list(reader.recv())
+            except EOFError:
+                pass
+        else:
+            child.terminate()
+            return [f"cannot import {refs[0]!r}: importing did not finish within {CHECK_TIMEOUT:.0f}s"] + [None] * (len(refs) - 1)
+    finally:
+        child.join(CHECK_TIMEOUT)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        reader.close()
+    message = f"importing the functions of this file ended the checking process (exit code {child.exitcode})"
+    return [f"cannot import {refs[0]!r}: {message}"] + [None] * (len(refs) - 1)
+
+
