@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import logging
 import math
@@ -280,12 +281,18 @@ class _Relay:
             self._send()
 
 
-class _Lines:
+class _Lines(io.TextIOBase):
     """A text stream that relays whole lines (a ``print`` writes text, then a newline)."""
 
+    encoding = "utf-8"
+
     def __init__(self, relay: _Relay, stream: str) -> None:
+        super().__init__()
         self.relay, self.stream, self.partial = relay, stream, ""
         self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, text: str) -> int:
         with self.lock:
@@ -305,8 +312,6 @@ class _Lines:
                 self.relay.add(("out", self.stream, self.partial))
                 self.partial = ""
 
-    def isatty(self) -> bool:
-        return False
 
 
 @dataclass
