@@ -66,6 +66,7 @@ RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies 
 CHUNK_SECONDS = 0.1  # chunks are sized to take about this long, from the measured time per item
 FIRST_CHUNK = 16  # items of the first chunks, before any time per item is known
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a connection
+START_TIMEOUT = 30.0  # seconds a worker that got no item gets to start, at the end of its stage
 KILL_GRACE = 2.0  # seconds an actor gets to flush its records before it is killed
 RELAY_BATCH = 256  # records or output lines an actor buffers before it sends them anyway
 SPREAD = "SPREAD"  # stage actors go round the nodes
@@ -1079,6 +1080,9 @@ class StageRunner:
 
     def _stop_workers(self) -> None:
         for w in self.workers:
+            if w.ready is not None and not self.aborted:  # a worker still starting ends started, as locally
+                with contextlib.suppress(Exception):
+                    _, w.where = ray.get(w.ready, timeout=START_TIMEOUT)
             _stop_actor(w.actor)
             code = 0 if not self.aborted and w.task is None else None
             self.sup.exit_codes[w.name] = code
