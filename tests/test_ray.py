@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -64,6 +67,11 @@ def exits_on_4(x):
 def slow_on_3(x):
     if x == 3:
         time.sleep(60)
+    return x
+
+def slow(x, marks):
+    Path(marks, "started").touch()
+    time.sleep(0.05)
     return x
 
 def count_in_file(x, path):
@@ -332,6 +340,42 @@ stages:
     assert ray.returncode == 0, ray.stderr
     assert ray.stdout == local.stdout == "[2, 4, 6]\n"
     assert "Traceback" not in ray.stderr
+
+
+def test_sigterm_mid_run_stops_cleanly_leaving_no_process(tmp_pipeline, tmp_path):
+    """SIGTERM while worker actors are busy: exit 143 within the shutdown timeout, summary printed, every
+    record flushed, and no process (driver, Ray's, actors) left behind."""
+    pytest.importorskip("ray")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    text = f"""version: 1
+settings: {{backend: ray, shutdown_timeout: 1}}
+stages:
+  - {{name: src, kind: producer, source: {{range: {{stop: 100000}}}}, output: a}}
+  - {{name: work, kind: consumer, processes: 2, input: a, function: "tasks_t:slow", kwargs: {{marks: "{marks}"}},
+     output: b}}
+  - {{name: good, kind: consumer, input: b, function: collect}}
+"""
+    path = tmp_pipeline(text, TASKS)
+    token = uuid.uuid4().hex
+    log_file = tmp_path / "log.jsonl"
+    mprun = Path(sys.executable).with_name("mprun")
+    proc = subprocess.Popen([str(mprun), str(path), "--log-file", str(log_file)], env={**os.environ, "MPRUN_TEST_TOKEN": token},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (marks / "started").exists():  # a worker actor is busy
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert time.monotonic() - t0 < 15
+    assert wait_gone(token) == []
+    assert "items/s" in err and err.strip().splitlines()[-1] == "mprun: error: stopped by SIGTERM"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"src", "work-1", "work-2", "good"} <= {r["process"] for r in records if r["event"] == "process exited"}
+    assert {"work-1", "work-2"} <= {r["process"] for r in records if r["event"] == "process started"}
 
 
 def test_missing_ray_is_a_one_line_usage_error(tmp_pipeline, tmp_path):
