@@ -50,6 +50,7 @@ def run_pipeline(
     *,
     limit: int | None = None,
     ray_address: str | None = None,
+    progress: bool | None = None,
     **settings: Any,
 ) -> RunResult:
     """Load (if given a path), validate and run a pipeline on this machine.
@@ -59,6 +60,8 @@ def run_pipeline(
         overrides: ``PATH=VALUE`` strings, as ``--set`` on the command line.
         limit: each producer emits at most this many items.
         ray_address: with the ray backend, the cluster to run on (default: ``RAY_ADDRESS``, else a local instance).
+        progress: show the live per-stage display on stderr (``runner.progress``); None: when stderr is a
+            terminal (and no built-in ``print`` stage writes to the same terminal).
         **settings: any of start_method, log_level, log_format, log_file, backend, replacing the file's.
 
     Raises:
@@ -93,10 +96,18 @@ def run_pipeline(
     check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
     topology = compile_pipeline(pipeline, limit=limit)
     if pipeline.settings.backend == "ray":
+        if progress:
+            msg = "--progress is not available on the ray backend yet"
+            raise UsageError(msg)
         from runner.backends import run_on_ray
 
         return run_on_ray(topology, ray_address)
     if ray_address:
         msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
         raise UsageError(msg)
-    return Supervisor(topology).run()
+    if progress is None:
+        import sys
+
+        printing = any(s.function == "print" for s in topology.stages) and sys.stdout.isatty()
+        progress = sys.stderr.isatty() and not printing
+    return Supervisor(topology, progress=progress).run()

@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help="also write every record there as JSON lines")
     run.add_argument("--limit", type=_positive, metavar="N", help="each producer emits at most N items")
     run.add_argument("--no-summary", action="store_true", help="do not print the per-stage summary")
-    run.add_argument("--metrics-json", metavar="PATH", help="write per-stage and per-queue counts there as JSON")
+    run.add_argument("--metrics-json", metavar="PATH",
+                     help="write per-stage counts, busy time, latency percentiles, queue high-water marks and "
+                     "per-process exit codes and restarts there as JSON (schema: runner/metrics.py)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="live per-stage counts, rates, errors and queue depths on stderr "
+                     "(default: on when stderr is a terminal)")
     run.add_argument("--backend", choices=["local", "ray"],
                      help="local: multiprocessing on this machine; ray: Ray actors (pip install 'mprun[ray]')")
     run.add_argument("--ray-address", metavar="ADDR",
@@ -159,6 +164,9 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.inline and (ns.backend == "ray" or ns.ray_address):
         msg = "--inline runs every stage in this process: --backend ray and --ray-address do not apply"
         raise UsageError(msg)
+    if ns.inline and ns.progress:
+        msg = "--inline runs one stage after another in this process (for pdb): --progress does not apply"
+        raise UsageError(msg)
     if ns.inline:
         result = _run_inline(ns)
     else:
@@ -172,6 +180,7 @@ def _run(ns: argparse.Namespace) -> int:
             log_file=ns.log_file,
             backend=ns.backend,
             ray_address=ns.ray_address,
+            progress=ns.progress,
         )
     for items in result.collected.values():
         print(json.dumps(items, default=repr))
@@ -217,12 +226,36 @@ def _new(ns: argparse.Namespace) -> int:
 
 
 def summary_table(result: Any) -> str:
-    """The per-stage summary: items in and out, seconds, items per second."""
-    rows = [("stage", "procs", "in", "out", "seconds", "items/s")]
+    """The per-stage summary: counts, restarts, seconds, items per second, utilisation; the slowest stage marked.
+
+    The slowest stage (``*`` after its row) is the consumer or pool stage with the most busy seconds per process
+    (``runner.metrics.slowest_stage``): the one to give more processes or a faster function.
+    """
+    from runner.metrics import busy_per_process, slowest_stage, utilisation
+
+    slowest = slowest_stage(result.stats)
+    head = ("stage", "procs", "in", "out", "skipped", "retried", "failed", "dead", "restarts", "seconds", "items/s", "util")
+    rows = [head]
     for name, st in result.stats.items():
-        rows.append((name, str(st.processes), str(st.items_in), str(st.items_out), f"{st.seconds:.3f}", f"{st.items_per_second:,.0f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        producer = st.kind == "producer"
+        rows.append((
+            name,
+            str(st.processes),
+            f"{st.items_in:,}",
+            f"{st.items_out:,}",
+            *(("-",) * 5 if producer else (f"{st.skipped:,}", f"{st.retried:,}", f"{st.failed:,}",
+                                            f"{st.dead_lettered:,}", f"{st.restarts:,}")),
+            f"{st.seconds:.3f}",
+            f"{st.items_per_second:,.0f}",
+            "-" if producer else f"{utilisation(st):.0%}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [f"{line}  *" if row[0] == slowest and n else line for n, (line, row) in enumerate(zip(lines, rows))]
+    if slowest is not None:
+        st = result.stats[slowest]
+        lines.append(f"* slowest stage: {slowest} ({busy_per_process(st):.3f}s busy per process, "
+                     f"{utilisation(st):.0%} utilised)")
     status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
     return "\n".join(["", *lines, f"{status} in {result.seconds:.2f}s"])
 

@@ -2,10 +2,20 @@
 
     child process                                             main process
     structlog / logging --> ContextQueueHandler ~~log queue~~> Listener --> stderr (console | json)
-    (stage, process, pid added; the record made plain data)             \\-> log_file (JSON lines)
+    (stage, process, pid, item_id added;                                |   (through the live progress
+     the record made plain data)                                        |    display when it is shown)
+                                                                        \\-> log_file (JSON lines)
 
 Children attach only a ``ContextQueueHandler``; the listener owns the real handlers and is stopped
-(drained) before the run returns, so no record is lost.
+(drained) before the run returns, so no record is lost.  ``configure`` sets the root logger's level to
+the run's ``log_level`` in every process, so a record below it is dropped where it is made.
+
+``item_id``: a worker sets ``item_id_source`` (``runner.worker.current_item_id``); the handler calls
+it when a record is made, so a record a stage function writes while it handles an item carries that
+item's id (``"<producer stage>:<n>"``), the same in every stage the item passes.
+
+Console lines (``ConsoleFormatter``) read as columns: time, level, stage, process, event, then
+``key=value`` pairs and the traceback, if any; coloured only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
+
+item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
 
 def _plain(value: Any) -> Any:
@@ -57,6 +69,10 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         )
         for key, value in self.context.items():
             event.setdefault(key, value)
+        if item_id_source is not None and "item_id" not in event:
+            item_id = item_id_source()
+            if item_id is not None:
+                event["item_id"] = item_id
         return logging.makeLogRecord(
             {
                 "name": record.name,
@@ -92,18 +108,75 @@ def configure(log_queue: Any, level: str, **context: Any) -> None:
 
 
 class EventFormatter(logging.Formatter):
-    """Renders the event dict of a record: structlog's console renderer, or one JSON object a line."""
+    """Renders the event dict of a record: console columns (``ConsoleFormatter``), or one JSON object a line."""
 
-    def __init__(self, fmt: str, *, colors: bool = False) -> None:
+    def __init__(self, fmt: str, *, colors: bool = False, widths: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.fmt = fmt
-        self._console = structlog.dev.ConsoleRenderer(colors=colors) if fmt == "console" else None
+        self._console = ConsoleFormatter(colors=colors, widths=widths) if fmt == "console" else None
 
     def format(self, record: logging.LogRecord) -> str:
         event = dict(record.msg) if isinstance(record.msg, dict) else {"event": record.getMessage()}
         if self._console is None:
             return json.dumps(event, default=repr)
-        return str(self._console(None, "", event))
+        return self._console.render(event)
+
+
+_RESET, _DIM, _BOLD = "\x1b[0m", "\x1b[2m", "\x1b[1m"
+_LEVEL_COLOURS = {"debug": "\x1b[34m", "info": "\x1b[32m", "warning": "\x1b[33m", "error": "\x1b[31;1m",
+                  "critical": "\x1b[41;1m"}
+_COLUMNS = ("timestamp", "level", "stage", "process", "event", "exception", "logger", "pid")
+
+
+class ConsoleFormatter:
+    """One record as aligned columns: ``12:00:01.234 info    double  double-1  event  key=value ...``.
+
+    Stage and process columns are as wide as the longest name given (``widths``) or seen so far; the
+    event is padded so the ``key=value`` pairs of successive lines start in one column where they can;
+    ``item_id`` comes first among them; a traceback follows on its own lines.  ANSI colours only with
+    ``colors`` (the listener asks for them when stderr is a terminal).
+    """
+
+    def __init__(self, *, colors: bool = False, widths: tuple[int, int] = (0, 0)) -> None:
+        self.colors = colors
+        self.stage_width, self.process_width = widths
+
+    def _c(self, code: str, text: str) -> str:
+        return f"{code}{text}{_RESET}" if self.colors and text else text
+
+    def render(self, event: dict[str, Any]) -> str:
+        """The text of one event dict (several lines when it holds a traceback)."""
+        stamp = str(event.get("timestamp", ""))
+        clock = stamp[11:23] if len(stamp) >= 23 and stamp[10] == "T" else stamp
+        level = str(event.get("level", "info"))
+        stage, process = str(event.get("stage", "-")), str(event.get("process", "-"))
+        self.stage_width = max(self.stage_width, len(stage))
+        self.process_width = max(self.process_width, len(process))
+        pairs = {k: v for k, v in event.items() if k not in _COLUMNS}
+        if "item_id" in pairs:
+            pairs = {"item_id": pairs.pop("item_id"), **pairs}
+        logger = event.get("logger")
+        if logger not in (None, "mprun", "root"):
+            pairs["logger"] = logger
+        text = " ".join(f"{self._c(_DIM, k + '=')}{v if isinstance(v, str) and ' ' not in v else _repr(v)}"
+                        for k, v in pairs.items())
+        message = str(event.get("event", ""))
+        line = " ".join([
+            self._c(_DIM, clock),
+            self._c(_LEVEL_COLOURS.get(level, ""), level.ljust(7)),
+            self._c(_BOLD, stage.ljust(self.stage_width)),
+            process.ljust(self.process_width),
+            (message.ljust(28) if text else message),
+        ])
+        line = f"{line} {text}".rstrip() if text else line.rstrip()
+        exception = event.get("exception")
+        if exception:
+            line += "\n" + str(exception).rstrip("\n")
+        return line
+
+
+def _repr(value: Any) -> str:
+    return json.dumps(value, default=repr) if isinstance(value, str | list | dict) else repr(value)
 
 
 class Listener(logging.handlers.QueueListener):
@@ -117,10 +190,25 @@ class Listener(logging.handlers.QueueListener):
         self._thread = None
 
 
-def start_listener(log_queue: Any, level: str, fmt: str, log_file: str | None) -> Listener:
-    """Start the listener that renders every process's records to stderr and ``log_file``."""
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(EventFormatter(fmt, colors=fmt == "console" and sys.stderr.isatty()))
+def start_listener(
+    log_queue: Any,
+    level: str,
+    fmt: str,
+    log_file: str | None,
+    *,
+    stream: Any = None,
+    widths: tuple[int, int] = (0, 0),
+) -> Listener:
+    """Start the listener that renders every process's records to stderr and ``log_file``.
+
+    Args:
+        stream: where stderr records go instead of ``sys.stderr`` (the live display's, so a record is
+            written above the progress block rather than through it).
+        widths: the longest stage and process names of the run (console columns).
+    """
+    colors = fmt == "console" and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+    stderr = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    stderr.setFormatter(EventFormatter(fmt, colors=colors, widths=widths))
     handlers: list[logging.Handler] = [stderr]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)

@@ -10,13 +10,22 @@ that produced it rather than in a queue's feeder thread::
 End of stream is the supervisor's: once every writer of a queue has finished, it calls ``end(n)`` with
 n = the number of reader processes.  A FIFO queue gets n ``None`` markers behind every item; a LIFO
 stack is closed, and its readers get ``None`` only once it is empty, so a marker never overtakes items.
+
+Item ids (``item_id`` in log records) travel beside the items, never inside them: a batch carries its
+items and a parallel sequence of integer ids, a ``range`` while the ids run in steps (what a producer
+emits, and what a stage that returns one result per item passes on) or a list otherwise.  Producers
+number their items (``Emitter(numbering=...)``); every other stage passes on the ids of the items its
+outputs came from.  ``IdRuns`` keeps the ids of a buffer as whole runs, so the main process only slices
+(a ``range`` sliced is a ``range``) and never walks ids one by one.
 """
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from multiprocessing.managers import BaseManager
 from typing import Any
 
@@ -43,6 +52,65 @@ def dumps(batch: list[Any]) -> bytes:
         raise
 
 
+def _pack(batch: list[Any], ids: Ids | None) -> bytes:
+    """Pickle a batch and its ids as one queue message (``dumps`` names an unpicklable item)."""
+    try:
+        return pickle.dumps((batch, ids), pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        dumps(batch)
+        raise
+
+
+Ids = Sequence[int | None]  # the ids of a batch: a range, or a list (None: an item without an id)
+
+
+def join_ids(runs: list[Ids]) -> Ids:
+    """One sequence of the ids of consecutive runs: a range when they continue each other, else a list."""
+    if len(runs) == 1:
+        return runs[0]
+    first, last = runs[0], runs[-1]
+    if all(type(r) is range for r in runs) and all(a.stop == b.start and a.step == b.step  # type: ignore[union-attr]
+                                                     for a, b in itertools.pairwise(runs)):
+        return range(first.start, last.stop, first.step)  # type: ignore[union-attr]
+    return list(itertools.chain.from_iterable(runs))
+
+
+class IdRuns:
+    """The ids of a buffer of items, kept as whole runs: per batch work only, never per item."""
+
+    def __init__(self) -> None:
+        self._runs: deque[Ids] = deque()
+        self._lock = threading.Lock()  # add (the stage's thread) and take (a linger flush) may race
+
+    def add(self, ids: Ids) -> None:
+        """Append the ids of items appended to the buffer (before the items, so a flush never lacks ids)."""
+        if not len(ids):
+            return
+        with self._lock:
+            runs = self._runs
+            if runs and type(ids) is range and type(runs[-1]) is range:
+                last = runs[-1]
+                if last.stop == ids.start and last.step == ids.step:  # type: ignore[union-attr]
+                    runs[-1] = range(last.start, ids.stop, ids.step)  # type: ignore[union-attr]
+                    return
+            runs.append(ids)
+
+    def take(self, n: int) -> Ids:
+        """Remove and return the ids of the first ``n`` items."""
+        with self._lock:
+            runs, taken = self._runs, []
+            while n > 0 and runs:
+                run = runs.popleft()
+                if len(run) > n:
+                    runs.appendleft(run[n:])
+                    run = run[:n]
+                taken.append(run)
+                n -= len(run)
+        if n > 0:  # items emitted without ids
+            taken.append([None] * n)
+        return join_ids(taken) if taken else []
+
+
 def _short(item: Any, width: int = 80) -> str:
     text = repr(item)
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -55,14 +123,19 @@ class FifoChannel:
         self.name = plan.name
         self.batch = plan.batch
         self.readers = plan.reader_processes
-        # Pickled batches of items; written by the stages whose `output` names this queue, read by the
-        # processes of the stages whose `input` names it, plus one None per reader process at the end.
+        # Pickled (batch of items, their ids); written by the stages whose `output` names this queue, read
+        # by the stages whose `input` names it, plus one None per reader process at the end.
         self.queue = ctx.Queue(plan.slots)
 
-    def put(self, batch: list[Any]) -> None:
-        self.queue.put(dumps(batch))
+    def put(self, batch: list[Any], ids: Ids | None = None) -> None:
+        self.queue.put(_pack(batch, ids))
 
     def get(self) -> list[Any] | None:
+        got = self.get_ids()
+        return None if got is None else got[0]
+
+    def get_ids(self) -> tuple[list[Any], Ids | None] | None:
+        """A batch and its ids (None when the writer gave none); ``None`` at the end."""
         data = self.queue.get()
         return None if data is None else pickle.loads(data)
 
@@ -81,28 +154,36 @@ class Stack:
 
     def __init__(self, maxsize: int) -> None:
         self._items: list[Any] = []
+        self._ids: list[int | None] = []  # parallel to _items
         self._maxsize = maxsize
         self._closed = False
         self._changed = threading.Condition()
 
-    def put_many(self, items: list[Any]) -> None:
+    def put_many(self, items: list[Any], ids: Ids | None = None) -> None:
         with self._changed:
             while self._maxsize and len(self._items) >= self._maxsize:
                 self._changed.wait()
+            self._ids.extend(ids if ids is not None else itertools.repeat(None, len(items)))
             self._items.extend(items)
             self._changed.notify_all()
 
     def get_many(self, most: int) -> list[Any] | None:
         """Pop up to ``most`` items, top first; ``None`` once the stack is closed and empty."""
+        got = self.get_many_ids(most)
+        return None if got is None else got[0]
+
+    def get_many_ids(self, most: int) -> tuple[list[Any], list[int | None]] | None:
+        """``get_many`` and the ids of the items popped."""
         with self._changed:
             while not self._items and not self._closed:
                 self._changed.wait()
             if not self._items:
                 return None
-            taken = self._items[-most:][::-1]
+            taken, ids = self._items[-most:][::-1], self._ids[-most:][::-1]
             del self._items[-most:]
+            del self._ids[-most:]
             self._changed.notify_all()
-            return taken
+            return taken, ids
 
     def close(self) -> None:
         with self._changed:
@@ -127,12 +208,16 @@ class LifoChannel:
         # Items, pushed by the writer stages and popped newest-first by the reader processes.
         self.stack = manager.Stack(plan.maxsize)  # type: ignore[attr-defined]
 
-    def put(self, batch: list[Any]) -> None:
+    def put(self, batch: list[Any], ids: Ids | None = None) -> None:
         dumps(batch)  # fail here, in the writer, for an unpicklable item
-        self.stack.put_many(batch)
+        self.stack.put_many(batch, list(ids) if ids is not None else None)
 
     def get(self) -> list[Any] | None:
         return self.stack.get_many(LIFO_TAKE)
+
+    def get_ids(self) -> tuple[list[Any], Ids | None] | None:
+        """Up to ``LIFO_TAKE`` items, newest first, and their ids; ``None`` at the end."""
+        return self.stack.get_many_ids(LIFO_TAKE)
 
     def end(self, readers: int) -> None:
         self.stack.close()
@@ -167,10 +252,27 @@ class Emitter:
     present when it starts (``buffer[:n]`` then ``del buffer[:n]``); appends of another thread land
     behind them, so nothing is lost or reordered.  The linger thread wakes every ``LINGER / 2`` and
     flushes when the oldest buffered item was already the oldest at its previous wake-up.
+
+    Ids (see the module docstring): with ``numbering=(first, step)`` (a producer) the k-th item sent gets
+    the id ``first + k * step``, computed per batch as a ``range``; with ``ids=True`` (a consumer or pool
+    stage) ``emit_many`` takes the ids of its items and they leave beside them; otherwise batches carry
+    no ids.  ``counter`` (shared memory, one slot) receives ``sent`` after every batch, so the main
+    process sees a producer's progress live at no per-item cost.
     """
 
-    def __init__(self, channels: list[Channel], on_batch: Any = None) -> None:
+    def __init__(
+        self,
+        channels: list[Channel],
+        on_batch: Any = None,
+        *,
+        numbering: tuple[int, int] | None = None,
+        ids: bool = False,
+        counter: Any = None,
+    ) -> None:
         self._channels = channels
+        self._numbering = numbering
+        self._ids = IdRuns() if ids else None
+        self._counter = counter
         self._on_batch = on_batch  # called with each batch instead of (or besides) the channels
         self._max = min([c.batch for c in channels], default=1024)
         self._limit = 1
@@ -190,8 +292,10 @@ class Emitter:
         if len(buffer) >= self._limit:
             self._flush()
 
-    def emit_many(self, items: list[Any] | tuple[Any, ...]) -> None:
+    def emit_many(self, items: list[Any] | tuple[Any, ...], ids: Ids | None = None) -> None:
         """Buffer a list of items at once (a chunk of results): ``emit`` of each, without the per-item cost."""
+        if self._ids is not None:  # ids first: a concurrent flush takes only items whose ids are there
+            self._ids.add(ids if ids is not None else [None] * len(items))
         buffer = self._buffer
         buffer.extend(items)
         if len(buffer) >= self._limit:
@@ -212,16 +316,28 @@ class Emitter:
                 self._send(batch)
 
     def _send(self, batch: list[Any]) -> None:
+        n = len(batch)
+        ids: Ids | None = None
+        if self._numbering is not None:
+            first, step = self._numbering
+            ids = range(first + self.sent * step, first + (self.sent + n) * step, step)
+        elif self._ids is not None:
+            ids = self._ids.take(n)
         try:
             if self._on_batch is not None:
                 self._on_batch(batch)
             for channel in self._channels:
-                channel.put(batch)
+                if ids is None:
+                    channel.put(batch)
+                else:
+                    channel.put(batch, ids)
         except BaseException as e:
             self._error = e
             self._limit = 0  # the stage's next emit flushes, and so raises this error in the stage's thread
             raise
-        self.sent += len(batch)
+        self.sent += n
+        if self._counter is not None:
+            self._counter[0] = self.sent
         if self._singles > 1:
             self._singles -= 1
         else:

@@ -3,7 +3,8 @@
     producer processes --FifoChannel / LifoChannel--> StageRunner thread (here) <--pipes--> worker processes
                                                              \\--Emitter--> output channels, dead letters
     producer control pipes, runner doorbell, signal pipe --> Supervisor.loop
-    every process --log queue--> Listener (here) --> stderr, log_file
+    every process --log queue--> Listener (here) --> stderr (through the live display, if shown), log_file
+    producer counters (shared memory), runner counts --> monitor thread (here): queue depths, live display
 
 Producers write to the shared queues directly. Each consumer or pool stage is read by one StageRunner
 thread here, which hands chunks of items to its worker processes over one private duplex pipe each and
@@ -13,6 +14,10 @@ runner knows exactly which items it held.
 The supervisor blocks in ``multiprocessing.connection.wait`` (process sentinels, pipes, a doorbell and a
 signal pipe); it never polls.  When every stage writing to a queue has finished, it ends that queue (one
 marker per reading stage, or closing a LIFO stack), so its readers drain it and stop.
+
+A monitor thread wakes 20 times a second: it samples each queue's depth in items (what its writers sent
+minus what its readers took: producers publish their count per batch in shared memory, runner threads
+count here) for the high-water marks, and 5 times a second redraws the live display (runner.progress).
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ import structlog
 
 from runner import logs, worker
 from runner.errors import RunFailed
-from runner.queues import Channel, Emitter, FifoChannel, LifoChannel, StackManager
+from runner.metrics import Latency
+from runner.queues import Channel, Emitter, FifoChannel, IdRuns, LifoChannel, StackManager
 from runner.topology import MAX_BATCH, StagePlan, Topology
 
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
+MONITOR_TICK = 0.05  # seconds between samples of the queue depths
+DISPLAY_EVERY = 4  # monitor ticks between two frames of the live display
 
 
 @dataclass
@@ -56,6 +64,7 @@ class StageStats:
     busy_seconds: float = 0.0
     processes: int = 0
     kind: str = ""
+    latency: Latency = field(default_factory=Latency)  # sampled per-item call times (consumer, pool)
 
     @property
     def items_per_second(self) -> float:
@@ -75,6 +84,9 @@ class RunResult:
     seconds: float = 0.0
     exit_codes: dict[str, int | None] = field(default_factory=dict)  # last exit code of each process, by name
     queues: dict[str, dict[str, Any]] = field(default_factory=dict)  # per queue: produced, delivered, balanced
+    high_water: dict[str, int] = field(default_factory=dict)  # per queue: most items seen waiting in it
+    restarts: dict[str, int] = field(default_factory=dict)  # per process name: times it was replaced
+    process_stage: dict[str, str] = field(default_factory=dict)  # per process name: its stage
 
 
 def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
@@ -109,8 +121,9 @@ class _Producer:
 class Supervisor:
     """Runs one ``Topology`` on this machine with multiprocessing."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, *, progress: bool = False) -> None:
         self.topo = topology
+        self.progress = progress
         self.ctx = multiprocessing.get_context(topology.start_method)
         if topology.start_method == "forkserver":
             self.ctx.set_forkserver_preload(["runner.worker"])
@@ -130,6 +143,14 @@ class Supervisor:
         self.locks: dict[str, Any] = {}
         self.signal_received = 0
         self.stop_deadline: float | None = None
+        self.id_names = tuple(s.name for s in topology.stages if s.kind == "producer")  # how items are numbered
+        self.counters: dict[str, list[Any]] = {s.name: [] for s in topology.stages}  # producer items sent, live
+        self.restarts: dict[str, int] = {}
+        self.high_water: dict[str, int] = dict.fromkeys(topology.queues, 0)
+        self._monitor_stop = threading.Event()
+        self._writers = {q: [s for s in topology.stages if q in s.outputs] for q in topology.queues}
+        self._dead_writers = {q: [s for s in topology.stages if s.dead_letter == q] for q in topology.queues}
+        self._readers = {q: [s for s in topology.stages if q in s.inputs] for q in topology.queues}
         self._bell_r, self._bell_w = os.pipe()  # runners ring it when they finish
         os.set_blocking(self._bell_w, False)
         self._bell_lock = threading.Lock()
@@ -142,7 +163,18 @@ class Supervisor:
         t0 = time.perf_counter()
         # Records from every process of the run (log records made plain data); read by the listener.
         self.log_queue = self.ctx.Queue()
-        listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file)
+        display = None
+        if self.progress:
+            import sys
+
+            from runner.progress import LiveDisplay
+
+            display = LiveDisplay(sys.stderr, self.topo.name)
+        widths = (max(len(s.name) for s in self.topo.stages),
+                  max(len(n) for s in self.topo.stages for n in s.process_names))
+        listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file,
+                                       stream=display.stream if display else None, widths=(max(widths[0], 1), widths[1]))
+        monitor = threading.Thread(target=self._monitor, args=(display,), name="monitor", daemon=True)
         saved = logging_state()
         logs.configure(self.log_queue, self.topo.log_level, stage="-", process="MainProcess")
         sig_r, sig_w = os.pipe()
@@ -151,6 +183,7 @@ class Supervisor:
         exit_code = 0
         try:
             self._setup()
+            monitor.start()
             self._loop(sig_r)
         except _Signalled as e:
             self.failure = self.failure or f"stopped by {signal.Signals(e.signum).name}"
@@ -173,11 +206,17 @@ class Supervisor:
                 self._bell_closed = True
                 os.close(self._bell_r)
                 os.close(self._bell_w)
+            self._monitor_stop.set()
+            if monitor.is_alive():
+                monitor.join()
             listener.stop()
             logs.close_handlers(listener)
+            if display is not None:
+                display.stop(self.snapshot())
             # The run is over: never let interpreter exit wait on a queue nobody reads any more.
             self.log_queue.cancel_join_thread()
             restore_logging(saved)
+        self._sample_queues()
         return RunResult(
             exit_code,
             self.stats,
@@ -186,7 +225,71 @@ class Supervisor:
             time.perf_counter() - t0,
             self.exit_codes,
             queue_accounts(self.topo, self.stats),
+            dict(self.high_water),
+            dict(self.restarts),
+            {n: s.name for s in self.topo.stages for n in s.process_names},
         )
+
+    # -- live counts: the monitor thread ---------------------------------------------------------------
+
+    def _monitor(self, display: Any) -> None:
+        """Sample queue depths (high-water marks) and, if shown, redraw the live display; never fails the run."""
+        if display is not None:
+            display.start()
+        tick = 0
+        while not self._monitor_stop.wait(MONITOR_TICK):
+            tick += 1
+            try:
+                if display is not None and tick % DISPLAY_EVERY == 0:
+                    display.refresh(self.snapshot())
+                else:
+                    self._sample_queues()
+            except Exception:  # noqa: BLE001, S112 - a racing read while the run ends: the next tick redoes it
+                continue
+
+    def _sent(self, stage: StagePlan) -> int:
+        """Items the stage has emitted so far (producers: their shared counters; others: their emitter)."""
+        if stage.kind == "producer":
+            return sum(int(c[0]) for c in self.counters[stage.name])
+        runner = self.runners.get(stage.name)
+        return runner.emitter.sent if runner is not None else self.stats[stage.name].items_out
+
+    def queue_depth(self, name: str) -> int:
+        """Items waiting in queue ``name`` now (sent by its writers, not yet taken by its readers); keeps the maximum.
+
+        Called by the monitor thread and by a queue's runner right before it takes a batch (when the
+        queue is deepest): a few additions per batch, nothing per item.
+        """
+        put = sum(self._sent(s) for s in self._writers[name])
+        for s in self._dead_writers[name]:
+            runner = self.runners.get(s.name)
+            if runner is not None and runner.dead_emitter is not None:
+                put += runner.dead_emitter.sent
+        depth = max(0, put - sum(self.stats[s.name].items_in for s in self._readers[name]))
+        self.high_water[name] = max(self.high_water[name], depth)
+        return depth
+
+    def _sample_queues(self) -> dict[str, int]:
+        """``queue_depth`` of every queue."""
+        return {name: self.queue_depth(name) for name in self.topo.queues}
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """One row per stage for the live display (see ``progress.LiveDisplay.render``)."""
+        depths = self._sample_queues()
+        rows = []
+        for stage in self.topo.stages:
+            st = self.stats[stage.name]
+            state = "done" if stage.name in self.finished else "running" if stage.name in self.started else "waiting"
+            out = self._sent(stage)
+            queue = stage.inputs[0] if stage.inputs else None
+            rows.append({
+                "stage": stage.name, "kind": stage.kind, "state": state, "processes": stage.processes,
+                "items_in": st.items_in, "items_out": out,
+                "finished": out if stage.kind == "producer" else st.delivered + st.skipped + st.dead_lettered,
+                "failed": st.failed, "skipped": st.skipped, "dead_lettered": st.dead_lettered,
+                "restarts": st.restarts, "queue": queue, "depth": depths.get(queue, 0) if queue else 0,
+            })
+        return rows
 
     def _setup(self) -> None:
         for plan in self.topo.queues.values():
@@ -318,6 +421,8 @@ class Supervisor:
             return
         for index, name in enumerate(stage.process_names):
             reader, writer = self.ctx.Pipe(duplex=False)
+            counter = self.ctx.RawArray("q", 1)  # items this producer has sent, written per batch
+            self.counters[stage.name].append(counter)
             spec = worker.ProcessSpec(
                 stage=stage,
                 name=name,
@@ -329,6 +434,8 @@ class Supervisor:
                 ctl=writer,
                 outputs=outputs,
                 limit=self.topo.limit,
+                id_names=self.id_names,
+                counter=counter,
             )
             process = self.ctx.Process(target=worker.producer_main, args=(spec,), name=name, daemon=stage.daemon)
             process.start()
@@ -382,7 +489,7 @@ class _Worker:
     process: Any
     conn: Any
     progress: Any
-    task: tuple[int, list[Any], list[int] | None] | None = None  # (seq, items, failed attempts or None) it holds
+    task: tuple[int, list[Any], list[int] | None, Any] | None = None  # (seq, items, failed attempts or None, ids) it holds
     retiring: bool = False
     timed_out: bool = False
     kill_at: float | None = None
@@ -401,16 +508,17 @@ class StageRunner:
         self.stats = sup.stats[plan.name]
         self.input = sup.channels[plan.inputs[0]]
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        self.emitter = Emitter(outputs, on_batch=collect)
-        self.dead_emitter = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
+        self.emitter = Emitter(outputs, on_batch=collect, ids=True)
+        self.dead_emitter = Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None
         self.lock = sup.locks.get(plan.lock) if plan.lock else None
         self.workers: list[_Worker] = []
         self.buffer: list[Any] = []  # items waiting for a worker (sliced, never walked item by item here)
-        self.again: deque[tuple[int, list[Any], list[int]]] = deque()  # chunks of dead workers, to hand out again
-        self.results: dict[int, worker.ChunkResult | None] = {}  # finished chunks waiting for their turn (ordered)
+        self.ids = IdRuns()  # the ids of the items in `buffer`, in runs
+        self.again: deque[tuple[int, list[Any], list[int], Any]] = deque()  # chunks of dead workers, to hand out again
+        self.results: dict[int, tuple[list[Any], Any]] = {}  # outputs and ids of finished chunks waiting for their turn (ordered)
         self.next_seq = 0
         self.next_out = 0
-        self.fetched: deque[list[Any] | None] = deque()
+        self.fetched: deque[tuple[list[Any], Any] | None] = deque()
         self.want = threading.Event()
         self.bell_r, self.bell_w = os.pipe()
         os.set_blocking(self.bell_w, False)
@@ -443,6 +551,7 @@ class StageRunner:
             conn=theirs,
             progress=progress,
             lock=self.lock,
+            id_names=self.sup.id_names,
         )
         process = self.sup.ctx.Process(target=worker.worker_main, args=(spec,), name=name, daemon=self.plan.daemon)
         process.start()
@@ -455,7 +564,7 @@ class StageRunner:
             self.want.wait()
             self.want.clear()
             try:
-                batch = self.input.get()
+                batch = self.input.get_ids()
             except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
                 self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
                 self._ring()
@@ -527,8 +636,11 @@ class StageRunner:
             if batch is None:
                 self.input_done = True
             else:
-                self.stats.items_in += len(batch)
-                self.buffer.extend(batch)
+                items, ids = batch
+                self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
+                self.ids.add(ids if ids is not None else [None] * len(items))
+                self.stats.items_in += len(items)
+                self.buffer.extend(items)
 
     def _dispatch(self) -> None:
         for w in self.workers:
@@ -540,7 +652,7 @@ class StageRunner:
                 size = self.plan.chunksize or max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
                 chunk = self.buffer[:size]
                 del self.buffer[:size]
-                w.task = (self.next_seq, chunk, None)
+                w.task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
                 self.next_seq += 1
             else:
                 return
@@ -567,6 +679,7 @@ class StageRunner:
         st.retried += res.retried
         st.failed += res.failed
         st.busy_seconds += res.busy
+        st.latency.add(res.latency)
         if res.error is not None:
             summary, tb, item = res.error
             on = f" on item {item}" if item else ""
@@ -576,23 +689,23 @@ class StageRunner:
         st.delivered += res.done - res.skipped - len(res.dead)
         w.task = None
         w.retiring = res.retire
-        for letter in res.dead:
-            self._dead_letter(letter)
-        self._emit(res.seq, res.outputs)
+        for letter, item_id in zip(res.dead, res.dead_ids, strict=True):
+            self._dead_letter(letter, item_id)
+        self._emit(res.seq, res.outputs, res.ids)
 
-    def _emit(self, seq: int, outputs: list[Any]) -> None:
+    def _emit(self, seq: int, outputs: list[Any], ids: Any) -> None:
         if not self.plan.ordered:
-            self.emitter.emit_many(outputs)
+            self.emitter.emit_many(outputs, ids)
             return
-        self.results[seq] = outputs  # type: ignore[assignment]
+        self.results[seq] = (outputs, ids)
         while self.next_out in self.results:
-            self.emitter.emit_many(self.results.pop(self.next_out) or [])
+            self.emitter.emit_many(*self.results.pop(self.next_out))
             self.next_out += 1
 
-    def _dead_letter(self, letter: dict[str, Any]) -> None:
+    def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
         assert self.dead_emitter is not None
         self.stats.dead_lettered += 1
-        self.dead_emitter.emit(letter)
+        self.dead_emitter.emit_many([letter], [item_id])
 
     def _exited(self, w: _Worker) -> None:
         w.process.join()
@@ -614,35 +727,38 @@ class StageRunner:
         if not w.timed_out and not self.plan.restart:
             raise _StageFailed(f"{died_message(self.plan.name, w.name, code)}; restart: false, so the run stops")
         self.stats.restarts += 1
+        self.sup.restarts[w.name] = self.sup.restarts.get(w.name, 0) + 1
         self.sup.log.warning("worker replaced", stage=self.plan.name, process=w.name, reason=reason)
         self.workers.append(self._spawn(w.name, w.progress))
 
     def _recover(self, w: _Worker, reason: str) -> None:
         """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
         assert w.task is not None
-        seq, items, tries = w.task
+        seq, items, tries, ids = w.task
         tries = tries or [0] * len(items)
         index = min(int(w.progress[0]), len(items) - 1)
-        item, attempts = items[index], tries[index] + 1
+        item, attempts, item_id = items[index], tries[index] + 1, ids[index]
         self.stats.failed += 1
         rest, rest_tries = items[:index] + items[index + 1 :], tries[:index] + tries[index + 1 :]
+        rest_ids = [*ids[:index], *ids[index + 1 :]]
         plan = self.plan
         if plan.on_error == "retry" and attempts <= plan.retries:
             self.stats.retried += 1
             rest.insert(index, item)
             rest_tries.insert(index, attempts)
+            rest_ids.insert(index, item_id)
         elif plan.on_error == "fail" or (plan.on_error == "retry" and not plan.dead_letter):
             raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
         elif plan.dead_letter:
-            self._dead_letter(worker.give_up_letter(plan, item, reason, attempts))
+            self._dead_letter(worker.give_up_letter(plan, item, reason, attempts), item_id)
         else:
             self.stats.skipped += 1
         self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
-                             attempts=attempts, reason=reason)
+                             item_id=worker.item_id_text(item_id, self.sup.id_names), attempts=attempts, reason=reason)
         if rest:
-            self.again.appendleft((seq, rest, rest_tries))
+            self.again.appendleft((seq, rest, rest_tries, rest_ids))
         else:
-            self._emit(seq, [])
+            self._emit(seq, [], [])
 
     def _next_deadline(self) -> float | None:
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]

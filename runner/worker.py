@@ -9,6 +9,13 @@
 Workers never touch a shared queue, so a worker that dies or is killed cannot corrupt or block one; the
 runner knows which chunk it held, and ``progress`` (shared memory: index of the item being called, and
 when the call started) says which item was in its hands, for timeouts and deaths.
+
+Item ids: a producer numbers the items it emits (item k of process i of a stage with P processes is item
+``n = i + k * P`` of the source, logged as ``item_id="<stage>:<n>"``); a task carries the ids of its
+items and a ``ChunkResult`` the ids of its outputs (each output inherits the id of the item it came
+from).  While a worker handles a chunk, ``_chunk`` holds the chunk's ids and ``progress``; a log record
+made during a call reads ``progress[0]`` to find the id of the item in hand (``current_item_id``), so
+the loop pays nothing per item for it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -34,10 +42,46 @@ from pathlib import Path
 from typing import Any
 
 from runner import logs
-from runner.queues import Channel, Emitter
+from runner.queues import Channel, Emitter, Ids
 from runner.topology import StagePlan
 
 BUILTINS = ("print", "collect", "jsonl", "identity")
+LATENCY_SAMPLES = 8  # items of a chunk whose call is timed (every item of a chunk of up to 8)
+_ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exactly one output
+
+_id_names: tuple[str, ...] = ()  # producer stage names: an id n is item n // len of stage n % len
+_chunk: tuple[Ids | None, Any] = (None, None)  # ids of the chunk in hand and its progress array
+
+
+def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | None:
+    """The ``item_id`` of the integer id ``n``: ``<producer stage>:<index in its source>``.
+
+    ``names``: the producer stages of the run, in order (default: this worker's, set by ``bootstrap``).
+    """
+    names = _id_names if names is None else names
+    if n is None or not names:
+        return None
+    return f"{names[n % len(names)]}:{n // len(names)}"
+
+
+def current_item_id() -> str | None:
+    """The ``item_id`` of the item this worker is calling the stage function on, if any (read at log time)."""
+    ids, progress = _chunk
+    if ids is None:
+        return None
+    index = int(progress[0])
+    return item_id_text(ids[index]) if index < len(ids) else None
+
+
+def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
+    """The ids of a chunk's outputs: each output inherits the id of its item (``ends``: outputs after each item)."""
+    if ids is None:
+        return None
+    n = len(ends)
+    if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
+        return ids[:n]  # one output per item: the same ids (a range stays a range)
+    counts = map(int.__sub__, ends, [0, *ends[:-1]])
+    return list(itertools.chain.from_iterable(map(itertools.repeat, ids, counts)))
 
 
 class FunctionFailed(Exception):
@@ -98,8 +142,18 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(143)
 
 
-def bootstrap(base_dir: str, log_queue: Any, log_level: str, stage: str, process: str, parent_pid: int) -> None:
-    """First thing in every child: signals, parent watch, import path, name, logging."""
+def bootstrap(
+    base_dir: str,
+    log_queue: Any,
+    log_level: str,
+    stage: str,
+    process: str,
+    parent_pid: int,
+    id_names: tuple[str, ...] = (),
+) -> None:
+    """First thing in every child: signals, parent watch, import path, name, logging, item ids."""
+    global _id_names
+    _id_names = id_names
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, _terminated)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -107,6 +161,7 @@ def bootstrap(base_dir: str, log_queue: Any, log_level: str, stage: str, process
         sys.path.insert(0, base_dir)
     multiprocessing.current_process().name = process
     logs.configure(log_queue, log_level, stage=stage, process=process)
+    logs.item_id_source = current_item_id
 
 
 # -- the functions a stage calls ---------------------------------------------------------------------
@@ -190,19 +245,25 @@ class ProcessSpec:
     ctl: Any  # the write end of this process's control pipe
     outputs: list[Channel] = field(default_factory=list)
     limit: int | None = None
+    id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are numbered and named)
+    counter: Any = None  # RawArray('q', 1): items sent so far, updated per batch (live progress)
 
 
 def producer_main(spec: ProcessSpec) -> None:
     """Target of every producer process."""
     stage = spec.stage
-    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid)
+    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid, spec.id_names)
     import structlog
 
     log = structlog.get_logger("mprun")
     ctl = Control(spec.ctl)
     log.info("process started")
     started = time.perf_counter()
-    emitter = Emitter(spec.outputs)
+    numbering = None
+    if stage.name in spec.id_names:  # id of item k of this process: (index + k * processes) * K + position
+        k, position = len(spec.id_names), spec.id_names.index(stage.name)
+        numbering = (position + spec.index * k, stage.processes * k)
+    emitter = Emitter(spec.outputs, numbering=numbering, counter=spec.counter)
     try:
         _produce(spec, emitter)
         emitter.close()
@@ -271,6 +332,7 @@ class WorkerSpec:
     conn: Any  # this worker's end of its duplex pipe to the stage's runner
     progress: Any  # RawArray('d', 2): index of the item being called in the current chunk, call start (monotonic)
     lock: Any = None
+    id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
 
 
 @dataclass
@@ -288,14 +350,18 @@ class ChunkResult:
     error: tuple[str, str, str] | None = None  # (summary, traceback, item): stops the run
     retire: bool = False  # the worker exits after this chunk (maxtasksperchild)
     ends: list[int] = field(default_factory=list)  # len(outputs) after each item (to find a bad output's item)
+    ids: Ids | None = None  # ids of the outputs (each inherits its item's id); None: the items had none
+    dead_ids: list[int | None] = field(default_factory=list)  # ids of the items in `dead`
+    latency: list[float] = field(default_factory=list)  # seconds of the sampled items (see run_items)
 
 
 def worker_main(spec: WorkerSpec) -> None:
     """Target of every consumer and pool worker: chunks in, results out, until told to stop."""
     stage = spec.stage
-    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid)
+    bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid, spec.id_names)
     import structlog
 
+    global _chunk
     log = structlog.get_logger("mprun")
     log.info("process started")
     conn = spec.conn
@@ -317,25 +383,31 @@ def worker_main(spec: WorkerSpec) -> None:
         if task is None:
             return
         tasks += 1
-        seq, items, tries = task
-        result = run_items(fn, stage, seq, items, tries, spec.lock, spec.progress, log)
+        seq, items, tries, ids = task
+        _chunk = (ids, spec.progress)
+        result = run_items(fn, stage, seq, items, tries, spec.lock, spec.progress, log, ids)
+        _chunk = (None, None)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
         ends, result.ends = result.ends, []
+        result.ids = output_ids(ids, ends, len(result.outputs))
         try:
             data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
             result.ends = ends
-            data = pickle.dumps(_without_unpicklable(stage, result, items, log), pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(_without_unpicklable(stage, result, items, log, ids), pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(data)
         if result.retire:
             return
 
 
-def _without_unpicklable(stage: StagePlan, result: ChunkResult, chunk: list[Any], log: Any) -> ChunkResult:
+def _without_unpicklable(
+    stage: StagePlan, result: ChunkResult, chunk: list[Any], log: Any, ids: Ids | None = None
+) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
-    kept = []
+    kept, kept_ids = [], []
     sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
-    for out, item in zip(result.outputs, sources, strict=True):
+    out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
+    for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
         try:
             pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001
@@ -348,11 +420,14 @@ def _without_unpicklable(stage: StagePlan, result: ChunkResult, chunk: list[Any]
                 return result
             if stage.dead_letter:
                 result.dead.append(give_up_letter(stage, item, summary, 1))
+                result.dead_ids.append(item_id)
             else:
                 result.skipped += 1
             continue
         kept.append(out)
+        kept_ids.append(item_id)
     result.outputs, result.ends = kept, []
+    result.ids = kept_ids if ids is not None else None
     return result
 
 
@@ -378,22 +453,39 @@ def run_items(
     lock: Any,
     progress: Any,
     log: Any,
+    ids: Ids | None = None,
 ) -> ChunkResult:
     """Call ``fn`` on each item under the stage's error policy; ``tries``: failed attempts so far, if any.
 
     The common case (no lock, first attempt, no exception) stays in a tight loop; anything else goes
     through ``_with_policy``.  ``progress[0]`` always holds the index of the item in hand, and with a
     ``timeout`` ``progress[1]`` holds when its call started.
+
+    Latency: ``LATENCY_SAMPLES`` items spread evenly over the chunk (every item of a smaller chunk) are
+    timed from the top of their loop turn to the top of the next (their call, retries and backoff
+    included, plus ~0.1 us of loop); ``result.latency`` holds those seconds.  The loop pays one integer
+    comparison per item for it.  ``ids``: the items' ids, to give each dead letter its item's id.
     """
     result = ChunkResult(seq, [], [])
-    outputs, ends = result.outputs, result.ends
+    outputs, ends, samples = result.outputs, result.ends, result.latency
     append, extend = outputs.append, outputs.extend
     timed = stage.timeout is not None
     generator = types.GeneratorType
     clock = time.perf_counter
+    stride = max(1, math.ceil(len(items) / LATENCY_SAMPLES))
+    mark, t_mark = 0, 0.0  # the next index where a sample starts or ends; when the open sample started
     t0 = clock()
     for index, item in enumerate(items):
         progress[0] = index
+        if index == mark:
+            now = clock()
+            if t_mark:
+                samples.append(now - t_mark)
+                t_mark = 0.0
+            if index % stride == 0:
+                t_mark, mark = now, index + 1
+            else:
+                mark = index - index % stride + stride
         if timed:
             progress[1] = time.monotonic()
         failure = None
@@ -410,12 +502,18 @@ def run_items(
             except Exception as e:  # noqa: BLE001 - handled by the policy below
                 del outputs[ends[-1] if ends else 0 :]  # what a failing generator yielded does not count
                 failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+        dead = len(result.dead)
         if _with_policy(fn, stage, item, tries[index] if tries else 0, failure, lock, progress, result, log):
             break
+        if len(result.dead) > dead:
+            result.dead_ids.append(ids[index] if ids is not None else None)
         ends.append(len(outputs))
+    t1 = clock()
+    if t_mark:
+        samples.append(t1 - t_mark)
     progress[1] = 0.0
     result.done = len(ends)
-    result.busy = clock() - t0
+    result.busy = t1 - t0
     return result
 
 

@@ -1,0 +1,179 @@
+"""Logs: item_id follows an item across stages, log_level holds in every process, console and JSON renderers."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import pytest
+
+from runner.logs import ConsoleFormatter
+from tests.conftest import run_cli
+
+TASKS = '''
+import logging, structlog
+
+log = structlog.get_logger("tasks")
+
+def first(x):
+    log.info("first saw", x=x)
+    log.debug("first debug", x=x)
+    logging.getLogger("tasks.std").warning("first std %s", x)
+    return x * 10
+
+def second(y):
+    log.info("second saw", y=y)
+    if y % 30 == 0:
+        raise ValueError(y)
+    return y
+
+def only_odd(x):
+    log.info("filter saw", x=x)
+    return x if x % 2 else None
+
+def twice(x):
+    yield x
+    yield x
+
+def dead(letter):
+    log.info("dead saw", x=letter["item"])
+'''
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_event(recs):
+    found = defaultdict(list)
+    for r in recs:
+        found[r["event"]].append(r)
+    return found
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_item_id_follows_an_item_across_stages(tmp_pipeline, tmp_path, method):
+    """A record a stage function writes while handling an item carries ``item_id = <producer>:<n>`` (n: the
+    item's index in its source, across the producer's processes), the same in the next stage, for
+    dead-lettered items too; stdlib records carry it as structlog's do."""
+    text = f"""version: 1
+settings: {{start_method: {method}}}
+stages:
+  - {{name: src, kind: producer, processes: 2, source: {{range: {{stop: 12}}}}, output: a}}
+  - {{name: one, kind: consumer, processes: 2, input: a, function: "tasks_t:first", output: b}}
+  - {{name: two, kind: pool, processes: 2, input: b, function: "tasks_t:second", on_error: skip,
+     dead_letter: dlq}}
+  - {{name: dl, kind: consumer, input: dlq, function: "tasks_t:dead"}}
+"""
+    log_file = tmp_path / "log.jsonl"
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--log-file", str(log_file))
+    assert result.returncode == 0, result.stderr
+    events = by_event(records(log_file))
+    assert sorted(r["x"] for r in events["first saw"]) == list(range(12))
+    for r in events["first saw"]:
+        assert r["item_id"] == f"src:{r['x']}" and r["stage"] == "one"
+    std = [r for r in records(log_file) if str(r["event"]).startswith("first std")]
+    assert len(std) == 12 and all(r["item_id"] == f"src:{r['event'].split()[-1]}" for r in std)
+    assert sorted(r["y"] for r in events["second saw"]) == [10 * x for x in range(12)]
+    for r in events["second saw"]:
+        assert r["item_id"] == f"src:{r['y'] // 10}" and r["stage"] == "two"
+    assert sorted(r["x"] for r in events["dead saw"]) == [0, 30, 60, 90]
+    for r in events["dead saw"]:
+        assert r["item_id"] == f"src:{r['x'] // 10}"
+    lifecycle = [r for r in records(log_file) if r["event"] in ("process started", "process exited")]
+    assert lifecycle and all("item_id" not in r for r in lifecycle)
+
+
+def test_item_id_through_fan_in_filters_generators_and_lifo(tmp_pipeline, tmp_path):
+    """Two producers into one queue keep their own names; an item a filter drops takes no id with it; each
+    output of a generator inherits its item's id; ids survive a LIFO queue."""
+    text = """version: 1
+settings: {start_method: fork}
+queues: {stack: {type: lifo}}
+stages:
+  - {name: evens, kind: producer, source: {items: [0, 2, 4, 6]}, output: a}
+  - {name: odds, kind: producer, source: {items: [1, 3, 5, 7]}, output: a}
+  - {name: gen, kind: consumer, input: a, function: "tasks_t:twice", output: b}
+  - {name: filter, kind: pool, processes: 2, input: b, function: "tasks_t:only_odd", output: stack}
+  - {name: last, kind: consumer, input: stack, function: "tasks_t:first"}
+"""
+    log_file = tmp_path / "log.jsonl"
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--log-file", str(log_file))
+    assert result.returncode == 0, result.stderr
+    events = by_event(records(log_file))
+
+    def expected(x):
+        return f"evens:{x // 2}" if x % 2 == 0 else f"odds:{x // 2}"
+
+    assert sorted(r["x"] for r in events["filter saw"]) == sorted(2 * list(range(8)))
+    assert all(r["item_id"] == expected(r["x"]) for r in events["filter saw"])
+    assert sorted(r["x"] for r in events["first saw"]) == [1, 1, 3, 3, 5, 5, 7, 7]
+    assert all(r["item_id"] == expected(r["x"]) for r in events["first saw"])
+
+
+@pytest.mark.parametrize("level", ["warning", "debug"])
+def test_log_level_holds_in_every_process(tmp_pipeline, tmp_path, level):
+    """settings.log_level (here via --log-level) filters records made in the children, structlog and stdlib."""
+    text = """version: 1
+settings: {start_method: spawn}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3}}, output: a}
+  - {name: one, kind: consumer, input: a, function: "tasks_t:first"}
+"""
+    log_file = tmp_path / "log.jsonl"
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--log-level", level, "--log-file", str(log_file))
+    assert result.returncode == 0, result.stderr
+    events = by_event(records(log_file))
+    assert len([r for r in records(log_file) if str(r["event"]).startswith("first std")]) == 3  # warnings pass
+    if level == "warning":
+        assert events["first saw"] == [] and events["first debug"] == [] and events["process started"] == []
+        assert "first saw" not in result.stderr
+    else:
+        assert len(events["first debug"]) == 3 and all(r["level"] == "debug" for r in events["first debug"])
+        assert "first debug" in result.stderr
+
+
+def test_console_lines_are_aligned_columns_without_colours_off_a_terminal(tmp_pipeline):
+    """Console records off a terminal: no ANSI codes; time, level, stage and process in aligned columns."""
+    text = """version: 1
+settings: {start_method: fork}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3}}, output: a}
+  - {name: a_longer_stage, kind: consumer, processes: 2, input: a, function: "tasks_t:first"}
+"""
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--no-summary")
+    assert result.returncode == 0
+    assert "\x1b[" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line)]
+    assert len(lines) >= 3 + 3 + 3  # three records per item, plus lifecycle
+    starts = {line.index("process started") for line in lines if "process started" in line}
+    assert len(starts) == 1  # the event column starts at one offset whatever the stage and process
+    saw = [line for line in lines if "first saw" in line]
+    assert all(re.search(r" info +a_longer_stage a_longer_stage-\d first saw +item_id=src:\d x=\d", s) for s in saw)
+
+
+def test_json_lines_on_request(tmp_pipeline):
+    """--log-format json: every stderr record line is a JSON object with stage, process, pid and level."""
+    text = """version: 1
+settings: {start_method: fork}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3}}, output: a}
+  - {name: one, kind: consumer, input: a, function: "tasks_t:first"}
+"""
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--log-format", "json", "--no-summary")
+    assert result.returncode == 0
+    recs = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert recs and all({"stage", "process", "pid", "level", "event"} <= r.keys() for r in recs)
+    assert {r["item_id"] for r in recs if r["event"] == "first saw"} == {"src:0", "src:1", "src:2"}
+
+
+def test_console_formatter_colours_and_tracebacks():
+    """With colours the level is coloured; a traceback follows the line; values with spaces are quoted."""
+    event = {"timestamp": "2024-01-02T03:04:05.678901Z", "level": "error", "stage": "s", "process": "s-1",
+             "event": "boom", "error": "ValueError: x y", "exception": "Traceback...\nValueError: x y\n"}
+    plain = ConsoleFormatter(widths=(3, 4)).render(event)
+    assert plain.splitlines() == ['03:04:05.678 error   s   s-1  boom                         error="ValueError: x y"',
+                                  "Traceback...", "ValueError: x y"]
+    coloured = ConsoleFormatter(colors=True).render(event)
+    assert "\x1b[31;1merror" in coloured
