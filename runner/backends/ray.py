@@ -264,7 +264,8 @@ class _Relay:
 
     def _send(self) -> None:
         if self.pending is not None:
-            ray.get(self.pending)  # posts arrive in order, never overtaking each other
+            with contextlib.suppress(Exception):  # a lost hub: the run is over, nothing to relay to
+                ray.get(self.pending)  # posts arrive in order, never overtaking each other
             self.pending = None
         if self.buffer:
             batch, self.buffer = self.buffer, []
@@ -907,7 +908,8 @@ class StageRunner:
             return
         except RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            msg = f"stage {self.plan.name!r} (process {w.name}) failed: {type(cause).__name__}: {str(cause).splitlines()[0]}"
+            first = (str(cause).strip().splitlines() or [""])[0]
+            msg = f"stage {self.plan.name!r} (process {w.name}) failed: {type(cause).__name__}: {first}"
             raise _StageFailed(msg) from None
         if ref == w.ready:
             w.ready = None
@@ -917,6 +919,12 @@ class StageRunner:
             return
         w.ref = None
         self._result(w, value)
+        if w.timed_out is not None and w in self.workers:  # it finished just before being killed: replace it
+            self.workers.remove(w)
+            self.sup.exit_codes[w.name] = None
+            self.sup.log.info("process exited", stage=self.plan.name, process=w.name, exitcode=None, **w.where)
+            self.stats.restarts += 1
+            self._spawn(w.name)
 
     def _result(self, w: _Worker, res: worker.ChunkResult) -> None:
         if res.error is not None:
