@@ -508,7 +508,7 @@ class StageRunner:
         self.stats = sup.stats[plan.name]
         self.input = sup.channels[plan.inputs[0]]
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        self.emitter = Emitter(outputs, on_batch=collect, ids=True)
+        self.emitter = Emitter(outputs, on_batch=collect, ids=bool(outputs))  # a sink passes no ids on
         self.dead_emitter = Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None
         self.lock = sup.locks.get(plan.lock) if plan.lock else None
         self.workers: list[_Worker] = []

@@ -75,8 +75,8 @@ def current_item_id() -> str | None:
 
 def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
     """The ids of a chunk's outputs: each output inherits the id of its item (``ends``: outputs after each item)."""
-    if ids is None:
-        return None
+    if ids is None or not outputs:
+        return None if ids is None else []
     n = len(ends)
     if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
         return ids[:n]  # one output per item: the same ids (a range stays a range)
@@ -389,7 +389,7 @@ def worker_main(spec: WorkerSpec) -> None:
         _chunk = (None, None)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
         ends, result.ends = result.ends, []
-        result.ids = output_ids(ids, ends, len(result.outputs))
+        result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
         try:
             data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
