@@ -139,7 +139,8 @@ class LiveDisplay:
 
         Args:
             rows: one dict per stage: ``stage``, ``kind``, ``state`` (waiting | running | done),
-                ``processes``, ``items_in``, ``items_out``, ``finished`` (items done: what the rate counts),
+                ``processes``, ``items_in``, ``items_out``, ``finished`` (items done, counting those done in
+                chunks still in the workers' hands: what the rate counts),
                 ``failed``, ``skipped``, ``dead_lettered``, ``restarts``, ``queue`` (its input queue's name
                 or None) and ``depth`` (items waiting in it).
         """

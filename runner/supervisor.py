@@ -282,10 +282,14 @@ class Supervisor:
             state = "done" if stage.name in self.finished else "running" if stage.name in self.started else "waiting"
             out = self._sent(stage)
             queue = stage.inputs[0] if stage.inputs else None
+            finished = out if stage.kind == "producer" else st.delivered + st.skipped + st.dead_lettered
+            runner = self.runners.get(stage.name)
+            if runner is not None:  # items done in chunks still in workers' hands (progress[0]: the item in hand)
+                finished += sum(int(w.progress[0]) for w in list(runner.workers) if w.task is not None)
             rows.append({
                 "stage": stage.name, "kind": stage.kind, "state": state, "processes": stage.processes,
                 "items_in": st.items_in, "items_out": out,
-                "finished": out if stage.kind == "producer" else st.delivered + st.skipped + st.dead_lettered,
+                "finished": finished,
                 "failed": st.failed, "skipped": st.skipped, "dead_lettered": st.dead_lettered,
                 "restarts": st.restarts, "queue": queue, "depth": depths.get(queue, 0) if queue else 0,
             })
