@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -74,6 +77,9 @@ def slow(x, marks):
     time.sleep(0.05)
     return x
 
+def module_folder(x):
+    return os.path.dirname(os.path.abspath(__file__))
+
 def count_in_file(x, path):
     """Read-modify-write of a shared counter: only a lock keeps every increment."""
     p = Path(path)
@@ -114,7 +120,7 @@ def ray_instance():
     saved = os.environ.get("MPRUN_TEST_TOKEN")
     os.environ["MPRUN_TEST_TOKEN"] = token  # inherited by the Ray processes started here
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     finally:
         if saved is None:
             del os.environ["MPRUN_TEST_TOKEN"]
@@ -324,22 +330,53 @@ stages:
     assert any(r["event"] == "monitor alive" for r in records)
 
 
-def test_cli_backend_ray_same_output_and_no_process_left(tmp_pipeline):
-    """`mprun run FILE --backend ray` (its own local Ray instance) prints what the local backend prints and
-    leaves no process behind (run_cli checks every process carrying its token, Ray's included)."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cluster_address_ships_the_tasks_modules(tmp_pipeline):
+    """`--ray-address` of a running cluster (a head node started here): the tasks module travels with the run
+    (the workers import a copy, not the file beside the pipeline), the output is the local backend's, no actor
+    of the run outlives it, and the head, stopped, leaves no process."""
     pytest.importorskip("ray")
     text = """version: 1
 stages:
   - {name: src, kind: producer, source: {items: [1, 2, 3]}, output: a}
   - {name: dbl, kind: pool, processes: 2, ordered: true, input: a, function: "tasks_t:double", output: b}
   - {name: out, kind: consumer, input: b, function: collect}
+  - {name: where, kind: producer, source: {items: [0]}, output: w}
+  - {name: from_, kind: consumer, input: w, function: "tasks_t:module_folder", output: f}
+  - {name: folder, kind: consumer, input: f, function: collect}
 """
     path = tmp_pipeline(text, TASKS)
-    local = run_cli("run", str(path), "--no-summary", "--start-method", "fork")
-    ray = run_cli("run", str(path), "--no-summary", "--backend", "ray", timeout=120)
-    assert ray.returncode == 0, ray.stderr
-    assert ray.stdout == local.stdout == "[2, 4, 6]\n"
-    assert "Traceback" not in ray.stderr
+    token, port = uuid.uuid4().hex, free_port()
+    env = {**os.environ, "MPRUN_TEST_TOKEN": token, "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token
+    ray_cli = Path(sys.executable).with_name("ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # its own (short: socket paths) temp dir, then removed
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", f"--temp-dir={temp}",
+         "--include-dashboard", "false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        local = run_cli("run", str(path), "--no-summary", "--start-method", "fork")
+        ray = run_cli("run", str(path), "--no-summary", "--backend", "ray", "--ray-address", f"127.0.0.1:{port}",
+                      env={"RAY_AUTH_MODE": "disabled"}, timeout=120)
+        assert ray.returncode == 0, ray.stderr
+        lines = ray.stdout.splitlines()
+        assert lines[0] == local.stdout.splitlines()[0] == "[2, 4, 6]"
+        assert json.loads(lines[1]) != [str(path.parent)]  # imported from the copy Ray shipped
+        deadline = time.monotonic() + 10
+        while actors_alive(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert actors_alive(token) == []
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(60)
+    assert wait_gone(token, 20) == []
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_sigterm_mid_run_stops_cleanly_leaving_no_process(tmp_pipeline, tmp_path):

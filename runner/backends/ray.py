@@ -557,13 +557,13 @@ class RaySupervisor:
                 "excludes": [".git", ".venv", "__pycache__", "*.pyc"],
             }
             self.base_dir = None
-        else:
+        else:  # a fresh instance of our own, never one a `ray start` left behind on this machine
             options["num_cpus"] = os.cpu_count() or 1
             options["include_dashboard"] = False
         if self.address:
             _check_reachable(self.address)
         try:
-            ray.init(address=self.address, **options)
+            ray.init(address=self.address or "local", **options)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
