@@ -227,6 +227,23 @@ stages:
     assert ray.error == local.error == "stage 'fragile' (process fragile) failed on item 7: ValueError: no sevens: 7"
 
 
+def test_failing_reader_never_leaves_its_writers_blocked(tmp_pipeline, ray_run):
+    """A reader fails while its writers wait on full queues: the run still ends at once with exit 1."""
+    text = """version: 1
+queues:
+  a: {maxsize: 10}
+  b: {maxsize: 10}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 1000000}}, output: a}
+  - {name: relay, kind: consumer, input: a, function: identity, output: b}
+  - {name: fragile, kind: consumer, input: b, function: "tasks_t:bad_sevens"}
+"""
+    t0 = time.monotonic()
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 1 and result.error.startswith("stage 'fragile'"), result.error
+    assert time.monotonic() - t0 < 30
+
+
 def test_worker_records_and_output_reach_the_driver(tmp_pipeline, ray_run, tmp_path, capfd):
     """300 items x 2 records from two worker actors all reach the log file with stage/process/pid/node; printed
     lines reach stdout."""

@@ -77,49 +77,61 @@ RAY_MARKERS = (":actor_name:", ":task_name:", ":job_id:")  # lines Ray prints fo
 
 
 class _Queue:
-    """One queue of the run, inside the hub: a FIFO of batches (bounded in batches) or a LIFO stack."""
+    """One queue of the run, inside the hub: a FIFO of batches (bounded in batches) or a LIFO stack (in items)."""
 
     def __init__(self, kind: str, slots: int, maxsize: int) -> None:
         self.kind = kind
-        # FIFO: batches of items put by the writer stages, taken whole by the readers, then one None per reader.
-        self.fifo: asyncio.Queue[list[Any] | None] = asyncio.Queue(slots)
-        # LIFO: items pushed by the writer stages, popped newest first by the readers (bounded in items).
-        self.stack: list[Any] = []
-        self.maxsize = maxsize
-        self.closed = False
+        # FIFO: batches put by the writer stages, taken whole by the readers, then one None marker per reader.
+        # LIFO: items pushed by the writer stages, popped newest first by the readers.
+        self.items: deque[Any] = deque()
+        self.room = slots if kind == "fifo" else maxsize  # 0: unbounded
+        self.closed = False  # LIFO: every writer has finished
+        self.dropped = False  # the run is over: nothing waits any more
         self.changed = asyncio.Condition()
 
+    async def _wait_for_room(self) -> bool:
+        while self.room and len(self.items) >= self.room and not self.dropped:
+            await self.changed.wait()
+        return not self.dropped
+
     async def put(self, batch: list[Any]) -> None:
-        if self.kind == "fifo":
-            await self.fifo.put(batch)
-            return
         async with self.changed:
-            while self.maxsize and len(self.stack) >= self.maxsize:
-                await self.changed.wait()
-            self.stack.extend(batch)
-            self.changed.notify_all()
+            if await self._wait_for_room():
+                if self.kind == "fifo":
+                    self.items.append(batch)
+                else:
+                    self.items.extend(batch)
+                self.changed.notify_all()
 
     async def get(self) -> list[Any] | None:
         """A batch (LIFO: up to LIFO_TAKE items, newest first); ``None`` is the end of the stream."""
-        if self.kind == "fifo":
-            return await self.fifo.get()
         async with self.changed:
-            while not self.stack and not self.closed:
+            while not self.items and not self.closed and not self.dropped:
                 await self.changed.wait()
-            if not self.stack:
+            if not self.items:
                 return None
-            taken = self.stack[-LIFO_TAKE:][::-1]
-            del self.stack[-LIFO_TAKE:]
+            if self.kind == "fifo":
+                taken = self.items.popleft()
+            else:
+                taken = [self.items.pop() for _ in range(min(LIFO_TAKE, len(self.items)))]
             self.changed.notify_all()
             return taken
 
     async def end(self, readers: int) -> None:
-        if self.kind == "fifo":
-            for _ in range(readers):
-                await self.fifo.put(None)
-            return
         async with self.changed:
-            self.closed = True
+            if self.kind == "lifo":
+                self.closed = True
+            else:
+                for _ in range(readers):
+                    if not await self._wait_for_room():
+                        break
+                    self.items.append(None)
+            self.changed.notify_all()
+
+    async def drop(self) -> None:
+        async with self.changed:
+            self.dropped = True
+            self.items.clear()
             self.changed.notify_all()
 
 
@@ -148,6 +160,11 @@ class _Hub:
 
     async def end(self, queue: str, readers: int) -> None:
         await self.queues[queue].end(readers)
+
+    async def drop_queues(self) -> None:
+        """The run is over: every put or get still waiting returns (a stage blocked on a full queue ends)."""
+        for q in self.queues.values():
+            await q.drop()
 
     async def post(self, entries: list[tuple[Any, ...]]) -> None:
         self.entries.extend(entries)
@@ -723,8 +740,11 @@ class RaySupervisor:
                 p.done = True
                 self.exit_codes[p.name] = None
                 self.log.info("process exited", stage=p.stage, process=p.name, exitcode=None, **p.where)
+        if self.hub is not None:
+            with contextlib.suppress(Exception):
+                ray.get(self.hub.drop_queues.remote(), timeout=KILL_GRACE)
         for r in self.runners.values():
-            r.thread.join()
+            r.thread.join(KILL_GRACE * 4 + START_TIMEOUT)
         now = time.perf_counter()
         for name, t in self.started.items():
             if name not in self.finished:
