@@ -44,6 +44,8 @@ from runner.queues import Channel, Emitter, FifoChannel, IdRuns, LifoChannel, St
 from runner.topology import MAX_BATCH, StagePlan, Topology
 
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
+CHUNK_SECONDS = 0.05  # work a chunk should hold, once a stage's time per item is known
+FIRST_CHUNK = 8  # items in a stage's chunks until then
 MONITOR_TICK = 0.05  # seconds between samples of the queue depths
 DISPLAY_EVERY = 4  # monitor ticks between two frames of the live display
 
@@ -653,7 +655,7 @@ class StageRunner:
             if self.again:
                 w.task = self.again.popleft()
             elif self.buffer:
-                size = self.plan.chunksize or max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
+                size = self.plan.chunksize or self._chunk_size()
                 chunk = self.buffer[:size]
                 del self.buffer[:size]
                 w.task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
@@ -661,6 +663,17 @@ class StageRunner:
             else:
                 return
             w.conn.send(w.task)
+
+    def _chunk_size(self) -> int:
+        """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
+        item is known (few items until then), so slow functions balance and fast ones move in bulk."""
+        share = max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
+        st = self.stats
+        done = st.delivered + st.skipped + st.dead_lettered
+        if not done:
+            return min(share, FIRST_CHUNK)
+        per_item = st.busy_seconds / done
+        return share if per_item <= 0 else max(1, min(share, int(CHUNK_SECONDS / per_item)))
 
     def _worker_ready(self, ready: Any) -> None:
         for w in list(self.workers):

@@ -290,15 +290,22 @@ def test_second_sigint_stops_at_once(tmp_pipeline, marks, tmp_path):
     tasks = TASKS + "\ndef stuck(x):\n    Path(MARKS / 'started').touch()\n    time.sleep(60)\n    return x\n"
     path = tmp_pipeline(pipeline("consumer", "stuck", stop=10), tasks)
     token = uuid.uuid4().hex
+    log_file = tmp_path / "log.jsonl"
     env = {**os.environ, "MARKS": str(marks), "MPRUN_TEST_TOKEN": token}
     mprun = Path(sys.executable).with_name("mprun")
-    proc = subprocess.Popen([str(mprun), str(path), "--set", "settings.shutdown_timeout=60"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (marks / "started").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
+    proc = subprocess.Popen([str(mprun), str(path), "--set", "settings.shutdown_timeout=60", "--log-file", str(log_file)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(done):
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+
+    wait_for(lambda: (marks / "started").exists())
     proc.send_signal(signal.SIGINT)
+    # Two signals sent back to back may be delivered as one: send the second once the first was seen.
+    wait_for(lambda: log_file.exists() and "stopping" in log_file.read_text())
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
