@@ -12,19 +12,20 @@ Needs the ray extra (``pip install -e '.[ray]'``).  Three ways to run the same f
 - ``ray, warm``: ``run_pipeline(FILE, backend="ray")`` in this process, connected once to a local Ray
   instance beforehand (what a run on a cluster that is already up costs).
 
-Every run must exit 0 and its sink must have taken every item (checked on the summary table or on the
+Every run must exit 0 and its sink must have taken every item (checked with ``--metrics-json`` or on the
 RunResult), so a run that drops items fails loudly instead of looking fast.  Figures are medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +39,15 @@ WORKLOADS = {
 
 
 def cold(cmd: list[str], items: int) -> float:
-    """Wall seconds of one whole ``mprun`` process; checks that its sink took ``items`` items."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    wall = time.perf_counter() - t0
-    taken = re.search(r"^sink\s+\d+\s+(\d+)", proc.stderr, re.MULTILINE)
-    if proc.returncode != 0 or not taken or int(taken.group(1)) != items:
-        msg = f"{' '.join(cmd)}: exit {proc.returncode}, sink took {taken and taken.group(1)} of {items}\n{proc.stderr[-2000:]}"
+    """Wall seconds of one whole ``mprun`` process; checks (--metrics-json) that its sink took ``items`` items."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp, "metrics.json")
+        t0 = time.perf_counter()
+        proc = subprocess.run([*cmd, "--metrics-json", str(metrics)], capture_output=True, text=True, cwd=ROOT, check=False)
+        wall = time.perf_counter() - t0
+        taken = json.loads(metrics.read_text())["stages"]["sink"]["items_in"] if metrics.exists() else None
+    if proc.returncode != 0 or taken != items:
+        msg = f"{' '.join(cmd)}: exit {proc.returncode}, sink took {taken} of {items}\n{proc.stderr[-2000:]}"
         raise SystemExit(msg)
     return wall
 
@@ -73,7 +76,7 @@ def main() -> None:
         limit = 200_000 if args.quick and key == "W1" else None
         n = limit or items
         extra = ["--limit", str(limit)] if limit else []
-        local_cmd = [MPRUN, "run", str(path), *extra]  # with its summary: the check reads it
+        local_cmd = [MPRUN, "run", str(path), "--no-summary", *extra]
         ray_cmd = [*local_cmd, "--backend", "ray"]
         walls: dict[str, list[float]] = {"local": [], "ray, cold": [], "ray, warm": []}
         for _ in range(args.runs):  # interleaved, so a noisy neighbour hits them alike
