@@ -44,6 +44,7 @@ from runner.queues import Channel, Emitter, FifoChannel, IdRuns, LifoChannel, St
 from runner.topology import MAX_BATCH, StagePlan, Topology
 
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
+DEPTH = 2  # chunks in flight per worker
 CHUNK_SECONDS = 0.05  # work a chunk should hold, once a stage's time per item is known
 FIRST_CHUNK = 8  # items in a stage's chunks until then
 MONITOR_TICK = 0.05  # seconds between samples of the queue depths
@@ -495,10 +496,17 @@ class _Worker:
     process: Any
     conn: Any
     progress: Any
-    task: tuple[int, list[Any], list[int] | None, Any] | None = None  # (seq, items, failed attempts or None, ids) it holds
+    # Chunks sent and not answered yet, oldest first: (seq, items, failed attempts or None, ids). Up to
+    # DEPTH, so a worker finds its next chunk waiting in its pipe when it finishes one.
+    tasks: deque[tuple[int, list[Any], list[int] | None, Any]] = field(default_factory=deque)
     retiring: bool = False
     timed_out: bool = False
     kill_at: float | None = None
+
+    @property
+    def task(self) -> tuple[int, list[Any], list[int] | None, Any] | None:
+        """The chunk the worker is working on, if any."""
+        return self.tasks[0] if self.tasks else None
 
 
 class StageRunner:
@@ -540,13 +548,14 @@ class StageRunner:
 
     def start(self) -> None:
         for name in self.plan.process_names:
-            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("d", 2)))
+            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("d", 3)))
         threading.Thread(target=self._fetch, name=f"fetch-{self.plan.name}", daemon=True).start()
         self.thread.start()
 
     def _spawn(self, name: str, progress: Any) -> _Worker:
         mine, theirs = self.sup.ctx.Pipe(duplex=True)
         progress[0] = progress[1] = 0.0
+        progress[2] = -1.0
         spec = worker.WorkerSpec(
             stage=self.plan,
             name=name,
@@ -619,7 +628,7 @@ class StageRunner:
             self._dispatch()
             if self.input_done and not self.buffer and not self.again and not any(w.task for w in self.workers):
                 return
-            if not self.input_done and not self.fetching and len(self.buffer) < MAX_BATCH:
+            if not self.input_done and not self.fetching and len(self.buffer) < 2 * MAX_BATCH:
                 self.fetching = True
                 self.want.set()
             waitables: list[Any] = [self.bell_r]
@@ -649,20 +658,25 @@ class StageRunner:
                 self.buffer.extend(items)
 
     def _dispatch(self) -> None:
-        for w in self.workers:
-            if w.task is not None or w.retiring or w.kill_at is not None:
-                continue
-            if self.again:
-                w.task = self.again.popleft()
-            elif self.buffer:
-                size = self.plan.chunksize or self._chunk_size()
-                chunk = self.buffer[:size]
-                del self.buffer[:size]
-                w.task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
-                self.next_seq += 1
-            else:
-                return
-            w.conn.send(w.task)
+        for depth in range(1, DEPTH + 1):  # every worker's first chunk before anyone's second
+            for w in self.workers:
+                if len(w.tasks) >= depth or w.retiring or w.kill_at is not None:
+                    continue
+                if self.again:
+                    task = self.again.popleft()
+                elif self.buffer:
+                    size = self.plan.chunksize or self._chunk_size()
+                    chunk = self.buffer[:size]
+                    del self.buffer[:size]
+                    task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
+                    self.next_seq += 1
+                else:
+                    return
+                w.tasks.append(task)
+                try:
+                    w.conn.send(task)
+                except OSError:  # it died: its sentinel is ready, and _exited hands its chunks out again
+                    break
 
     def _chunk_size(self) -> int:
         """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
@@ -704,7 +718,7 @@ class StageRunner:
             msg = f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}"
             raise _StageFailed(msg)
         st.delivered += res.done - res.skipped - len(res.dead)
-        w.task = None
+        w.tasks.popleft()
         w.retiring = res.retire
         for letter, item_id in zip(res.dead, res.dead_ids, strict=True):
             self._dead_letter(letter, item_id)
@@ -731,7 +745,8 @@ class StageRunner:
         self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid, exitcode=code)
         self.workers.remove(w)
         w.conn.close()
-        if w.retiring and code == 0 and w.task is None:
+        if w.retiring and code == 0:  # maxtasksperchild: chunks it did not read go to its successor
+            self.again.extendleft(reversed(w.tasks))
             self.workers.append(self._spawn(w.name, w.progress))
             return
         reason = (
@@ -739,8 +754,10 @@ class StageRunner:
             if w.timed_out
             else died_message(self.plan.name, w.name, code)
         )
-        if w.task is not None:
+        if w.task is not None and int(w.progress[2]) == w.task[0]:
             self._recover(w, reason)
+        else:  # it died between chunks: nothing was in its hands
+            self.again.extendleft(reversed(w.tasks))
         if not w.timed_out and not self.plan.restart:
             raise _StageFailed(f"{died_message(self.plan.name, w.name, code)}; restart: false, so the run stops")
         self.stats.restarts += 1
@@ -750,8 +767,8 @@ class StageRunner:
 
     def _recover(self, w: _Worker, reason: str) -> None:
         """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
-        assert w.task is not None
-        seq, items, tries, ids = w.task
+        seq, items, tries, ids = w.tasks.popleft()
+        self.again.extendleft(reversed(w.tasks))  # chunks it had not started: handed out again as they are
         tries = tries or [0] * len(items)
         index = min(int(w.progress[0]), len(items) - 1)
         item, attempts, item_id = items[index], tries[index] + 1, ids[index]

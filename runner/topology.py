@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_BATCH = 1024  # most items one queue message carries
+MAX_BATCH = 4096  # most items one queue message carries
 LINGER = 0.05  # seconds a buffered item may wait before it is sent anyway
 
 

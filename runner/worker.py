@@ -330,7 +330,7 @@ class WorkerSpec:
     log_level: str
     parent_pid: int
     conn: Any  # this worker's end of its duplex pipe to the stage's runner
-    progress: Any  # RawArray('d', 2): index of the item being called in the current chunk, call start (monotonic)
+    progress: Any  # RawArray('d', 3): index of the item in hand, its call's start (monotonic), seq of the chunk
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
 
@@ -384,6 +384,7 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         tasks += 1
         seq, items, tries, ids = task
+        spec.progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
         _chunk = (ids, spec.progress)
         result = run_items(fn, stage, seq, items, tries, spec.lock, spec.progress, log, ids)
         _chunk = (None, None)
