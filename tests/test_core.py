@@ -112,12 +112,14 @@ def test_fan_out_and_fan_in(tmp_pipeline, method):
 
 @pytest.mark.parametrize("method", START_METHODS)
 def test_lifo_concurrent_readers_deliver_everything(tmp_pipeline, method):
-    """5,000 items through a LIFO queue read by 4 processes while 2 producers write: all arrive once."""
+    """5,000 items through a LIFO queue read by two stages (4 + 1 processes) while 2 producers write:
+    every item arrives exactly once."""
     path = tmp_pipeline(
         pipeline(
             """
   - {name: src, kind: producer, processes: 2, source: {range: {stop: 5000}}, output: stack}
   - {name: work, kind: consumer, processes: 4, input: stack, function: identity, output: done}
+  - {name: more, kind: pool, input: stack, function: identity, output: done}
   - {name: out, kind: consumer, input: done, function: collect}
 """,
             queues="queues:\n  stack: {type: lifo, maxsize: 100}\n",
@@ -127,6 +129,7 @@ def test_lifo_concurrent_readers_deliver_everything(tmp_pipeline, method):
     result = run_pipeline(path, start_method=method)
     assert result.exit_code == 0
     assert sorted(result.collected["out"]) == list(range(5000))
+    assert result.stats["work"].items_in + result.stats["more"].items_in == 5000
 
 
 def test_lifo_end_marker_never_overtakes_items(tmp_pipeline):
