@@ -178,7 +178,7 @@ class Pool(Worker):
     kind: Literal["pool"] = Field(description="pool: a process pool fed from the input queue.")
     ordered: bool = Field(False, description="true: results leave in input order; false: as they finish.")
     chunksize: int | None = Field(
-        None, ge=1, description="Items per task sent to a pool worker (default: adapts to the stream, up to 256)."
+        None, ge=1, description="Items per task sent to a pool worker (default: about 50 ms of work each, at most 4096)."
     )
     maxtasksperchild: int | None = Field(None, ge=1, description="Replace a worker after this many tasks.")
 
