@@ -476,6 +476,8 @@ def run_items(
     stride = max(1, math.ceil(len(items) / LATENCY_SAMPLES))
     mark, t_mark = 0, 0.0  # the next index where a sample starts or ends; when the open sample started
     t0 = clock()
+    simple = lock is None and tries is None and not timed  # the common case: a tight loop
+    regular = True  # every item so far gave exactly one output, so `ends` is implicit (filled in later)
     for index, item in enumerate(items):
         progress[0] = index
         if index == mark:
@@ -487,28 +489,44 @@ def run_items(
                 t_mark, mark = now, index + 1
             else:
                 mark = index - index % stride + stride
-        if timed:
-            progress[1] = time.monotonic()
         failure = None
-        if lock is None and not (tries and tries[index]):
+        if simple:
             try:
                 out = fn(item)
-                if out is not None:
-                    if type(out) is generator:
-                        extend(out)
-                    else:
-                        append(out)
-                ends.append(len(outputs))
-                continue
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                del outputs[ends[-1] if ends else 0 :]  # what a failing generator yielded does not count
                 failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+            else:
+                if regular and out is not None and type(out) is not generator:
+                    append(out)
+                    continue
+                if regular:
+                    ends.extend(range(1, index + 1))
+                    regular = False
+                if type(out) is generator:
+                    before = len(outputs)
+                    try:
+                        extend(out)
+                    except Exception as e:  # noqa: BLE001 - what a failing generator yielded does not count
+                        del outputs[before:]
+                        failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+                elif out is not None:
+                    append(out)
+                if failure is None:
+                    ends.append(len(outputs))
+                    continue
+        if regular:
+            ends.extend(range(1, index + 1))
+            regular = False
+        if timed:
+            progress[1] = time.monotonic()
         dead = len(result.dead)
         if _with_policy(fn, stage, item, tries[index] if tries else 0, failure, lock, progress, result, log):
             break
         if len(result.dead) > dead:
             result.dead_ids.append(ids[index] if ids is not None else None)
         ends.append(len(outputs))
+    if regular:
+        ends.extend(range(1, len(items) + 1))
     t1 = clock()
     if t_mark:
         samples.append(t1 - t_mark)
