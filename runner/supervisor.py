@@ -776,14 +776,15 @@ class StageRunner:
         rest, rest_tries = items[:index] + items[index + 1 :], tries[:index] + tries[index + 1 :]
         rest_ids = [*ids[:index], *ids[index + 1 :]]
         plan = self.plan
-        if plan.on_error == "retry" and attempts <= plan.retries:
+        decided = worker.verdict(plan, attempts)
+        if decided == "retry":
             self.stats.retried += 1
             rest.insert(index, item)
             rest_tries.insert(index, attempts)
             rest_ids.insert(index, item_id)
-        elif plan.on_error == "fail" or (plan.on_error == "retry" and not plan.dead_letter):
+        elif decided == "fail":
             raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
-        elif plan.dead_letter:
+        elif decided == "dead_letter":
             self._dead_letter(worker.give_up_letter(plan, item, reason, attempts), item_id)
         else:
             self.stats.skipped += 1

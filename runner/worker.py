@@ -415,11 +415,12 @@ def _without_unpicklable(
             summary = f"result {short_repr(out, 80)} cannot be pickled: {type(e).__name__}: {e}"
             result.failed += 1
             log.error("unpicklable result", error=summary, item=short_repr(item))
-            if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+            decided = verdict(stage, 1, retryable=False)
+            if decided == "fail":
                 result.error = (summary, "", short_repr(item))
                 result.outputs = []
                 return result
-            if stage.dead_letter:
+            if decided == "dead_letter":
                 result.dead.append(give_up_letter(stage, item, summary, 1))
                 result.dead_ids.append(item_id)
             else:
@@ -430,6 +431,21 @@ def _without_unpicklable(
     result.outputs, result.ends = kept, []
     result.ids = kept_ids if ids is not None else None
     return result
+
+
+def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
+    """What the stage's error policy does with an item that has failed ``attempts`` times:
+    ``"retry"``, ``"fail"`` (the run stops), ``"dead_letter"`` or ``"skip"``.
+
+    Retries run out after ``retries``; an item given up on goes to the dead-letter queue when there is
+    one, else it is skipped (``on_error: skip``) or stops the run (``fail``, or ``retry`` with nowhere to
+    put it).  ``retryable=False``: a failure that would repeat (an unpicklable result).
+    """
+    if stage.on_error == "retry" and retryable and attempts <= stage.retries:
+        return "retry"
+    if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+        return "fail"
+    return "dead_letter" if stage.dead_letter else "skip"
 
 
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
@@ -565,15 +581,16 @@ def _with_policy(
         attempts += 1
         result.failed += 1
         progress[1] = 0.0
-        if stage.on_error == "retry" and attempts <= stage.retries:
+        decided = verdict(stage, attempts)
+        if decided == "retry":
             result.retried += 1
             log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, exception=e.tb)
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
-        if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
+        if decided == "fail":
             result.error = (e.summary, e.tb, e.item)
             return True
-        if stage.dead_letter:
+        if decided == "dead_letter":
             result.dead.append(give_up_letter(stage, item, e.summary, attempts))
         else:
             result.skipped += 1

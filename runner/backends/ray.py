@@ -1061,14 +1061,15 @@ class StageRunner:
         attempts += 1
         self.stats.failed += 1
         plan = self.plan
-        if plan.on_error == "retry" and attempts <= plan.retries:
+        decided = worker.verdict(plan, attempts)
+        if decided == "retry":
             self.stats.retried += 1
             chunk[index] = (item, attempts)
-        elif plan.on_error == "fail" or (plan.on_error == "retry" and not plan.dead_letter):
+        elif decided == "fail":
             raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
         else:
             del chunk[index]
-            if plan.dead_letter:
+            if decided == "dead_letter":
                 self._dead_letter(worker.give_up_letter(plan, item, reason, attempts))
             else:
                 self.stats.skipped += 1
