@@ -85,12 +85,20 @@ def check_reference(ref: str) -> str | None:
     return None
 
 
-def _checker(conn: Any, base_dir: str, refs: list[str]) -> None:
+def _checker(conn: Any, base_dir: str, refs: list[str], parent_pid: int) -> None:
     """Child side: output of imported user code goes to stderr, never into a report on stdout."""
+    from runner.worker import _watch_parent
+
+    # A module that hangs while importing must not outlive the mprun that asked.
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     sys.path.insert(0, base_dir)
-    conn.send([check_reference(ref) for ref in refs])
+    problems = [check_reference(ref) for ref in refs]
+    try:
+        conn.send(problems)
+    except OSError:  # nobody waits for the answer any more (the file turned out invalid): nothing to say
+        pass
     conn.close()
 
 
@@ -127,7 +135,7 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
         # The same preload as the supervisor's: the server started here is the one the run then reuses.
         ctx.set_forkserver_preload(["runner.worker"])
     reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_checker, args=(writer, base_dir, refs), name="mprun-import-check", daemon=True)
+    child = ctx.Process(target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True)
     child.start()
     writer.close()
     try:

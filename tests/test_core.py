@@ -277,3 +277,22 @@ def test_invalid_file_exits_2_without_traceback(tmp_pipeline):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{path}:5:5: error: stages[0].procesess: unknown key 'procesess'; did you mean 'processes'?" in result.stderr
+
+
+def test_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_pipeline):
+    """A bad --set value ends with exit 2 and one located line; the import check started early stays quiet."""
+    path = tmp_pipeline(
+        pipeline(
+            """
+  - {name: src, kind: producer, source: {range: {stop: 10}}, output: a}
+  - {name: dbl, kind: consumer, input: a, function: "tasks_t:double"}
+"""
+        ),
+        TASKS,
+    )
+    result = run_cli(str(path), "--set", "stages.dbl.processes=zero")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "--set stages.dbl.processes=zero: error: stages[1].processes: "
+        "Input should be a valid integer, unable to parse string as an integer, got 'zero'"
+    ]
