@@ -45,7 +45,6 @@ from runner import logs
 from runner.queues import Channel, Emitter, Ids
 from runner.topology import StagePlan
 
-BUILTINS = ("print", "collect", "jsonl", "identity")
 LATENCY_SAMPLES = 8  # items of a chunk whose call is timed (every item of a chunk of up to 8)
 _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exactly one output
 
