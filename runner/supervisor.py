@@ -103,6 +103,36 @@ def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, di
     return accounts
 
 
+class _Bell:
+    """A self-pipe that threads ring to wake a ``wait``; safe to ring after it is closed.
+
+    Ringing after ``close`` is a no-op: an abandoned thread could otherwise write into the same
+    descriptor number, reused by the next run.
+    """
+
+    def __init__(self) -> None:
+        self.r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def ring(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self._w, b"!")
+
+    def clear(self) -> None:
+        """Take the pending rings (call once ``wait`` said ``r`` is ready)."""
+        os.read(self.r, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.r)
+            os.close(self._w)
+
+
 class _StageFailed(Exception):
     """A stage cannot go on; the message names the stage and says why."""
 
@@ -154,10 +184,7 @@ class Supervisor:
         self._writers = {q: [s for s in topology.stages if q in s.outputs] for q in topology.queues}
         self._dead_writers = {q: [s for s in topology.stages if s.dead_letter == q] for q in topology.queues}
         self._readers = {q: [s for s in topology.stages if q in s.inputs] for q in topology.queues}
-        self._bell_r, self._bell_w = os.pipe()  # runners ring it when they finish
-        os.set_blocking(self._bell_w, False)
-        self._bell_lock = threading.Lock()
-        self._bell_closed = False
+        self._bell = _Bell()  # runners ring it when they finish
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -205,10 +232,7 @@ class Supervisor:
                 exit_code = 1
             os.close(sig_r)
             os.close(sig_w)
-            with self._bell_lock:
-                self._bell_closed = True
-                os.close(self._bell_r)
-                os.close(self._bell_w)
+            self._bell.close()
             self._monitor_stop.set()
             if monitor.is_alive():
                 monitor.join()
@@ -317,7 +341,7 @@ class Supervisor:
     def _loop(self, sig_r: int) -> None:
         self._start_ready_stages()
         while not self._all_done():
-            waitables: list[Any] = [sig_r, self._bell_r]
+            waitables: list[Any] = [sig_r, self._bell.r]
             if self.manager is not None:
                 waitables.append(self.manager._process.sentinel)
             for p in self.producers:
@@ -332,8 +356,8 @@ class Supervisor:
                 if r == sig_r:
                     os.read(sig_r, 64)
                     self._begin_stop()
-                elif r == self._bell_r:
-                    os.read(self._bell_r, 4096)
+                elif r == self._bell.r:
+                    self._bell.clear()
                 elif self.manager is not None and r == self.manager._process.sentinel:
                     code = self.manager._process.exitcode
                     self.failure = self.failure or f"the manager serving the LIFO queues died ({died_message('-', 'manager', code).split(': ', 1)[1]})"
@@ -451,10 +475,7 @@ class Supervisor:
 
     def ring(self) -> None:
         """Wake the supervisor loop (called by runner threads)."""
-        with self._bell_lock:  # never write to the number of a closed (and maybe reused) descriptor
-            if not self._bell_closed:
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
-                    os.write(self._bell_w, b"!")
+        self._bell.ring()
 
     # -- the end ---------------------------------------------------------------------------------------
 
@@ -534,10 +555,7 @@ class StageRunner:
         self.next_out = 0
         self.fetched: deque[tuple[list[Any], Any] | None] = deque()
         self.want = threading.Event()
-        self.bell_r, self.bell_w = os.pipe()
-        os.set_blocking(self.bell_w, False)
-        self.bell_lock = threading.Lock()
-        self.bell_closed = False
+        self.bell = _Bell()  # the fetcher and abort() ring it
         self.input_done = False
         self.fetching = False
         self.aborted = False
@@ -582,23 +600,17 @@ class StageRunner:
                 batch = self.input.get_ids()
             except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
                 self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
-                self._ring()
+                self.bell.ring()
                 return
             self.fetched.append(batch)
-            self._ring()
+            self.bell.ring()
             if batch is None:
                 return
-
-    def _ring(self) -> None:
-        with self.bell_lock:  # never write to the number of a closed (and maybe reused) descriptor
-            if not self.bell_closed:
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
-                    os.write(self.bell_w, b"!")
 
     def abort(self) -> None:
         """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown)."""
         self.aborted = True
-        self._ring()
+        self.bell.ring()
 
     # -- the runner thread -----------------------------------------------------------------------------
 
@@ -617,10 +629,7 @@ class StageRunner:
             self._stop_workers()
             self.stats.items_out = self.emitter.sent
             self.finished = True
-            with self.bell_lock:
-                self.bell_closed = True
-                os.close(self.bell_r)
-                os.close(self.bell_w)
+            self.bell.close()
             self.sup.ring()
 
     def _loop(self) -> None:
@@ -631,18 +640,18 @@ class StageRunner:
             if not self.input_done and not self.fetching and len(self.buffer) < 2 * MAX_BATCH:
                 self.fetching = True
                 self.want.set()
-            waitables: list[Any] = [self.bell_r]
+            waitables: list[Any] = [self.bell.r]
             for w in self.workers:
                 waitables += [w.conn, w.process.sentinel]
             for ready in wait(waitables, self._next_deadline()):
-                if ready == self.bell_r:
+                if ready == self.bell.r:
                     self._take_fetched()
                 else:
                     self._worker_ready(ready)
             self._enforce_timeouts()
 
     def _take_fetched(self) -> None:
-        os.read(self.bell_r, 4096)
+        self.bell.clear()
         if self.fetch_error:
             raise _StageFailed(self.fetch_error)
         while self.fetched:
