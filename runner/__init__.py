@@ -44,6 +44,40 @@ __all__ = [
 _SETTING_OPTIONS = ("start_method", "log_level", "log_format", "log_file", "backend")
 
 
+def prepare_pipeline(
+    path_or_pipeline: str | Path | Pipeline, overrides: list[str] | None = None, **settings: Any
+) -> Pipeline:
+    """The pipeline to run: loaded (if given a path), with the settings given (not None) replacing the file's.
+
+    Raises:
+        PipelineInvalid: the file is invalid (exit code 2).
+        UsageError: an unknown setting, or a bad value for one (exit code 2).
+    """
+    from pydantic import ValidationError
+
+    from runner.loader import load_pipeline
+    from schemas import Pipeline
+
+    if isinstance(path_or_pipeline, Pipeline):
+        pipeline = path_or_pipeline
+    else:
+        pipeline = load_pipeline(path_or_pipeline, overrides)
+    unknown = set(settings) - set(_SETTING_OPTIONS)
+    if unknown:
+        msg = f"unknown option(s): {', '.join(sorted(unknown))}"
+        raise UsageError(msg)
+    given = {k: v for k, v in settings.items() if v is not None}
+    if not given:
+        return pipeline
+    try:
+        new_settings = type(pipeline.settings).model_validate(pipeline.settings.model_dump() | given)
+    except ValidationError as e:
+        problem = e.errors(include_url=False)[0]
+        msg = f"{problem['loc'][0]}: {problem['msg']}"
+        raise UsageError(msg) from None
+    return pipeline.model_copy(update={"settings": new_settings})
+
+
 def run_pipeline(
     path_or_pipeline: str | Path | Pipeline,
     overrides: list[str] | None = None,
@@ -68,30 +102,10 @@ def run_pipeline(
         PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
     """
     from runner.compiler import compile_pipeline
-    from runner.loader import load_pipeline
     from runner.supervisor import Supervisor
-    from schemas import Pipeline
-
-    if isinstance(path_or_pipeline, Pipeline):
-        pipeline = path_or_pipeline
-    else:
-        pipeline = load_pipeline(path_or_pipeline, overrides)
-    unknown = set(settings) - set(_SETTING_OPTIONS)
-    if unknown:
-        msg = f"unknown option(s): {', '.join(sorted(unknown))}"
-        raise UsageError(msg)
-    given = {k: v for k, v in settings.items() if v is not None}
-    if given:
-        from pydantic import ValidationError
-
-        try:
-            new_settings = type(pipeline.settings).model_validate(pipeline.settings.model_dump() | given)
-        except ValidationError as e:
-            problem = e.errors(include_url=False)[0]
-            msg = f"{problem['loc'][0]}: {problem['msg']}"
-            raise UsageError(msg) from None
-        pipeline = pipeline.model_copy(update={"settings": new_settings})
     from runner.validate import check_pipeline_environment
+
+    pipeline = prepare_pipeline(path_or_pipeline, overrides, **settings)
 
     check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
     topology = compile_pipeline(pipeline, limit=limit)

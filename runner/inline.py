@@ -73,17 +73,10 @@ def run_inline_pipeline(
     Raises:
         PipelineInvalid: the file is invalid (exit code 2).
     """
+    from runner import prepare_pipeline
     from runner.compiler import compile_pipeline
-    from runner.loader import load_pipeline
 
-    if isinstance(path_or_pipeline, Pipeline):
-        pipeline = path_or_pipeline
-    else:
-        pipeline = load_pipeline(path_or_pipeline, overrides)
-    given = {k: v for k, v in {"log_level": log_level, "log_format": log_format, "log_file": log_file}.items() if v}
-    if given:
-        settings = type(pipeline.settings).model_validate(pipeline.settings.model_dump() | given)
-        pipeline = pipeline.model_copy(update={"settings": settings})
+    pipeline = prepare_pipeline(path_or_pipeline, overrides, log_level=log_level, log_format=log_format, log_file=log_file)
     return run_inline(compile_pipeline(pipeline, limit=limit))
 
 
