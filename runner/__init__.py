@@ -17,6 +17,7 @@ from runner.errors import MprunError, PipelineInvalid, RunFailed, UsageError
 if TYPE_CHECKING:
     from runner.loader import load_pipeline
     from runner.supervisor import RunResult, StageStats
+    from runner.topology import Topology
     from schemas import Pipeline
 
 _LAZY = {"load_pipeline": "runner.loader", "RunResult": "runner.supervisor", "StageStats": "runner.supervisor"}
@@ -58,14 +59,11 @@ def prepare_pipeline(
     from runner.loader import load_pipeline
     from schemas import Pipeline
 
+    _check_setting_names(settings)
     if isinstance(path_or_pipeline, Pipeline):
         pipeline = path_or_pipeline
     else:
         pipeline = load_pipeline(path_or_pipeline, overrides)
-    unknown = set(settings) - set(_SETTING_OPTIONS)
-    if unknown:
-        msg = f"unknown option(s): {', '.join(sorted(unknown))}"
-        raise UsageError(msg)
     given = {k: v for k, v in settings.items() if v is not None}
     if not given:
         return pipeline
@@ -76,6 +74,45 @@ def prepare_pipeline(
         msg = f"{problem['loc'][0]}: {problem['msg']}"
         raise UsageError(msg) from None
     return pipeline.model_copy(update={"settings": new_settings})
+
+
+def _check_setting_names(settings: dict[str, Any]) -> None:
+    unknown = set(settings) - set(_SETTING_OPTIONS)
+    if unknown:
+        msg = f"unknown option(s): {', '.join(sorted(unknown))}"
+        raise UsageError(msg)
+
+
+def plan_run(
+    path_or_pipeline: str | Path | Pipeline, overrides: list[str] | None = None, *, limit: int | None = None,
+    **settings: Any,
+) -> Topology:
+    """The compiled plan of a run, its functions import-checked in a fresh process.
+
+    A file planned before with the same inputs comes from ``runner.cache`` without YAML or Pydantic.
+
+    Raises:
+        PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
+        UsageError: an unknown setting, or a bad value for one (exit code 2).
+    """
+    from runner import cache
+    from runner.imports import import_problems
+
+    _check_setting_names(settings)
+    name = cache.key(path_or_pipeline, overrides, limit, settings)
+    hit = cache.load(name)
+    if hit is not None:
+        topology, refs = hit
+        if not any(import_problems(refs, topology.base_dir, topology.start_method)):
+            return topology  # else the full path below reports the problem, located
+    from runner.compiler import compile_pipeline
+    from runner.validate import check_pipeline_environment
+
+    pipeline = prepare_pipeline(path_or_pipeline, overrides, **settings)
+    refs = check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
+    topology = compile_pipeline(pipeline, limit=limit)
+    cache.store(name, (topology, refs))
+    return topology
 
 
 def run_pipeline(
@@ -101,15 +138,10 @@ def run_pipeline(
     Raises:
         PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
     """
-    from runner.compiler import compile_pipeline
-    from runner.supervisor import Supervisor
-    from runner.validate import check_pipeline_environment
+    from runner.supervisor import Supervisor  # imported while the forkserver starts (``cli._warm_up``)
 
-    pipeline = prepare_pipeline(path_or_pipeline, overrides, **settings)
-
-    check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
-    topology = compile_pipeline(pipeline, limit=limit)
-    if pipeline.settings.backend == "ray":
+    topology = plan_run(path_or_pipeline, overrides, limit=limit, **settings)
+    if topology.backend == "ray":
         if progress:
             msg = "--progress is not available on the ray backend yet"
             raise UsageError(msg)

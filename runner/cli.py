@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from runner.errors import MprunError, PipelineInvalid
@@ -112,52 +113,68 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _warm_up(ns: argparse.Namespace) -> None:
-    """Start the forkserver and the import check while this process imports pydantic and validates.
+def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Start the forkserver and the import check while this process validates the file (or reads its plan).
 
-    Only a head start: the start method is read from the command line or guessed from the file's text,
-    and the check's result is used only if the validated file names the same functions.
+    Only a head start: the plan comes from ``runner.cache`` when the file was run before with the same
+    inputs; otherwise the start method is read from the command line or guessed from the file's text, and
+    the check's result is used only if the validated file names the same functions.
     """
-    import re
+    from runner import cache
 
-    method = ns.start_method
-    for override in ns.overrides:
-        if override.startswith("settings.start_method="):
-            method = override.partition("=")[2].strip()
-    try:
-        with open(ns.file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
-        return
-    if method is None:
-        found = re.search(r"^\s*start_method:\s*[\"']?(\w+)", text, re.MULTILINE)
-        method = found.group(1) if found else "forkserver"
-    if method != "forkserver" or ns.inline or ns.backend == "ray":
+    hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))
+    if hit is not None:
+        topology, refs = hit
+        method, base_dir, backend, text = topology.start_method, topology.base_dir, topology.backend, None
+    else:
+        try:
+            with open(ns.file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            return
+        method, base_dir, backend, refs = _guess_start_method(ns, text), str(Path(ns.file).resolve().parent), ns.backend, []
+    if method != "forkserver" or ns.inline or backend == "ray":
         return
     import threading
-    from pathlib import Path
 
     def start() -> None:
         import multiprocessing
         from multiprocessing import forkserver
 
-        import yaml
-
         from runner.imports import prefetch, references
 
         multiprocessing.get_context("forkserver").set_forkserver_preload(["runner.worker"])
         forkserver.ensure_running()
+        if text is None:
+            prefetch(refs, base_dir, method)
+            return
+        import yaml
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
             return
-        prefetch([ref for _, ref in references(data)], str(Path(ns.file).resolve().parent), method)
+        prefetch([ref for _, ref in references(data)], base_dir, method)
 
     threading.Thread(target=start, name="warm-up", daemon=True).start()
 
 
+def _guess_start_method(ns: argparse.Namespace, text: str) -> str:
+    import re
+
+    if ns.start_method:
+        return ns.start_method
+    for override in reversed(ns.overrides):
+        if override.startswith("settings.start_method="):
+            return override.partition("=")[2].strip()
+    found = re.search(r"^\s*start_method:\s*[\"']?(\w+)", text, re.MULTILINE)
+    return found.group(1) if found else "forkserver"
+
+
 def _run(ns: argparse.Namespace) -> int:
-    _warm_up(ns)
+    settings = {"start_method": ns.start_method, "log_level": ns.log_level, "log_format": ns.log_format,
+                "log_file": ns.log_file, "backend": ns.backend}
+    _warm_up(ns, settings)
     from runner import run_pipeline
     from runner.errors import UsageError
 
@@ -171,16 +188,7 @@ def _run(ns: argparse.Namespace) -> int:
         result = _run_inline(ns)
     else:
         result = run_pipeline(
-            ns.file,
-            ns.overrides,
-            limit=ns.limit,
-            start_method=ns.start_method,
-            log_level=ns.log_level,
-            log_format=ns.log_format,
-            log_file=ns.log_file,
-            backend=ns.backend,
-            ray_address=ns.ray_address,
-            progress=ns.progress,
+            ns.file, ns.overrides, limit=ns.limit, ray_address=ns.ray_address, progress=ns.progress, **settings
         )
     for items in result.collected.values():
         print(json.dumps(items, default=repr))

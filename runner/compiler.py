@@ -71,4 +71,5 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
         stages=tuple(stages),
         limit=limit,
         shutdown_timeout=settings.shutdown_timeout,
+        backend=settings.backend,
     )

@@ -102,16 +102,22 @@ def _checker(conn: Any, base_dir: str, refs: list[str], parent_pid: int) -> None
     conn.close()
 
 
-_prefetched: dict[tuple[tuple[str, ...], str, str], tuple[threading.Thread, list[Any]]] = {}
+_prefetched: dict[tuple[tuple[str, ...], str, str], tuple[threading.Event, list[Any]]] = {}
 
 
 def prefetch(refs: list[str], base_dir: str, start_method: str) -> None:
-    """Start checking ``refs`` in a background thread; ``import_problems`` with the same arguments joins it."""
-    key = (tuple(refs), base_dir, start_method)
+    """Start checking ``refs`` in a background thread; ``import_problems`` with the same arguments waits for it."""
+    done = threading.Event()
     box: list[Any] = []
-    thread = threading.Thread(target=lambda: box.append(_import_problems(refs, base_dir, start_method)), daemon=True)
-    _prefetched[key] = (thread, box)
-    thread.start()
+
+    def check() -> None:
+        try:
+            box.append(_import_problems(refs, base_dir, start_method))
+        finally:
+            done.set()
+
+    _prefetched[(tuple(refs), base_dir, start_method)] = (done, box)  # before the thread starts: no race
+    threading.Thread(target=check, name="import-check", daemon=True).start()
 
 
 def import_problems(refs: list[str], base_dir: str, start_method: str) -> list[str | None]:
@@ -121,7 +127,7 @@ def import_problems(refs: list[str], base_dir: str, start_method: str) -> list[s
     """
     early = _prefetched.pop((tuple(refs), base_dir, start_method), None)
     if early is not None:
-        early[0].join()
+        early[0].wait()
         if early[1]:
             return list(early[1][0])
     return _import_problems(refs, base_dir, start_method)

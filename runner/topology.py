@@ -76,6 +76,7 @@ class Topology:
     stages: tuple[StagePlan, ...]
     limit: int | None = None  # each producer emits at most this many items
     shutdown_timeout: float = 10.0
+    backend: str = "local"  # "local" | "ray"
 
     def stage(self, name: str) -> StagePlan:
         """The stage called ``name``."""

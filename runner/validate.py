@@ -53,8 +53,8 @@ def validate_file(path: str, overrides: list[str] | None = None) -> list[Diagnos
     return render(problems)
 
 
-def check_pipeline_environment(pipeline: Any) -> None:
-    """Before a run: refuse a pipeline whose functions a fresh worker could not import.
+def check_pipeline_environment(pipeline: Any) -> list[str]:
+    """Before a run: refuse a pipeline whose functions a fresh worker could not import; its references if none.
 
     Raises:
         PipelineInvalid: one located line per reference that cannot be imported.
@@ -66,6 +66,7 @@ def check_pipeline_environment(pipeline: Any) -> None:
     problems = environment_problems(data, marks, pipeline.base_dir, pipeline.settings.start_method)
     if problems:
         raise PipelineInvalid(render(problems))
+    return [ref for _, ref in references(data)]
 
 
 def as_dict(problem: str, file: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import traceback
 import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import sharedctypes  # noqa: F401 - imported here so the forkserver preloads it for every worker
 from pathlib import Path
 from typing import Any
 

@@ -17,6 +17,13 @@ PIPELINES = ROOT / "pipelines"
 START_METHODS = ["fork", "spawn", "forkserver"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Compiled pipelines (runner.cache) of this test session go to a fresh folder, not ~/.cache/mprun."""
+    os.environ["MPRUN_CACHE_DIR"] = str(tmp_path_factory.mktemp("mprun-cache"))
+    os.environ.pop("MPRUN_NO_CACHE", None)
+
+
 @pytest.fixture(autouse=True)
 def no_child_left():
     """After every test: no child process of this test process is still alive."""

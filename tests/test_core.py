@@ -293,6 +293,8 @@ def test_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_pipeline):
     result = run_cli(str(path), "--set", "stages.dbl.processes=zero")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "--set stages.dbl.processes=zero: error: stages[1].processes: "
-        "Input should be a valid integer, unable to parse string as an integer, got 'zero'"
+        (
+            "--set stages.dbl.processes=zero: error: stages[1].processes: "
+            "Input should be a valid integer, unable to parse string as an integer, got 'zero'"
+        )
     ]
