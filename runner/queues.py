@@ -4,7 +4,7 @@ Items travel in batches (lists), pickled by the writer so that an unpicklable it
 that produced it rather than in a queue's feeder thread::
 
     writer process                          queue                         reader process(es)
-    Emitter.emit(item) -> buffer --flush--> FifoChannel: multiprocessing.Queue of pickled batches --> Reader
+    Emitter.emit(item) -> buffer --flush--> FifoChannel: multiprocessing.Queue of (n, pickled batch) --> Reader
                                             LifoChannel: proxy to a Stack in the manager process -->
 
 End of stream is the supervisor's: once every writer of a queue has finished, it calls ``end(n)`` with
@@ -52,7 +52,7 @@ def dumps(batch: list[Any]) -> bytes:
         raise
 
 
-def _pack(batch: list[Any], ids: Ids | None) -> bytes:
+def pack(batch: list[Any], ids: Ids | None) -> bytes:
     """Pickle a batch and its ids as one queue message (``dumps`` names an unpicklable item)."""
     try:
         return pickle.dumps((batch, ids), pickle.HIGHEST_PROTOCOL)
@@ -128,7 +128,7 @@ class FifoChannel:
         self.queue = ctx.Queue(plan.slots)
 
     def put(self, batch: list[Any], ids: Ids | None = None) -> None:
-        self.queue.put(_pack(batch, ids))
+        self.queue.put((len(batch), pack(batch, ids)))
 
     def get(self) -> list[Any] | None:
         got = self.get_ids()
@@ -136,8 +136,19 @@ class FifoChannel:
 
     def get_ids(self) -> tuple[list[Any], Ids | None] | None:
         """A batch and its ids (None when the writer gave none); ``None`` at the end."""
-        data = self.queue.get()
-        return None if data is None else pickle.loads(data)
+        got = self.queue.get()
+        return None if got is None else pickle.loads(got[1])
+
+    def put_packed(self, n: int, data: bytes) -> None:
+        """Put a batch pickled elsewhere (``pack`` of n items and their ids), as it is."""
+        self.queue.put((n, data))
+
+    def get_packed(self) -> tuple[int, bytes] | None:
+        """A batch as it travelled: (number of items, pickled (items, ids)); ``None`` at the end.
+
+        A stage runner hands such a batch to a worker whole, without unpickling it in the main process.
+        """
+        return self.queue.get()
 
     def end(self, readers: int) -> None:
         for _ in range(readers):
@@ -278,6 +289,9 @@ class Emitter:
         self._limit = 1
         self._singles = max([c.readers for c in channels], default=1)  # one-item batches still to send
         self._buffer: list[Any] = []
+        # Most items of a batch pickled elsewhere that emit_packed may send whole (0: never).
+        fifo = bool(channels) and all(isinstance(c, FifoChannel) for c in channels)
+        self.packed_max = self._max if fifo and on_batch is None and numbering is None else 0
         self._flushing = threading.Lock()
         self._closed = threading.Event()
         self.sent = 0  # items taken out of the buffer and handed to the channels
@@ -300,6 +314,23 @@ class Emitter:
         buffer.extend(items)
         if len(buffer) >= self._limit:
             self._flush()
+
+    def emit_packed(self, n: int, data: bytes) -> bool:
+        """Send ``n`` items pickled elsewhere (a worker's outputs, ``pack``ed with their ids) whole, after
+        what is buffered.  Only once batches have grown to full size and if ``n`` fits one; False (nothing
+        sent) otherwise, and the caller emits the items."""
+        if not 0 < n <= self.packed_max or self._limit < self._max:
+            return False
+        self._flush()
+        with self._flushing:
+            if self._error is not None:
+                raise self._error
+            for channel in self._channels:
+                channel.put_packed(n, data)  # type: ignore[union-attr]
+            self.sent += n
+            if self._counter is not None:
+                self._counter[0] = self.sent
+        return True
 
     def _flush(self) -> None:
         """Send the items buffered now, in batches of at most the current limit (which grows as they go)."""

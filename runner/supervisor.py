@@ -26,6 +26,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -395,9 +396,8 @@ class Supervisor:
                 self._drain(p)
             elif p.process.sentinel == ready:
                 self._drain(p)
-                p.process.join()
+                code = exit_code_of(p.process)
                 p.done = True
-                code = p.process.exitcode
                 self.exit_codes[p.name] = code
                 self.log.info("process exited", stage=p.stage, process=p.name, pid=p.process.pid, exitcode=code)
                 expected = code == 0 or (self.signal_received and code in (143, -signal.SIGTERM))
@@ -549,8 +549,12 @@ class StageRunner:
         self.workers: list[_Worker] = []
         self.buffer: list[Any] = []  # items waiting for a worker (sliced, never walked item by item here)
         self.ids = IdRuns()  # the ids of the items in `buffer`, in runs
+        # Batches of a FIFO input still pickled, (n, bytes), after `buffer`: one that fits a chunk goes to
+        # a worker as it is, so the items are never unpickled and pickled again in this process.
+        self.packed: deque[tuple[int, bytes]] | None = deque() if isinstance(self.input, FifoChannel) else None
+        self.packed_items = 0
         self.again: deque[tuple[int, list[Any], list[int], Any]] = deque()  # chunks of dead workers, to hand out again
-        self.results: dict[int, tuple[list[Any], Any]] = {}  # outputs and ids of finished chunks waiting for their turn (ordered)
+        self.results: dict[int, tuple[list[Any], Any, Any]] = {}  # outputs, ids, packed of finished chunks waiting for their turn (ordered)
         self.next_seq = 0
         self.next_out = 0
         self.fetched: deque[tuple[list[Any], Any] | None] = deque()
@@ -585,6 +589,7 @@ class StageRunner:
             progress=progress,
             lock=self.lock,
             id_names=self.sup.id_names,
+            pack=self.emitter.packed_max,
         )
         process = self.sup.ctx.Process(target=worker.worker_main, args=(spec,), name=name, daemon=self.plan.daemon)
         process.start()
@@ -597,7 +602,7 @@ class StageRunner:
             self.want.wait()
             self.want.clear()
             try:
-                batch = self.input.get_ids()
+                batch = self.input.get_ids() if self.packed is None else self.input.get_packed()
             except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
                 self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
                 self.bell.ring()
@@ -635,9 +640,9 @@ class StageRunner:
     def _loop(self) -> None:
         while not self.aborted:
             self._dispatch()
-            if self.input_done and not self.buffer and not self.again and not any(w.task for w in self.workers):
+            if self.input_done and not self.waiting and not self.again and not any(w.task for w in self.workers):
                 return
-            if not self.input_done and not self.fetching and len(self.buffer) < 2 * MAX_BATCH:
+            if not self.input_done and not self.fetching and self.waiting < 2 * MAX_BATCH:
                 self.fetching = True
                 self.want.set()
             waitables: list[Any] = [self.bell.r]
@@ -659,6 +664,11 @@ class StageRunner:
             self.fetching = False
             if batch is None:
                 self.input_done = True
+            elif self.packed is not None:
+                self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
+                self.packed.append(batch)
+                self.packed_items += batch[0]
+                self.stats.items_in += batch[0]
             else:
                 items, ids = batch
                 self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
@@ -673,11 +683,22 @@ class StageRunner:
                     continue
                 if self.again:
                     task = self.again.popleft()
-                elif self.buffer:
+                elif self.waiting:
                     size = self.plan.chunksize or self._chunk_size()
-                    chunk = self.buffer[:size]
-                    del self.buffer[:size]
-                    task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
+                    # Once the time per item is known and while more input comes, a batch that is not too much
+                    # work for one worker goes whole (the others get the next ones); the first items are split.
+                    known = self.stats.busy_seconds > 0 and not self.input_done
+                    whole = self.plan.chunksize or (self._chunk_size(MAX_BATCH) if known else size)
+                    if not self.buffer and self.packed and self.packed[0][0] <= whole:
+                        n, data = self.packed.popleft()  # a whole batch: the worker unpickles it
+                        self.packed_items -= n
+                        task = (self.next_seq, data, None, None)  # type: ignore[assignment]
+                    else:
+                        if len(self.buffer) < size and self.packed:
+                            self._unpack()
+                        chunk = self.buffer[:size]
+                        del self.buffer[:size]
+                        task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
                     self.next_seq += 1
                 else:
                     return
@@ -687,10 +708,24 @@ class StageRunner:
                 except OSError:  # it died: its sentinel is ready, and _exited hands its chunks out again
                     break
 
-    def _chunk_size(self) -> int:
+    @property
+    def waiting(self) -> int:
+        """Items read from the input and not yet handed to a worker."""
+        return len(self.buffer) + self.packed_items
+
+    def _unpack(self) -> None:
+        """Move the first still-pickled batch into ``buffer`` (it is to be split, or joined with other items)."""
+        assert self.packed is not None
+        n, data = self.packed.popleft()
+        self.packed_items -= n
+        items, ids = pickle.loads(data)
+        self.ids.add(ids if ids is not None else [None] * n)
+        self.buffer.extend(items)
+
+    def _chunk_size(self, share: int = 0) -> int:
         """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
         item is known (few items until then), so slow functions balance and fast ones move in bulk."""
-        share = max(1, min(MAX_BATCH, math.ceil(len(self.buffer) / len(self.workers))))
+        share = share or max(1, min(MAX_BATCH, math.ceil(self.waiting / len(self.workers))))
         st = self.stats
         done = st.delivered + st.skipped + st.dead_lettered
         if not done:
@@ -731,16 +766,24 @@ class StageRunner:
         w.retiring = res.retire
         for letter, item_id in zip(res.dead, res.dead_ids, strict=True):
             self._dead_letter(letter, item_id)
-        self._emit(res.seq, res.outputs, res.ids)
+        self._emit(res.seq, res.outputs, res.ids, res.packed)
 
-    def _emit(self, seq: int, outputs: list[Any], ids: Any) -> None:
-        if not self.plan.ordered:
-            self.emitter.emit_many(outputs, ids)
-            return
-        self.results[seq] = (outputs, ids)
-        while self.next_out in self.results:
-            self.emitter.emit_many(*self.results.pop(self.next_out))
-            self.next_out += 1
+    def _emit(self, seq: int, outputs: list[Any], ids: Any, packed: tuple[int, bytes] | None = None) -> None:
+        """Send a chunk's outputs on (in input order for ``ordered: true``); ``packed``: they came pickled."""
+        if self.plan.ordered:
+            self.results[seq] = (outputs, ids, packed)
+            while self.next_out in self.results:
+                self._send_on(*self.results.pop(self.next_out))
+                self.next_out += 1
+        else:
+            self._send_on(outputs, ids, packed)
+
+    def _send_on(self, outputs: list[Any], ids: Any, packed: tuple[int, bytes] | None) -> None:
+        if packed is not None:
+            if self.emitter.emit_packed(*packed):
+                return
+            outputs, ids = pickle.loads(packed[1])
+        self.emitter.emit_many(outputs, ids)
 
     def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
         assert self.dead_emitter is not None
@@ -748,8 +791,7 @@ class StageRunner:
         self.dead_emitter.emit_many([letter], [item_id])
 
     def _exited(self, w: _Worker) -> None:
-        w.process.join()
-        code = w.process.exitcode
+        code = exit_code_of(w.process)
         self.sup.exit_codes[w.name] = code
         self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid, exitcode=code)
         self.workers.remove(w)
@@ -777,6 +819,9 @@ class StageRunner:
     def _recover(self, w: _Worker, reason: str) -> None:
         """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
         seq, items, tries, ids = w.tasks.popleft()
+        if type(items) is bytes:  # a batch sent still pickled
+            items, ids = pickle.loads(items)
+            ids = ids if ids is not None else [None] * len(items)
         self.again.extendleft(reversed(w.tasks))  # chunks it had not started: handed out again as they are
         tries = tries or [0] * len(items)
         index = min(int(w.progress[0]), len(items) - 1)
@@ -841,6 +886,21 @@ class StageRunner:
             self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid,
                               exitcode=w.process.exitcode)
         self.workers.clear()
+
+
+def exit_code_of(process: Any) -> int | None:
+    """Join a process that has ended (its sentinel is ready) and return its exit code.
+
+    ``Process.start`` in another thread (a runner replacing a worker) reaps every ended child of this
+    process through ``Popen.poll``; a join racing with it finds the child gone and no code yet, and the
+    code appears as soon as that poll stores it.
+    """
+    process.join()
+    for _ in range(1000):
+        if process.exitcode is not None:
+            break
+        time.sleep(0.001)
+    return process.exitcode
 
 
 def died_message(stage: str, process: str, code: int | None) -> str:

@@ -20,6 +20,7 @@ the loop pays nothing per item for it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import inspect
@@ -42,9 +43,9 @@ from multiprocessing import sharedctypes  # noqa: F401 - imported here so the fo
 from pathlib import Path
 from typing import Any
 
-from runner import logs
+from runner import logs, queues
 from runner.queues import Channel, Emitter, Ids
-from runner.topology import StagePlan
+from runner.topology import MAX_BATCH, StagePlan
 
 LATENCY_SAMPLES = 8  # items of a chunk whose call is timed (every item of a chunk of up to 8)
 _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exactly one output
@@ -306,11 +307,16 @@ def _read_file(path: Path, fmt: str) -> Iterator[Any]:
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     stage = spec.stage
     assert stage.source is not None
-    items: Iterable[Any] = source_items(stage.source, stage.kwargs, spec.base_dir)
+    items: Any = source_items(stage.source, stage.kwargs, spec.base_dir)
+    in_memory = isinstance(items, range | list | tuple)
     if spec.limit is not None:
-        items = itertools.islice(items, spec.limit)
+        items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
     if stage.processes > 1:
-        items = itertools.islice(items, spec.index, None, stage.processes)
+        items = items[spec.index :: stage.processes] if in_memory else itertools.islice(items, spec.index, None, stage.processes)
+    if in_memory:  # nothing to wait for between items: hand them over in slices, not one call each
+        for start in range(0, len(items), MAX_BATCH):
+            emitter.emit_many(items[start : start + MAX_BATCH])
+        return
     emit = emitter.emit
     for item in items:
         emit(item)
@@ -333,6 +339,7 @@ class WorkerSpec:
     progress: Any  # RawArray('d', 3): index of the item in hand, its call's start (monotonic), seq of the chunk
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
+    pack: int = 0  # outputs of a chunk up to this many are sent pickled for the output queues (0: never)
 
 
 @dataclass
@@ -353,6 +360,7 @@ class ChunkResult:
     ids: Ids | None = None  # ids of the outputs (each inherits its item's id); None: the items had none
     dead_ids: list[int | None] = field(default_factory=list)  # ids of the items in `dead`
     latency: list[float] = field(default_factory=list)  # seconds of the sampled items (see run_items)
+    packed: tuple[int, bytes] | None = None  # instead of outputs and ids: (n, a FIFO queue message of them)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -365,6 +373,8 @@ def worker_main(spec: WorkerSpec) -> None:
     log = structlog.get_logger("mprun")
     log.info("process started")
     conn = spec.conn
+    # The same shared memory through a memoryview: a write per item costs half of a ctypes array's.
+    progress = memoryview(spec.progress).cast("B").cast("d")
     try:
         if stage.init:
             resolve(stage.init, spec.base_dir)()
@@ -384,13 +394,19 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         tasks += 1
         seq, items, tries, ids = task
-        spec.progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
-        _chunk = (ids, spec.progress)
-        result = run_items(fn, stage, seq, items, tries, spec.lock, spec.progress, log, ids)
+        if type(items) is bytes:  # a whole batch of the input queue, as it travelled
+            items, ids = pickle.loads(items)
+        progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
+        _chunk = (ids, progress)
+        result = run_items(fn, stage, seq, items, tries, spec.lock, progress, log, ids)
         _chunk = (None, None)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
         ends, result.ends = result.ends, []
         result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
+        if 0 < len(result.outputs) <= spec.pack and result.error is None:
+            with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
+                result.packed = (len(result.outputs), queues.pack(result.outputs, result.ids))
+                result.outputs, result.ids = [], None
         try:
             data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
@@ -493,7 +509,9 @@ def run_items(
     mark, t_mark = 0, 0.0  # the next index where a sample starts or ends; when the open sample started
     t0 = clock()
     simple = lock is None and tries is None and not timed  # the common case: a tight loop
-    regular = True  # every item so far gave exactly one output, so `ends` is implicit (filled in later)
+    # While every item so far gave exactly one output (regular) or none (silent: a sink), `ends` is implicit
+    # and filled in later; the first item that breaks the pattern makes it explicit.
+    regular = silent = True
     for index, item in enumerate(items):
         progress[0] = index
         if index == mark:
@@ -512,12 +530,17 @@ def run_items(
             except Exception as e:  # noqa: BLE001 - handled by the policy below
                 failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
             else:
-                if regular and out is not None and type(out) is not generator:
+                if out is None:
+                    if silent:
+                        regular = False
+                        continue
+                elif regular and type(out) is not generator:
+                    silent = False
                     append(out)
                     continue
-                if regular:
-                    ends.extend(range(1, index + 1))
-                    regular = False
+                if regular or silent:
+                    ends.extend(_implicit_ends(regular, index))
+                    regular = silent = False
                 if type(out) is generator:
                     before = len(outputs)
                     try:
@@ -530,9 +553,9 @@ def run_items(
                 if failure is None:
                     ends.append(len(outputs))
                     continue
-        if regular:
-            ends.extend(range(1, index + 1))
-            regular = False
+        if regular or silent:
+            ends.extend(_implicit_ends(regular, index))
+            regular = silent = False
         if timed:
             progress[1] = time.monotonic()
         dead = len(result.dead)
@@ -541,8 +564,8 @@ def run_items(
         if len(result.dead) > dead:
             result.dead_ids.append(ids[index] if ids is not None else None)
         ends.append(len(outputs))
-    if regular:
-        ends.extend(range(1, len(items) + 1))
+    if regular or silent:
+        ends.extend(_implicit_ends(regular, len(items)))
     t1 = clock()
     if t_mark:
         samples.append(t1 - t_mark)
@@ -550,6 +573,11 @@ def run_items(
     result.done = len(ends)
     result.busy = t1 - t0
     return result
+
+
+def _implicit_ends(regular: bool, n: int) -> Iterable[int]:
+    """``ends`` of n items that gave one output each (regular) or none each."""
+    return range(1, n + 1) if regular else itertools.repeat(0, n)
 
 
 def _with_policy(
