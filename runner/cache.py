@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +81,17 @@ def store(name: str | None, entry: Any) -> None:
     folder = directory()
     if name is None or folder is None:
         return
+    import tempfile  # only here: a miss already paid for YAML and Pydantic
+
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, folder / f"{name}.pickle")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, folder / f"{name}.pickle")
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # left only if writing failed
         entries = sorted(folder.glob("*.pickle"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-KEEP]:
             old.unlink(missing_ok=True)
