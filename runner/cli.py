@@ -114,26 +114,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
-    """Start the forkserver and the import check while this process validates the file (or reads its plan).
+    """Start the forkserver, then the import check, while this process validates the file (or reads its plan).
 
-    Only a head start: the plan comes from ``runner.cache`` when the file was run before with the same
-    inputs; otherwise the start method is read from the command line or guessed from the file's text, and
-    the check's result is used only if the validated file names the same functions.
+    Only a head start, so it comes first: the start method is read from the command line or guessed from
+    the file's text, the functions to check come from the file's plan in ``runner.cache`` (else from its
+    YAML), and the check's result is used only if the run's plan names the same functions.
     """
-    from runner import cache
-
-    hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))
-    if hit is not None:
-        topology, refs = hit
-        method, base_dir, backend, text = topology.start_method, topology.base_dir, topology.backend, None
-    else:
-        try:
-            with open(ns.file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError):
-            return
-        method, base_dir, backend, refs = _guess_start_method(ns, text), str(Path(ns.file).resolve().parent), ns.backend, []
-    if method != "forkserver" or ns.inline or backend == "ray":
+    try:
+        text = Path(ns.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    method = _guess_start_method(ns, text)
+    if method != "forkserver" or ns.inline or ns.backend == "ray":
         return
     import threading
 
@@ -141,12 +133,15 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
         import multiprocessing
         from multiprocessing import forkserver
 
-        from runner.imports import prefetch, references
+        from runner import cache
+        from runner.imports import FORKSERVER_PRELOAD, prefetch, references
 
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["runner.worker"])
+        multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
         forkserver.ensure_running()
-        if text is None:
-            prefetch(refs, base_dir, method)
+        hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))
+        if hit is not None:
+            topology, refs = hit
+            prefetch(refs, topology.base_dir, topology.start_method)
             return
         import yaml
 
@@ -154,7 +149,7 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
             return
-        prefetch([ref for _, ref in references(data)], base_dir, method)
+        prefetch([ref for _, ref in references(data)], str(Path(ns.file).resolve().parent), method)
 
     threading.Thread(target=start, name="warm-up", daemon=True).start()
 

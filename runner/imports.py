@@ -22,6 +22,10 @@ PathKey = tuple[str | int, ...]
 
 CHECK_TIMEOUT = 60.0  # seconds the checker child gets to import everything
 
+# What the forkserver imports once for every process it forks: the worker code, and the module of the
+# `mprun` command, which each child re-runs as its __mp_main__ (multiprocessing's rule for a main script).
+FORKSERVER_PRELOAD = ["runner.worker", "runner.cli"]
+
 
 def references(data: Any) -> list[tuple[PathKey, str]]:
     """Every ``module:attribute`` of a document (functions, inits, source functions, test sources)."""
@@ -139,7 +143,7 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
     ctx = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         # The same preload as the supervisor's: the server started here is the one the run then reuses.
-        ctx.set_forkserver_preload(["runner.worker"])
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True)
     child.start()

@@ -40,6 +40,7 @@ import structlog
 
 from runner import logs, worker
 from runner.errors import RunFailed
+from runner.imports import FORKSERVER_PRELOAD
 from runner.metrics import Latency
 from runner.queues import Channel, Emitter, FifoChannel, IdRuns, LifoChannel, StackManager
 from runner.topology import MAX_BATCH, StagePlan, Topology
@@ -160,7 +161,7 @@ class Supervisor:
         self.progress = progress
         self.ctx = multiprocessing.get_context(topology.start_method)
         if topology.start_method == "forkserver":
-            self.ctx.set_forkserver_preload(["runner.worker"])
+            self.ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
         self.log = structlog.get_logger("mprun")
         self.pid = os.getpid()
         self.stats = {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topology.stages}
