@@ -11,7 +11,7 @@ import pytest
 from runner import run_pipeline
 
 TASKS = '''
-import os, signal
+import os, signal, time
 from pathlib import Path
 
 MARKS = Path(os.environ["MARKS"])
@@ -24,6 +24,11 @@ def killed_twice(x):
         except FileExistsError:
             return x
         os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+def stuck_on_15000(x):
+    if x == 15000:
+        time.sleep(60)
     return x
 
 def plus_minus(x):
@@ -66,6 +71,17 @@ def test_workers_killed_holding_whole_batches_lose_nothing(tmp_pipeline, marks, 
     assert Counter(result.collected["out"]) == Counter(range(30_000))
     assert result.stats["work"].restarts == 2
     assert result.stats["work"].items_out == result.stats["relay"].items_in == 30_000
+
+
+@pytest.mark.timeout(120)
+def test_timeout_inside_a_whole_batch_skips_only_that_item(tmp_pipeline, marks):
+    """A call stuck in the middle of a long stream is timed out; its worker is replaced, the item skipped,
+    and every other item of its batch still arrives once."""
+    text = chain("pool", "tasks_t:stuck_on_15000", 30_000, ", timeout: 0.5, on_error: skip")
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert result.exit_code == 0, result.error
+    assert Counter(result.collected["out"]) == Counter(x for x in range(30_000) if x != 15000)
+    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
 
 
 @pytest.mark.timeout(120)
