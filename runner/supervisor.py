@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -42,8 +42,12 @@ from runner import logs, worker
 from runner.errors import RunFailed
 from runner.imports import FORKSERVER_PRELOAD
 from runner.metrics import Latency
-from runner.queues import Channel, Emitter, FifoChannel, IdRuns, LifoChannel, StackManager
+from runner.queues import Emitter, FifoChannel, IdRuns
 from runner.topology import MAX_BATCH, StagePlan, Topology
+
+if TYPE_CHECKING:
+    from runner.lifo import StackManager
+    from runner.queues import Channel
 
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
 DEPTH = 2  # chunks in flight per worker
@@ -327,6 +331,8 @@ class Supervisor:
     def _setup(self) -> None:
         for plan in self.topo.queues.values():
             if plan.type == "lifo":
+                from runner.lifo import LifoChannel, StackManager
+
                 if self.manager is None:
                     # Serves the LIFO stacks of this run; private socket, random key, shut down with the run.
                     self.manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)

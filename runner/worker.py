@@ -41,11 +41,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import sharedctypes  # noqa: F401 - imported here so the forkserver preloads it for every worker
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import logs, queues
-from runner.queues import Channel, Emitter, Ids
+from runner.queues import Emitter, Ids
 from runner.topology import MAX_BATCH, StagePlan
+
+if TYPE_CHECKING:
+    from runner.queues import Channel
 
 LATENCY_SAMPLES = 8  # items of a chunk whose call is timed (every item of a chunk of up to 8)
 _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exactly one output
