@@ -158,7 +158,7 @@ def _run_stage(
             fn = make_function(stage, topo.base_dir, sink.append if sink is not None else None)
             spec = topo.queues[stage.inputs[0]]
             taken = queues[stage.inputs[0]]
-            progress = [0, 0.0]  # run_chunk reports the item in hand here (read by a normal run's timeouts)
+            progress = [0, 0]  # run_chunk reports the item in hand here (read by a normal run's timeouts)
             for data in reversed(taken) if spec.type == "lifo" else list(taken):
                 st.items_in += 1
                 # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.

@@ -577,14 +577,14 @@ class StageRunner:
 
     def start(self) -> None:
         for name in self.plan.process_names:
-            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("d", 3)))
+            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("q", 3)))
         threading.Thread(target=self._fetch, name=f"fetch-{self.plan.name}", daemon=True).start()
         self.thread.start()
 
     def _spawn(self, name: str, progress: Any) -> _Worker:
         mine, theirs = self.sup.ctx.Pipe(duplex=True)
-        progress[0] = progress[1] = 0.0
-        progress[2] = -1.0
+        progress[0] = progress[1] = 0
+        progress[2] = -1
         spec = worker.WorkerSpec(
             stage=self.plan,
             name=name,
@@ -859,7 +859,7 @@ class StageRunner:
     def _next_deadline(self) -> float | None:
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
         if self.plan.timeout:
-            deadlines += [w.progress[1] + self.plan.timeout for w in self.workers if w.task and w.progress[1] > 0]
+            deadlines += [w.progress[1] / 1e9 + self.plan.timeout for w in self.workers if w.task and w.progress[1] > 0]
         return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
 
     def _enforce_timeouts(self) -> None:
@@ -868,7 +868,7 @@ class StageRunner:
             if w.kill_at is not None:
                 if now >= w.kill_at and w.process.is_alive():
                     w.process.kill()
-            elif self.plan.timeout and w.task and w.progress[1] > 0 and now >= w.progress[1] + self.plan.timeout:
+            elif self.plan.timeout and w.task and w.progress[1] > 0 and now >= w.progress[1] / 1e9 + self.plan.timeout:
                 w.timed_out = True
                 w.kill_at = now + KILL_GRACE
                 w.process.terminate()

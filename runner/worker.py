@@ -339,7 +339,7 @@ class WorkerSpec:
     log_level: str
     parent_pid: int
     conn: Any  # this worker's end of its duplex pipe to the stage's runner
-    progress: Any  # RawArray('d', 3): index of the item in hand, its call's start (monotonic), seq of the chunk
+    progress: Any  # RawArray('q', 3): index of the item in hand, its call's start (monotonic_ns; 0: none), chunk seq
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
     pack: int = 0  # outputs of a chunk up to this many are sent pickled for the output queues (0: never)
@@ -377,7 +377,7 @@ def worker_main(spec: WorkerSpec) -> None:
     log.info("process started")
     conn = spec.conn
     # The same shared memory through a memoryview: a write per item costs half of a ctypes array's.
-    progress = memoryview(spec.progress).cast("B").cast("d")
+    progress = memoryview(spec.progress).cast("B").cast("q")
     try:
         if stage.init:
             resolve(stage.init, spec.base_dir)()
@@ -495,7 +495,7 @@ def run_items(
 
     The common case (no lock, first attempt, no exception) stays in a tight loop; anything else goes
     through ``_with_policy``.  ``progress[0]`` always holds the index of the item in hand, and with a
-    ``timeout`` ``progress[1]`` holds when its call started.
+    ``timeout`` ``progress[1]`` holds when its call started (``time.monotonic_ns()``).
 
     Latency: ``LATENCY_SAMPLES`` items spread evenly over the chunk (every item of a smaller chunk) are
     timed from the top of their loop turn to the top of the next (their call, retries and backoff
@@ -526,7 +526,6 @@ def run_items(
                 t_mark, mark = now, index + 1
             else:
                 mark = index - index % stride + stride
-        failure = None
         if simple:
             try:
                 out = fn(item)
@@ -544,6 +543,7 @@ def run_items(
                 if regular or silent:
                     ends.extend(_implicit_ends(regular, index))
                     regular = silent = False
+                failure = None
                 if type(out) is generator:
                     before = len(outputs)
                     try:
@@ -556,11 +556,13 @@ def run_items(
                 if failure is None:
                     ends.append(len(outputs))
                     continue
+        else:
+            failure = None
         if regular or silent:
             ends.extend(_implicit_ends(regular, index))
             regular = silent = False
         if timed:
-            progress[1] = time.monotonic()
+            progress[1] = time.monotonic_ns()
         dead = len(result.dead)
         if _with_policy(fn, stage, item, tries[index] if tries else 0, failure, lock, progress, result, log):
             break
@@ -572,7 +574,7 @@ def run_items(
     t1 = clock()
     if t_mark:
         samples.append(t1 - t_mark)
-    progress[1] = 0.0
+    progress[1] = 0
     result.done = len(ends)
     result.busy = t1 - t0
     return result
@@ -600,7 +602,7 @@ def _with_policy(
     while True:
         if failure is None:
             if stage.timeout is not None:
-                progress[1] = time.monotonic()
+                progress[1] = time.monotonic_ns()
             mark = len(outputs)
             try:
                 call(fn, item, lock, outputs.append)
@@ -611,7 +613,7 @@ def _with_policy(
         e, failure = failure, None
         attempts += 1
         result.failed += 1
-        progress[1] = 0.0
+        progress[1] = 0
         decided = verdict(stage, attempts)
         if decided == "retry":
             result.retried += 1

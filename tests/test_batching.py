@@ -14,13 +14,11 @@ TASKS = '''
 import os, signal, time
 from pathlib import Path
 
-MARKS = Path(os.environ["MARKS"])
-
 def killed_twice(x):
     """SIGKILLs its own process the first time it holds item 12000 or 25000 (marks make it once)."""
     if x in (12000, 25000):
         try:
-            os.close(os.open(MARKS / str(x), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(Path(os.environ["MARKS"], str(x)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return x
         os.kill(os.getpid(), signal.SIGKILL)
@@ -74,7 +72,7 @@ def test_workers_killed_holding_whole_batches_lose_nothing(tmp_pipeline, marks, 
 
 
 @pytest.mark.timeout(120)
-def test_timeout_inside_a_whole_batch_skips_only_that_item(tmp_pipeline, marks):
+def test_timeout_inside_a_whole_batch_skips_only_that_item(tmp_pipeline):
     """A call stuck in the middle of a long stream is timed out; its worker is replaced, the item skipped,
     and every other item of its batch still arrives once."""
     text = chain("pool", "tasks_t:stuck_on_15000", 30_000, ", timeout: 0.5, on_error: skip")
@@ -85,7 +83,7 @@ def test_timeout_inside_a_whole_batch_skips_only_that_item(tmp_pipeline, marks):
 
 
 @pytest.mark.timeout(120)
-def test_ordered_pool_keeps_order_over_a_long_stream(tmp_pipeline, marks):
+def test_ordered_pool_keeps_order_over_a_long_stream(tmp_pipeline):
     """An ordered pool over 60,000 items hands them on in input order, whole batches or not."""
     result = run_pipeline(tmp_pipeline(chain("pool", "identity", 60_000, ", ordered: true"), TASKS))
     assert result.exit_code == 0, result.error
@@ -94,7 +92,7 @@ def test_ordered_pool_keeps_order_over_a_long_stream(tmp_pipeline, marks):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("maxsize", [10_000, 50])
-def test_outputs_reach_small_and_large_queues_whole(tmp_pipeline, marks, maxsize):
+def test_outputs_reach_small_and_large_queues_whole(tmp_pipeline, maxsize):
     """A generator's two outputs per item, and list results in order, arrive whole whether a chunk's outputs
     fit one message of the next queue (sent on as the worker pickled them) or not (split in the main process)."""
     queues = f"queues: {{b: {{maxsize: {maxsize}}}}}\n"
