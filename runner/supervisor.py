@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from runner.lifo import StackManager
     from runner.queues import Channel
 
+TIMEOUT_POLL = 0.05  # seconds between looks at a timed stage's worker whose call has not started yet
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
 DEPTH = 2  # chunks in flight per worker
 CHUNK_SECONDS = 0.05  # work a chunk should hold, once a stage's time per item is known
@@ -857,10 +858,17 @@ class StageRunner:
             self._emit(seq, [], [])
 
     def _next_deadline(self) -> float | None:
+        """Seconds until the runner must look at its workers again without being woken (None: never)."""
+        now = time.monotonic()
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
         if self.plan.timeout:
-            deadlines += [w.progress[1] / 1e9 + self.plan.timeout for w in self.workers if w.task and w.progress[1] > 0]
-        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+            for w in self.workers:
+                if w.task:
+                    started = w.progress[1]
+                    # A chunk whose call has not started yet may start one that never ends and never wakes
+                    # this thread: look again soon, so its timeout is enforced from when it started.
+                    deadlines.append(started / 1e9 + self.plan.timeout if started > 0 else now + TIMEOUT_POLL)
+        return None if not deadlines else max(0.0, min(deadlines) - now)
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()

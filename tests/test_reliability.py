@@ -52,6 +52,9 @@ def slow_on_13(x):
         time.sleep(60)
     return x
 
+def slow_init():
+    time.sleep(1.0)
+
 def killed_once(x):
     """SIGKILLs its own process the first time it holds every tenth item."""
     if x % 10 == 3 and attempt(x) == 1:
@@ -156,6 +159,24 @@ def test_timeout_fails_the_call_and_replaces_the_worker(tmp_pipeline, marks, kin
     [letter] = result.collected["dead"]
     assert letter["item"] == 13 and "timed out after 0.5s" in letter["error"]
     assert result.stats["work"].restarts == 1
+
+
+def test_timeout_of_a_call_that_starts_after_every_other_event(tmp_pipeline, marks):
+    """The stuck call starts once the runner has nothing left to wake it (input ended, the worker still in
+    its slow init): its timeout is still enforced (the runner looks at a timed worker again every 50 ms)."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {items: [13, 14]}, output: a}
+  - {name: work, kind: consumer, input: a, function: "tasks_t:slow_on_13", init: "tasks_t:slow_init",
+     timeout: 0.5, on_error: skip, output: good}
+  - {name: good, kind: consumer, input: good, function: collect}
+"""
+    t0 = time.monotonic()
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="fork")
+    assert time.monotonic() - t0 < 20
+    assert result.exit_code == 0, result.error
+    assert result.collected["good"] == [14]
+    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
 
 
 @pytest.mark.parametrize("kind", ["consumer", "pool"])
