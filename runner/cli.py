@@ -127,17 +127,20 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     method = _guess_start_method(ns, text)
     if method != "forkserver" or ns.inline or ns.backend == "ray":
         return
+    import multiprocessing
     import threading
+    from multiprocessing import forkserver
+
+    from runner.topology import FORKSERVER_PRELOAD
+
+    # Here, not in the thread: the new interpreter should boot on the other core while this one imports.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    forkserver.ensure_running()
 
     def start() -> None:
-        import multiprocessing
-        from multiprocessing import forkserver
-
         from runner import cache
-        from runner.imports import FORKSERVER_PRELOAD, prefetch, references
+        from runner.imports import prefetch, references
 
-        multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
-        forkserver.ensure_running()
         hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))
         if hit is not None:
             topology, refs = hit

@@ -18,13 +18,11 @@ import sys
 import threading
 from typing import Any
 
+from runner.topology import FORKSERVER_PRELOAD
+
 PathKey = tuple[str | int, ...]
 
 CHECK_TIMEOUT = 60.0  # seconds the checker child gets to import everything
-
-# What the forkserver imports once for every process it forks: the worker code, and the module of the
-# `mprun` command, which each child re-runs as its __mp_main__ (multiprocessing's rule for a main script).
-FORKSERVER_PRELOAD = ["runner.worker", "runner.cli"]
 
 
 def references(data: Any) -> list[tuple[PathKey, str]]:

@@ -40,10 +40,9 @@ import structlog
 
 from runner import logs, worker
 from runner.errors import RunFailed
-from runner.imports import FORKSERVER_PRELOAD
 from runner.metrics import Latency
 from runner.queues import Emitter, FifoChannel, IdRuns
-from runner.topology import MAX_BATCH, StagePlan, Topology
+from runner.topology import FORKSERVER_PRELOAD, MAX_BATCH, StagePlan, Topology
 
 if TYPE_CHECKING:
     from runner.lifo import StackManager
