@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
 TIMEOUT_POLL = 0.05  # seconds between looks at a timed stage's worker whose call has not started yet
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
-DEPTH = 2  # chunks in flight per worker
+DEPTH = 2  # chunks in flight per worker (one once items are known to be slow: see StageRunner._depth)
+SLOW_ITEM = 0.001  # seconds per item from which a chunk's round trip to the runner no longer shows
 CHUNK_SECONDS = 0.05  # work a chunk should hold, once a stage's time per item is known
 FIRST_CHUNK = 8  # items in a stage's chunks until then
 MONITOR_TICK = 0.05  # seconds between samples of the queue depths
@@ -684,7 +685,7 @@ class StageRunner:
                 self.buffer.extend(items)
 
     def _dispatch(self) -> None:
-        for depth in range(1, DEPTH + 1):  # every worker's first chunk before anyone's second
+        for depth in range(1, self._depth() + 1):  # every worker's first chunk before anyone's second
             for w in self.workers:
                 if len(w.tasks) >= depth or w.retiring or w.kill_at is not None:
                     continue
@@ -728,6 +729,14 @@ class StageRunner:
         items, ids = pickle.loads(data)
         self.ids.add(ids if ids is not None else [None] * n)
         self.buffer.extend(items)
+
+    def _depth(self) -> int:
+        """Chunks in flight per worker: DEPTH, so that a worker finds its next short chunk waiting in its
+        pipe; one once items take SLOW_ITEM or more, so that at the end of the input no chunk waits behind
+        a busy worker while another worker has nothing left to do."""
+        st = self.stats
+        done = st.delivered + st.skipped + st.dead_lettered
+        return 1 if done and st.busy_seconds / done >= SLOW_ITEM else DEPTH
 
     def _chunk_size(self, share: int = 0) -> int:
         """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
