@@ -697,17 +697,15 @@ class StageRunner:
             self.fetching = False
             if batch is None:
                 self.input_done = True
-            elif self.packed is not None:
-                self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
+                continue
+            self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
+            if self.packed is not None:
                 self.packed.append(batch)
                 self.packed_items += batch[0]
                 self.stats.items_in += batch[0]
             else:
-                items, ids = batch
-                self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
-                self.ids.add(ids if ids is not None else [None] * len(items))
-                self.stats.items_in += len(items)
-                self.buffer.extend(items)
+                self.stats.items_in += len(batch[0])
+                self._buffer(*batch)
 
     def _dispatch(self) -> None:
         for depth in range(1, self._depth() + 1):  # every worker's first chunk before anyone's second
@@ -751,8 +749,11 @@ class StageRunner:
         assert self.packed is not None
         n, data = self.packed.popleft()
         self.packed_items -= n
-        items, ids = pickle.loads(data)
-        self.ids.add(ids if ids is not None else [None] * n)
+        self._buffer(*pickle.loads(data))
+
+    def _buffer(self, items: list[Any], ids: Any) -> None:
+        """Append a batch and its ids (None: the writer gave none) to what waits for a worker."""
+        self.ids.add(ids if ids is not None else [None] * len(items))
         self.buffer.extend(items)
 
     def _depth(self) -> int:

@@ -71,6 +71,15 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None, 
 
 
 @pytest.fixture
+def marks(tmp_path, monkeypatch):
+    """A fresh folder that stage functions find through ``MARKS`` (to do something once across processes)."""
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    monkeypatch.setenv("MARKS", str(folder))
+    return folder
+
+
+@pytest.fixture
 def tmp_pipeline(tmp_path):
     """Write a pipeline file (and optionally a tasks module) into a fresh folder; return its path."""
 

@@ -50,14 +50,6 @@ def chain(kind: str, function: str, stop: int, extra: str = "", queues: str = ""
 """
 
 
-@pytest.fixture
-def marks(tmp_path, monkeypatch):
-    folder = tmp_path / "marks"
-    folder.mkdir()
-    monkeypatch.setenv("MARKS", str(folder))
-    return folder
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["consumer", "pool"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])  # a forkserver started earlier keeps an old MARKS

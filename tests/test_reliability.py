@@ -88,14 +88,6 @@ stages:
 DLQ = "\n  - {name: dead, kind: consumer, input: dlq, function: collect}\n"
 
 
-@pytest.fixture
-def marks(tmp_path, monkeypatch):
-    folder = tmp_path / "marks"
-    folder.mkdir()
-    monkeypatch.setenv("MARKS", str(folder))
-    return folder
-
-
 @pytest.mark.parametrize("kind", ["consumer", "pool"])
 @pytest.mark.parametrize("method", METHODS)
 def test_skip_drops_and_counts_failed_items(tmp_pipeline, marks, kind, method):
