@@ -96,6 +96,12 @@ def serial_burn(n: int) -> tuple[int, int]:
     return _total(map(burn, range(n)))
 
 
+def pool_burn(n: int) -> tuple[int, int]:
+    """W2 as a hand-written pool would do it: ``Pool(2).imap_unordered(burn, it)`` (chunksize 1, fork)."""
+    with mp.Pool(WORKERS) as pool:
+        return _total(pool.imap_unordered(burn, range(n)))
+
+
 def _total(results: object) -> tuple[int, int]:
     total = count = 0
     for r in results:  # type: ignore[attr-defined]

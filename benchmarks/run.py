@@ -198,6 +198,8 @@ def workloads(quick: bool, only: set[str], peer_python: str | None) -> list[Work
         rows = [
             Contender("serial loop", [PYTHON, str(BENCH / "contenders.py"), "serial_burn", str(calls)],
                       calls, calls * (calls - 1) // 2, calls),
+            Contender("Pool(2).imap_unordered", [PYTHON, str(BENCH / "contenders.py"), "pool_burn", str(calls)],
+                      calls, calls * (calls - 1) // 2, calls),
             Contender("serial loop, 0 calls", [PYTHON, str(BENCH / "contenders.py"), "serial_burn", "0"], 0, 0, 0),
             Contender("mprun pool", [*MPRUN, pipeline("w2_pool.yaml", calls), "--no-summary"],
                       calls, calls * (calls - 1) // 2, calls),

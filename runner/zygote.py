@@ -1,0 +1,78 @@
+"""Start multiprocessing's forkserver and resource tracker by forking the ``mprun`` command, not exec'ing Python.
+
+``forkserver.ensure_running()`` boots two new interpreters (the resource tracker, then the forkserver), each
+paying Python's start-up and ``site`` (~25 ms of CPU), and the forkserver then imports its preload again. At
+the top of the command this process is still one thread with little imported, which is all a forkserver
+has to be: so it imports the preload (it needs those modules itself), forks twice, and each child runs the
+same ``main`` the new interpreter would have run, with the same file descriptors. The parent records them
+as ``ensure_running`` would, so every later ``Process.start`` finds both running. Where this Python's
+multiprocessing keeps other internals than these (3.11, 3.12; newer ones authenticate the forkserver), or
+a thread is already running, ``start`` returns False and the caller uses ``ensure_running``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing import connection, forkserver, resource_tracker, spawn, util
+
+
+def start(preload: list[str]) -> bool:
+    """Fork the resource tracker and a forkserver with ``preload`` imported; False if this is not possible."""
+    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
+    expected = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_preload_modules")
+    if (threading.active_count() != 1 or not all(hasattr(server, a) for a in expected)
+            or hasattr(server, "_forkserver_authkey") or server._forkserver_pid is not None
+            or getattr(tracker, "_fd", 0) is not None or not hasattr(tracker, "_pid")):
+        return False
+    for name in preload:
+        importlib.import_module(name)
+    _fork_tracker(tracker)
+    data = {k: v for k, v in spawn.get_preparation_data("ignore").items() if k in ("main_path", "sys_path")}
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()  # every client holds the write end; EOF tells the server to exit
+        pid = os.fork()
+        if pid == 0:
+            os.close(tracker._fd)  # a spawned server would not have it: each request brings the tracker's fd
+            tracker._fd = tracker._pid = None
+            _child(lambda: forkserver.main(listener.fileno(), alive_r, preload, **data), alive_w)
+        os.close(alive_r)
+    server._preload_modules = preload
+    server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
+    return True
+
+
+def _fork_tracker(tracker: resource_tracker.ResourceTracker) -> None:
+    r, w = os.pipe()
+    # As ensure_running does: the child ignores SIGINT and SIGTERM only once its main runs.
+    signal.pthread_sigmask(signal.SIG_BLOCK, resource_tracker._IGNORED_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(lambda: resource_tracker.main(r), w)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, resource_tracker._IGNORED_SIGNALS)
+    os.close(r)
+    tracker._fd, tracker._pid = w, pid
+
+
+def _child(main: Callable[[], object], close: int) -> None:
+    """Run a server's ``main`` in a forked child; leave without the parent's exit handlers or buffers."""
+    code = 1
+    try:
+        os.close(close)
+        main()
+        code = 0
+    except SystemExit as e:  # how forkserver.main ends: every client has gone
+        code = e.code if isinstance(e.code, int) else 0
+    finally:
+        os._exit(code)
