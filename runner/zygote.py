@@ -6,7 +6,7 @@ the top of the command this process is still one thread with little imported, wh
 has to be: so it imports the preload (it needs those modules itself), forks twice, and each child runs the
 same ``main`` the new interpreter would have run, with the same file descriptors. The parent records them
 as ``ensure_running`` would, so every later ``Process.start`` finds both running. Where this Python's
-multiprocessing keeps other internals than these (3.11, 3.12; newer ones authenticate the forkserver), or
+multiprocessing keeps other internals than these (3.11 to 3.13; 3.14 authenticates the forkserver), or
 a thread is already running, ``start`` returns False and the caller uses ``ensure_running``.
 """
 
