@@ -144,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
-    """Start the forkserver, then the import check, while this process validates the file (or reads its plan).
+    """Start the forkserver, then the import check, while this process reads the file's plan (or validates it).
 
     Only a head start, so it comes first: the start method is read from the command line or guessed from
-    the file's text, the functions to check come from the file's plan in ``runner.cache`` (else from its
-    YAML), and the check's result is used only if the run's plan names the same functions.
+    the file's text; the forkserver is forked from this process (``runner.zygote``) while it has one
+    thread; the functions to check come from the file's plan in ``runner.cache`` (else from its YAML, in a
+    thread), and the check's result is used only if the run's plan names the same functions.
     """
     try:
         text = Path(ns.file).read_text(encoding="utf-8")
@@ -161,24 +162,21 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     import threading
     from multiprocessing import forkserver
 
-    from runner import zygote
+    import runner.worker  # noqa: F401 - the run needs it here too; imported before the fork, the server has it
+    from runner import cache, zygote
+    from runner.imports import prefetch, references
     from runner.topology import FORKSERVER_PRELOAD
 
-    # Here, not in the thread: a forkserver is forked while this process has one thread (else one is spawned
-    # and should boot on the other core while this one imports).
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
     if not zygote.start(FORKSERVER_PRELOAD):
         forkserver.ensure_running()
+    hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))  # memoized: the run reads it for free
+    if hit is not None:
+        topology, refs = hit
+        prefetch(refs, topology.base_dir, topology.start_method)
+        return
 
     def start() -> None:
-        from runner import cache
-        from runner.imports import prefetch, references
-
-        hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))
-        if hit is not None:
-            topology, refs = hit
-            prefetch(refs, topology.base_dir, topology.start_method)
-            return
         import yaml
 
         try:

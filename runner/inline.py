@@ -27,8 +27,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from runner import logs
 from runner.queues import dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
@@ -103,7 +101,7 @@ def run_inline(topo: Topology) -> RunResult:
         for stage in stage_order(topo):
             me.name = stage.process_names[0]
             logs.configure(log_queue, topo.log_level, stage=stage.name, process=me.name)
-            log = structlog.get_logger("mprun")
+            log = logs.get_logger("mprun")
             if stage.daemon:
                 log.warning("daemon stage skipped: --inline runs every stage to its end, and a daemon never ends")
                 continue

@@ -6,6 +6,9 @@
      the record made plain data)                                        |    display when it is shown)
                                                                         \\-> log_file (JSON lines)
 
+mprun's own records are event dicts on stdlib loggers (``get_logger``), the shape structlog's take once
+they reach the handler, so a process imports structlog only when stage code does (``configure``).
+
 Children attach only a ``ContextQueueHandler``; the listener owns the real handlers and is stopped
 (drained) before the run returns, so no record is lost.  ``configure`` sets the root logger's level to
 the run's ``log_level`` in every process, so a record below it is dropped where it is made.
@@ -28,8 +31,6 @@ import os
 import sys
 import traceback
 from typing import Any
-
-import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
@@ -85,13 +86,27 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
 
 
 def configure(log_queue: Any, level: str, **context: Any) -> None:
-    """Route this process's structlog and stdlib logging to ``log_queue`` (call once per process)."""
+    """Route this process's stdlib logging and structlog to ``log_queue`` (call once per process).
+
+    structlog is configured now if it is imported, else right after its first import (``_StructlogHook``):
+    mprun's own records do not need it (``get_logger``), so a process whose code never logs through
+    structlog never imports it (~30 ms with asyncio).
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     context.setdefault("pid", os.getpid())
     root.addHandler(ContextQueueHandler(log_queue, **context))
     root.setLevel(LEVELS[level])
+    if "structlog" in sys.modules:
+        _configure_structlog()
+    elif not any(isinstance(finder, _StructlogHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _StructlogHook())
+
+
+def _configure_structlog() -> None:
+    import structlog
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -105,6 +120,61 @@ def configure(log_queue: Any, level: str, **context: Any) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _StructlogHook:
+    """A ``sys.meta_path`` finder that lets the first ``import structlog`` run, then configures structlog."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "structlog":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                load(module)
+                _configure_structlog()
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+class EventLogger:
+    """mprun's own records: ``log.info("event", key=value)`` as structlog's, without importing structlog.
+
+    The event dict goes to a stdlib logger as the record's message, which is what structlog's records
+    are once ``ContextQueueHandler`` gets them (it adds level, logger, timestamp and the process's context);
+    context bound with ``structlog.contextvars`` is merged in when structlog is in use.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self.logger.isEnabledFor(level):
+            bound = sys.modules.get("structlog.contextvars")
+            self.logger.log(level, {**(bound.get_contextvars() if bound else {}), "event": event, **fields})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields)
+
+
+def get_logger(name: str = "mprun") -> EventLogger:
+    """The logger mprun's own code writes its records with."""
+    return EventLogger(name)
 
 
 class EventFormatter(logging.Formatter):

@@ -37,8 +37,6 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from runner import logs, worker
 from runner.errors import RunFailed
 from runner.metrics import Latency
@@ -168,7 +166,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context(topology.start_method)
         if topology.start_method == "forkserver":
             self.ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
-        self.log = structlog.get_logger("mprun")
+        self.log = logs.get_logger("mprun")
         self.pid = os.getpid()
         self.stats = {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topology.stages}
         self.collected: dict[str, list[Any]] = {s.name: [] for s in topology.stages if s.function == "collect"}

@@ -257,9 +257,7 @@ def producer_main(spec: ProcessSpec) -> None:
     """Target of every producer process."""
     stage = spec.stage
     bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid, spec.id_names)
-    import structlog
-
-    log = structlog.get_logger("mprun")
+    log = logs.get_logger("mprun")
     ctl = Control(spec.ctl)
     log.info("process started")
     started = time.perf_counter()
@@ -370,10 +368,8 @@ def worker_main(spec: WorkerSpec) -> None:
     """Target of every consumer and pool worker: chunks in, results out, until told to stop."""
     stage = spec.stage
     bootstrap(spec.base_dir, spec.log_queue, spec.log_level, stage.name, spec.name, spec.parent_pid, spec.id_names)
-    import structlog
-
     global _chunk
-    log = structlog.get_logger("mprun")
+    log = logs.get_logger("mprun")
     log.info("process started")
     conn = spec.conn
     # The same shared memory through a memoryview: a write per item costs half of a ctypes array's.

@@ -3,16 +3,15 @@
 ``forkserver.ensure_running()`` boots two new interpreters (the resource tracker, then the forkserver), each
 paying Python's start-up and ``site`` (~25 ms of CPU), and the forkserver then imports its preload again. At
 the top of the command this process is still one thread with little imported, which is all a forkserver
-has to be: so it imports the preload (it needs those modules itself), forks twice, and each child runs the
-same ``main`` the new interpreter would have run, with the same file descriptors. The parent records them
-as ``ensure_running`` would, so every later ``Process.start`` finds both running. Where this Python's
-multiprocessing keeps other internals than these (3.11 to 3.13; 3.14 authenticates the forkserver), or
-a thread is already running, ``start`` returns False and the caller uses ``ensure_running``.
+has to be: so it forks twice, and each child runs the same ``main`` the new interpreter would have run, with
+the same file descriptors (the server imports what of its preload is not imported here yet). The parent
+records them as ``ensure_running`` would, so every later ``Process.start`` finds both running. Where this
+Python's multiprocessing keeps other internals than these (3.11 to 3.13; 3.14 authenticates the
+forkserver), or a thread is already running, ``start`` returns False and the caller uses ``ensure_running``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import socket
@@ -22,15 +21,16 @@ from multiprocessing import connection, forkserver, resource_tracker, spawn, uti
 
 
 def start(preload: list[str]) -> bool:
-    """Fork the resource tracker and a forkserver with ``preload`` imported; False if this is not possible."""
+    """Fork the resource tracker and a forkserver that imports ``preload``; False if this is not possible.
+
+    What this process needs as well is best imported before: the server then has it without importing it.
+    """
     server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
     expected = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_preload_modules")
     if (threading.active_count() != 1 or not all(hasattr(server, a) for a in expected)
             or hasattr(server, "_forkserver_authkey") or server._forkserver_pid is not None
             or getattr(tracker, "_fd", 0) is not None or not hasattr(tracker, "_pid")):
         return False
-    for name in preload:
-        importlib.import_module(name)
     _fork_tracker(tracker)
     data = {k: v for k, v in spawn.get_preparation_data("ignore").items() if k in ("main_path", "sys_path")}
     with socket.socket(socket.AF_UNIX) as listener:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 
 from runner.logs import ConsoleFormatter
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 TASKS = '''
 import logging, structlog
@@ -177,3 +179,56 @@ def test_console_formatter_colours_and_tracebacks():
                                   "Traceback...", "ValueError: x y"]
     coloured = ConsoleFormatter(colors=True).render(event)
     assert "\x1b[31;1merror" in coloured
+
+
+LAZY_TASKS = '''
+import sys
+
+def late_logger(x):
+    import structlog  # first imported here, after the worker has set up logging
+
+    structlog.get_logger("tasks").info("late saw", x=x)
+    return x
+
+def has_structlog(x):
+    return "structlog" in sys.modules
+'''
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_structlog_first_imported_inside_a_stage_function_is_routed(tmp_pipeline, tmp_path, method):
+    """mprun's own records do not use structlog, so a worker may import it first in the middle of a call:
+    it is configured right then, and its records reach the listener with stage, process and item_id."""
+    text = f"""version: 1
+settings: {{start_method: {method}, log_level: info}}
+stages:
+  - {{name: src, kind: producer, source: {{range: {{stop: 6}}}}, output: a}}
+  - {{name: late, kind: pool, processes: 2, input: a, function: "tasks_t:late_logger"}}
+"""
+    log_file = tmp_path / "log.jsonl"
+    result = run_cli(str(tmp_pipeline(text, LAZY_TASKS)), "--log-file", str(log_file))
+    assert result.returncode == 0, result.stderr
+    late = by_event(records(log_file))["late saw"]
+    assert sorted(r["x"] for r in late) == list(range(6))
+    assert all(r["stage"] == "late" and r["item_id"] == f"src:{r['x']}" and r["level"] == "info" for r in late)
+    assert "late saw" in result.stderr and "late saw" not in result.stdout  # not structlog's default printer
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_run_whose_code_does_not_log_with_structlog_never_imports_it(tmp_pipeline, method):
+    """Neither the main process nor a worker imports structlog (~30 ms with asyncio) unless stage code does;
+    mprun's own lifecycle records still arrive."""
+    path = tmp_pipeline(f"""version: 1
+settings: {{start_method: {method}, log_level: info}}
+stages:
+  - {{name: src, kind: producer, source: {{items: [1, 2]}}, output: a}}
+  - {{name: probe, kind: consumer, input: a, function: "tasks_t:has_structlog", output: b}}
+  - {{name: out, kind: consumer, input: b, function: collect}}
+""", LAZY_TASKS)
+    code = ("import sys, runner; r = runner.run_pipeline(sys.argv[1]); "
+            "print(r.exit_code, r.collected['out'], 'structlog' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "[False,", "False]", "False"]
+    assert "process started" in result.stderr

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import ray
-import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 import runner
@@ -359,7 +358,7 @@ def _bootstrap(spec: ActorSpec) -> tuple[_Relay, str, Any]:
     logs.configure(relay, spec.log_level, stage=spec.stage.name, process=spec.name, node=node)
     sys.stdout = _Lines(relay, "stdout")  # type: ignore[assignment]
     sys.stderr = _Lines(relay, "stderr")  # type: ignore[assignment]
-    return relay, base_dir, structlog.get_logger("mprun")
+    return relay, base_dir, logs.get_logger("mprun")
 
 
 def _where() -> dict[str, Any]:
@@ -500,7 +499,7 @@ class RaySupervisor:
         self.topo = topology
         self.given_address = address
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        self.log = structlog.get_logger("mprun")
+        self.log = logs.get_logger("mprun")
         self.stats = {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topology.stages}
         self.collected: dict[str, list[Any]] = {s.name: [] for s in topology.stages if s.function == "collect"}
         self.exit_codes: dict[str, int | None] = {}
