@@ -96,13 +96,13 @@ def plan_run(
         UsageError: an unknown setting, or a bad value for one (exit code 2).
     """
     from runner import cache
-    from runner.imports import import_problems
+    from runner.imports import import_problems, imports_structlog
 
     _check_setting_names(settings)
     name = cache.key(path_or_pipeline, overrides, limit, settings)
     hit = cache.load(name)
     if hit is not None:
-        topology, refs = hit
+        topology, refs, _ = hit
         if not any(import_problems(refs, topology.base_dir, topology.start_method)):
             return topology  # else the full path below reports the problem, located
     from runner.compiler import compile_pipeline
@@ -111,7 +111,7 @@ def plan_run(
     pipeline = prepare_pipeline(path_or_pipeline, overrides, **settings)
     refs = check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
     topology = compile_pipeline(pipeline, limit=limit)
-    cache.store(name, (topology, refs))
+    cache.store(name, (topology, refs, imports_structlog(refs)))
     return topology
 
 

@@ -98,3 +98,36 @@ stages:
 
     failing = run_cli(str(path), "--no-summary", "--set", "stages.calc.function=tasks_t:fail_on_7")
     assert failing.returncode == 1 and "seven" in failing.stderr
+
+
+PRELOAD_TASKS = '''
+import sys
+
+PRELOADED = "structlog" in sys.modules  # before this module's own import: did the forkserver have it?
+
+if "{uses}" == "yes":
+    import structlog
+
+def preloaded(x):
+    return PRELOADED
+'''
+
+
+def test_the_forkserver_preloads_structlog_once_a_run_showed_the_stage_code_imports_it(tmp_pipeline):
+    """The import check notes whether the functions' modules import structlog and the plan's cache keeps it:
+    the next run's forkserver preloads structlog for them, and never for code that does not use it."""
+    for uses, expected in (("yes", [[False, False], [True, True]]), ("no", [[False, False], [False, False]])):
+        path = tmp_pipeline(f"""version: 1
+name: preload_{uses}
+settings: {{start_method: forkserver}}
+stages:
+  - {{name: src, kind: producer, source: {{items: [1, 2]}}, output: a}}
+  - {{name: probe, kind: pool, processes: 2, input: a, function: "tasks_t:preloaded", output: b}}
+  - {{name: out, kind: consumer, input: b, function: collect}}
+""", PRELOAD_TASKS.replace("{uses}", uses), name=f"{uses}.yaml")
+        seen = []
+        for _ in expected:
+            result = run_cli(str(path), "--no-summary")
+            assert result.returncode == 0, result.stderr
+            seen.append(json.loads(result.stdout))
+        assert seen == expected, uses
