@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import uuid
 from collections import defaultdict
 
 import pytest
 
 from runner.logs import ConsoleFormatter
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_gone
 
 TASKS = '''
 import logging, structlog
@@ -227,8 +229,10 @@ stages:
 """, LAZY_TASKS)
     code = ("import sys, runner; r = runner.run_pipeline(sys.argv[1]); "
             "print(r.exit_code, r.collected['out'], 'structlog' in sys.modules)")
+    token = uuid.uuid4().hex
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT, check=False)
+                            cwd=ROOT, check=False, env={**os.environ, "MPRUN_TEST_TOKEN": token})
+    assert wait_gone(token) == []
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "[False,", "False]", "False"]
     assert "process started" in result.stderr
