@@ -168,8 +168,8 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     from runner.topology import FORKSERVER_PRELOAD
 
     hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))  # memoized: the run reads it for free
-    # structlog (~30 ms) too if the stage code imported it when this plan was checked; not on a first run.
-    preload = FORKSERVER_PRELOAD + ["structlog"] if hit is not None and hit[2] else FORKSERVER_PRELOAD
+    # structlog (~30 ms) only if the stage code imported it when this plan was checked; not on a first run.
+    preload = [m for m in FORKSERVER_PRELOAD if m != "structlog" or (hit is not None and hit[2])]
     multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
     if not zygote.start(preload):
         forkserver.ensure_running()

@@ -11,11 +11,12 @@ from typing import Any
 
 MAX_BATCH = 4096  # most items one queue message carries
 LINGER = 0.05  # seconds a buffered item may wait before it is sent anyway
-# What the forkserver imports once for every process it forks: the worker code, and the module of the
-# `mprun` command, which each child re-runs as its __mp_main__ (multiprocessing's rule for a main script).
-# structlog only when the stage code imports it (runner.imports.imports_structlog; mprun's own code does
-# not need it, see runner.logs).
-FORKSERVER_PRELOAD = ["runner.worker", "runner.cli"]
+# What the forkserver imports once for every process it forks: the worker code, the module of the `mprun`
+# command, which each child re-runs as its __mp_main__ (multiprocessing's rule for a main script), and
+# structlog for stage code that logs with it. `mprun run` forks its server (runner.zygote) without
+# structlog unless the plan's functions import it (runner.imports.imports_structlog): mprun's own code
+# does not need it (runner.logs).
+FORKSERVER_PRELOAD = ["runner.worker", "runner.cli", "structlog"]
 
 
 @dataclass(frozen=True)
