@@ -82,8 +82,8 @@ def console() -> NoReturn:
     Tearing down a process that ran a pipeline takes ~35 ms (every object and module freed one by one) and
     frees nothing the system would not. So the last exit handler, registered here first so it runs after
     all the others (logging's flush and close, multiprocessing's finalizers that join children and queue
-    threads), flushes stdout and stderr and ends the process. Only a run that kept user code out of this
-    process (not ``--inline``, not Ray) leaves this way; everything else exits normally.
+    threads), flushes stdout and stderr and ends the process. Only ``run`` (not ``--inline``), ``validate``
+    and ``test``, which keep user code out of this process, leave this way, and not after using Ray.
     """
     import atexit
 
@@ -102,7 +102,15 @@ def _leave_quickly() -> None:
     os._exit(_QUICK_EXIT)
 
 
-_QUICK_EXIT: int | None = None  # set by a local, non-inline run to its exit code
+_QUICK_EXIT: int | None = None  # the exit code, once a command has ended that allows the quick exit
+
+
+def _quick(code: int) -> int:
+    """A command that ran no user code in this process ends with ``code``: ``console`` may leave quickly."""
+    global _QUICK_EXIT
+    if "ray" not in sys.modules:  # a Ray driver is left to shut down the usual way
+        _QUICK_EXIT = code
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "run":
             return _run(ns)
         if ns.command == "validate":
-            return _validate(ns)
+            _start_forkserver_for(ns.files, ns.overrides)
+            return _quick(_validate(ns))
         if ns.command == "schema":
             from runner.schema import schema_json
 
             sys.stdout.write(schema_json())
             return 0
         if ns.command == "test":
+            _start_forkserver_for(ns.files, [])
             from runner.testing import run_tests
 
-            return run_tests(ns.files)
+            return _quick(run_tests(ns.files))
         if ns.command == "graph":
             return _graph(ns)
         if ns.command == "new":
@@ -155,24 +165,18 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
         text = Path(ns.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    method = _guess_start_method(ns, text)
+    method = _guess_start_method(text, ns.start_method, ns.overrides)
     if method != "forkserver" or ns.inline or ns.backend == "ray":
         return
-    import multiprocessing
     import threading
-    from multiprocessing import forkserver
 
-    import runner.worker  # noqa: F401 - the run needs it here too; imported before the fork, the server has it
-    from runner import cache, zygote
+    from runner import cache
     from runner.imports import prefetch, references
     from runner.topology import FORKSERVER_PRELOAD
 
     hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))  # memoized: the run reads it for free
     # structlog (~30 ms) only if the stage code imported it when this plan was checked; not on a first run.
-    preload = [m for m in FORKSERVER_PRELOAD if m != "structlog" or (hit is not None and hit[2])]
-    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
-    if not zygote.start(preload):
-        forkserver.ensure_running()
+    _start_forkserver([m for m in FORKSERVER_PRELOAD if m != "structlog" or (hit is not None and hit[2])])
     if hit is not None:
         topology, refs, _ = hit
         prefetch(refs, topology.base_dir, topology.start_method)
@@ -190,12 +194,39 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     threading.Thread(target=start, name="warm-up", daemon=True).start()
 
 
-def _guess_start_method(ns: argparse.Namespace, text: str) -> str:
+def _start_forkserver(preload: list[str]) -> None:
+    """Start the forkserver now, forked from this process while it has one thread (``runner.zygote``)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    import runner.worker  # noqa: F401 - needed here too; imported before the fork, the server has it
+    from runner import zygote
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    if not zygote.start(preload):
+        forkserver.ensure_running()
+
+
+def _start_forkserver_for(files: list[str], overrides: list[str]) -> None:
+    """``validate`` and ``test``: the forkserver first, if a file uses it (each file's import check does)."""
+    from runner.topology import FORKSERVER_PRELOAD
+
+    for file in files:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if _guess_start_method(text, None, overrides) == "forkserver":
+            _start_forkserver(FORKSERVER_PRELOAD)
+            return
+
+
+def _guess_start_method(text: str, start_method: str | None, overrides: list[str]) -> str:
     import re
 
-    if ns.start_method:
-        return ns.start_method
-    for override in reversed(ns.overrides):
+    if start_method:
+        return start_method
+    for override in reversed(overrides):
         if override.startswith("settings.start_method="):
             return override.partition("=")[2].strip()
     found = re.search(r"^\s*start_method:\s*[\"']?(\w+)", text, re.MULTILINE)
@@ -232,10 +263,7 @@ def _run(ns: argparse.Namespace) -> int:
         print(summary_table(result), file=sys.stderr)
     if result.error:
         print(f"mprun: error: {result.error}", file=sys.stderr)
-    if not ns.inline and "ray" not in sys.modules:  # no user code or Ray driver in this process
-        global _QUICK_EXIT
-        _QUICK_EXIT = result.exit_code
-    return result.exit_code
+    return _quick(result.exit_code) if not ns.inline else result.exit_code
 
 
 def _run_inline(ns: argparse.Namespace) -> Any:

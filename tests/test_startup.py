@@ -131,3 +131,25 @@ stages:
             assert result.returncode == 0, result.stderr
             seen.append(json.loads(result.stdout))
         assert seen == expected, uses
+
+
+def test_validate_checks_imports_in_a_forkserver_forked_from_the_command(tmp_pipeline, marks):
+    """``mprun validate`` starts the forkserver as ``run`` does: the import check's parent runs the command."""
+    tasks = '''
+import os
+from pathlib import Path
+
+Path(os.environ["MARKS"], "server").write_bytes(Path(f"/proc/{os.getppid()}/cmdline").read_bytes())
+
+def work(x):
+    return x
+'''
+    path = tmp_pipeline("""version: 1
+stages:
+  - {name: src, kind: producer, source: {items: [1]}, output: a}
+  - {name: work, kind: consumer, input: a, function: "tasks_t:work"}
+""", tasks)
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0 and result.stdout.strip() == f"ok {path}", result.stderr
+    server = (marks / "server").read_bytes().decode().split("\0")[:-1]
+    assert server[-2:] == ["validate", str(path)], server
