@@ -363,7 +363,8 @@ class Supervisor:
             for r in ready:
                 if r == sig_r:
                     os.read(sig_r, 64)
-                    self._begin_stop()
+                    if self.signal_received:  # a write from anywhere else is not a signal
+                        self._begin_stop()
                 elif r == self._bell.r:
                     self._bell.clear()
                 elif self.manager is not None and r == self.manager._process.sentinel:
@@ -973,6 +974,13 @@ def _install_signals(sup: Supervisor, sig_w: int) -> dict[int, Any] | None:
         return None
 
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != sup.pid:
+            # A child started with `fork` that has not set its own handlers yet shares this pipe: it must
+            # not wake the supervisor. It ignores SIGINT (the supervisor's to handle) and dies of SIGTERM.
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         if sup.signal_received:  # a second signal: stop at once
             raise KeyboardInterrupt
         sup.signal_received = signum

@@ -354,3 +354,33 @@ stages:
     assert not runner.is_alive()
     [result] = results
     assert result.exit_code == 1 and "LIFO" in result.error, result.error
+
+
+@pytest.mark.parametrize(("signum", "dies"), [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_a_forked_child_signalled_before_its_own_handlers_leaves_the_supervisor_alone(signum, dies):
+    """A `fork` child inherits the supervisor's handlers and its signal pipe until it sets its own: a SIGTERM
+    then must end the child and a SIGINT be ignored, neither waking the supervisor (it once read as signal 0
+    and failed the run with a traceback)."""
+    from types import SimpleNamespace
+
+    from runner import supervisor
+
+    r, w = os.pipe()
+    sup = SimpleNamespace(signal_received=0, pid=os.getpid())
+    previous = supervisor._install_signals(sup, w)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: signalled before a worker's bootstrap would have set its handlers
+            os.kill(os.getpid(), signum)
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        supervisor._restore_signals(previous)
+    os.close(w)
+    written = os.read(r, 64)
+    os.close(r)
+    assert written == b"" and sup.signal_received == 0
+    if dies:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    else:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
