@@ -140,11 +140,12 @@ stages:
 """
     data, result = run_with_metrics(tmp_pipeline, tmp_path, marks, text)
     restarts = {name: p["restarts"] for name, p in data["process_stats"].items()}
-    assert sorted(restarts.values()) == [0, 0, 1]
-    assert data["stages"]["work"]["restarts"] == 1 and data["stages"]["work"]["failed"] == 1
-    assert data["processes"] == {name: 0 for name in restarts}  # the replacement ended normally
+    seen = f"{data}\n{result.stderr}"  # what a failure shows
+    assert sorted(restarts.values()) == [0, 0, 1], seen
+    assert data["stages"]["work"]["restarts"] == 1 and data["stages"]["work"]["failed"] == 1, seen
+    assert data["processes"] == {name: 0 for name in restarts}, seen  # the replacement ended normally
     summary = [line for line in result.stderr.splitlines() if line.startswith("work")]
-    assert summary[0].split()[8] == "1"  # the restarts column of the summary
+    assert summary[0].split()[8] == "1", seen  # the restarts column of the summary
 
 
 def test_summary_table_marks_the_slowest_stage(tmp_pipeline, tmp_path, marks):
