@@ -153,6 +153,15 @@ class EventLogger:
 
     def __init__(self, name: str) -> None:
         self.logger = logging.getLogger(name)
+        self._seen: set[Any] = set()
+
+    def first(self, key: Any) -> bool:
+        """True the first time this logger is asked about ``key``: to write something once, such as the
+        traceback of an exception raised again and again from the same place."""
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self.logger.isEnabledFor(level):

@@ -89,11 +89,26 @@ def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
 
 
 class FunctionFailed(Exception):
-    """A stage function raised; carries the child-side traceback text and the item."""
+    """A stage function raised; carries the child-side traceback text, the item, and where it was raised."""
 
-    def __init__(self, summary: str, tb: str, item: str) -> None:
+    def __init__(self, summary: str, tb: str, item: str, where: tuple[str, str, int] | None = None) -> None:
         super().__init__(summary)
-        self.summary, self.tb, self.item = summary, tb, item
+        self.summary, self.tb, self.item, self.where = summary, tb, item, where
+
+    @classmethod
+    def of(cls, e: BaseException, item: Any) -> FunctionFailed:
+        """The failure of ``fn(item)`` that raised ``e`` (being handled): ``where`` is the exception's type
+        and the file and line of the innermost frame."""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (type(e).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
+        return cls(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item), where)
+
+    def traceback_fields(self, log: Any) -> dict[str, str]:
+        """The traceback for a warning about this failure: the first from each place in this process;
+        after that a note, so that a run that skips or retries many items logs each traceback once."""
+        return {"exception": self.tb} if log.first(self.where) else {"traceback": "as earlier in this process"}
 
 
 def short_repr(value: Any, width: int = 200) -> str:
@@ -228,8 +243,7 @@ def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], N
         else:
             emit(result)
     except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item
-        summary = f"{type(e).__name__}: {e}"
-        raise FunctionFailed(summary, traceback.format_exc(), short_repr(item)) from None
+        raise FunctionFailed.of(e, item) from None
 
 
 # -- producer processes --------------------------------------------------------------------------------
@@ -526,7 +540,7 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+                failure = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -546,7 +560,7 @@ def run_items(
                         extend(out)
                     except Exception as e:  # noqa: BLE001 - what a failing generator yielded does not count
                         del outputs[before:]
-                        failure = FunctionFailed(f"{type(e).__name__}: {e}", traceback.format_exc(), short_repr(item))
+                        failure = FunctionFailed.of(e, item)
                 elif out is not None:
                     append(out)
                 if failure is None:
@@ -613,7 +627,7 @@ def _with_policy(
         decided = verdict(stage, attempts)
         if decided == "retry":
             result.retried += 1
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, exception=e.tb)
+            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
@@ -623,5 +637,5 @@ def _with_policy(
             result.dead.append(give_up_letter(stage, item, e.summary, attempts))
         else:
             result.skipped += 1
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, exception=e.tb)
+        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
         return False

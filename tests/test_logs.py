@@ -42,6 +42,13 @@ def twice(x):
 
 def dead(letter):
     log.info("dead saw", x=letter["item"])
+
+def bad(x):
+    if x == 4:
+        raise KeyError(x)
+    if x % 2:
+        raise ValueError(x)
+    return x
 '''
 
 
@@ -236,3 +243,32 @@ stages:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "[False,", "False]", "False"]
     assert "process started" in result.stderr
+
+
+def test_a_traceback_is_logged_once_per_place_in_each_process(tmp_pipeline, tmp_path):
+    """Skipped and retried items each log a warning, but each place an exception comes from logs its
+    traceback once per process; the later warnings say so instead."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 12}}, output: a}
+  - {name: skip, kind: consumer, processes: 1, input: a, function: "tasks_t:bad", on_error: skip, output: b}
+  - {name: again, kind: pool, processes: 1, input: a2, function: "tasks_t:bad", on_error: retry, retries: 1,
+     retry_backoff: 0, dead_letter: c}
+  - {name: src2, kind: producer, source: {range: {stop: 6}}, output: a2}
+  - {name: sink, kind: consumer, input: b, function: collect}
+  - {name: dead, kind: consumer, input: c, function: collect}
+"""
+    log_file = tmp_path / "log.jsonl"
+    result = run_cli(str(tmp_pipeline(text, TASKS)), "--log-file", str(log_file))
+    assert result.returncode == 0, result.stderr
+    found = by_event(records(log_file))
+    given_up = [r for r in found["item given up"] if r["process"] == "skip"]
+    assert sorted(r["item"] for r in given_up) == ["1", "11", "3", "4", "5", "7", "9"]
+    with_tb = [r for r in given_up if "exception" in r]
+    assert sorted(r["error"].split(":")[0] for r in with_tb) == ["KeyError", "ValueError"]  # one per place
+    assert all(r["traceback"] == "as earlier in this process" for r in given_up if "exception" not in r)
+    assert all("raise" in r["exception"] for r in with_tb)
+    # the pool: 1, 3, 4, 5 each fail twice; the first failure of each place shows its traceback
+    retried = [r for r in found["retrying"] + found["item given up"] if r["process"] == "again"]
+    assert len(retried) == 8
+    assert sorted(r["error"].split(":")[0] for r in retried if "exception" in r) == ["KeyError", "ValueError"]
