@@ -137,7 +137,9 @@ def run_pipeline(
 
     Raises:
         PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
+        UsageError: a bad option, or ``start_method: fork`` in a process connected to Ray (exit code 2).
     """
+    from runner.imports import ray_connected
     from runner.supervisor import Supervisor  # imported while the forkserver starts (``cli._warm_up``)
 
     topology = plan_run(path_or_pipeline, overrides, limit=limit, **settings)
@@ -150,6 +152,10 @@ def run_pipeline(
         return run_on_ray(topology, ray_address)
     if ray_address:
         msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
+        raise UsageError(msg)
+    if topology.start_method == "fork" and ray_connected():
+        msg = ("start_method fork cannot be used in a process connected to Ray (ray.init was called): a fork "
+               "copies Ray's running threads and can hang; use forkserver or spawn")
         raise UsageError(msg)
     if progress is None:
         import sys

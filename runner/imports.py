@@ -146,9 +146,18 @@ def import_problems(refs: list[str], base_dir: str, start_method: str) -> list[s
     return _import_problems(refs, base_dir, start_method)
 
 
+def ray_connected() -> bool:
+    """Whether this process is connected to Ray: a ``fork`` of it copies the state of Ray's running gRPC
+    threads, after which Ray's own requests can be lost and wait for ever."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
 def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[str | None]:
     if not refs:
         return []
+    if start_method == "fork" and ray_connected():
+        start_method = "forkserver"  # the check only needs a process that imports them afresh
     ctx = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         # The same preload as the supervisor's: the server started here is the one the run then reuses.

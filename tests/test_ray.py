@@ -173,7 +173,7 @@ def stats_of(result) -> dict[str, tuple[int, ...]]:
 def test_core_patterns_match_local(tmp_pipeline, ray_run):
     """Chain, ordered pool, fan-out, fan-in and LIFO order: the same items, order and counts as locally."""
     path = tmp_pipeline(PATTERNS, TASKS)
-    local = run_pipeline(path, start_method="fork")
+    local = run_pipeline(path, start_method="forkserver")
     ray = ray_run(path)
     assert local.exit_code == 0 and ray.exit_code == 0, ray.error
     assert ray.collected["chain"] == local.collected["chain"] == [2 * i + 2 for i in range(3000)]
@@ -200,7 +200,7 @@ stages:
         marks = tmp_path / f"marks-{backend}"
         marks.mkdir()
         path = tmp_pipeline(text.replace("MARKS", str(marks)), TASKS, name=f"{backend}.yaml")
-        results.append(run_pipeline(path, start_method="fork") if backend == "local" else ray_run(path))
+        results.append(run_pipeline(path, start_method="forkserver") if backend == "local" else ray_run(path))
     local, ray = results
     assert ray.exit_code == 0, ray.error
     assert Counter(ray.collected["ok"]) == Counter(local.collected["ok"])
@@ -221,10 +221,42 @@ stages:
   - {{name: fragile, kind: {kind}, input: a, function: "tasks_t:bad_sevens"}}
 """
     path = tmp_pipeline(text, TASKS)
-    local = run_pipeline(path, start_method="fork")
+    local = run_pipeline(path, start_method="forkserver")
     ray = ray_run(path)
     assert ray.exit_code == local.exit_code == 1
     assert ray.error == local.error == "stage 'fragile' (process fragile) failed on item 7: ValueError: no sevens: 7"
+
+
+def test_fork_is_refused_in_a_process_connected_to_ray(tmp_pipeline, ray_instance):
+    """A local run with start_method fork in a process connected to Ray stops with a usage error before it
+    forks (a fork copies Ray's gRPC threads); forkserver runs there, its import check too."""
+    from runner.errors import UsageError
+
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 5}}, output: a}
+  - {name: sink, kind: consumer, input: a, function: collect}
+"""
+    path = tmp_pipeline(text, TASKS)
+    with pytest.raises(UsageError, match="start_method fork cannot be used in a process connected to Ray"):
+        run_pipeline(path, start_method="fork")
+    assert run_pipeline(path, start_method="forkserver").collected["sink"] == [0, 1, 2, 3, 4]
+
+
+def test_a_hub_ray_never_starts_fails_the_run_instead_of_hanging(tmp_pipeline, ray_run, monkeypatch):
+    """The queue hub actor waiting for resources that never come: the run fails after START_TIMEOUT with
+    one line saying so, and every actor it started is gone (the fixture checks)."""
+    ray_backend = pytest.importorskip("runner.backends.ray")
+    monkeypatch.setattr(ray_backend, "START_TIMEOUT", 2.0)
+    monkeypatch.setattr(ray_backend, "_Hub", ray_backend._Hub.options(resources={"mprun-test-never": 1}))
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 5}}, output: a}
+  - {name: sink, kind: consumer, input: a, function: collect}
+"""
+    result = ray_run(tmp_pipeline(text, TASKS))
+    assert result.exit_code == 1
+    assert result.error == "Ray did not start the queue hub actor within 2s"
 
 
 def test_failing_reader_never_leaves_its_writers_blocked(tmp_pipeline, ray_run):

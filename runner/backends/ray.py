@@ -183,6 +183,9 @@ class _Hub:
         self.closed = True
         self.more.set()
 
+    async def ready(self) -> None:
+        """Answers once the hub runs: the driver waits for that, at most START_TIMEOUT."""
+
     async def acquire(self, name: str, holder: str) -> None:
         lock = self.locks.setdefault(name, asyncio.Lock())
         await lock.acquire()
@@ -514,7 +517,8 @@ class RaySupervisor:
         self.relay_thread: threading.Thread | None = None
         self.signal_received = 0
         self.stop_deadline: float | None = None
-        # Wakes the loop: ("signal", signum) from the handler, ("producer", p) and ("runner", name) when one ends.
+        # Wakes the loop: ("signal", signum) from the handler, ("producer", p) and ("runner", name) when one ends,
+        # ("failed", message) when the run cannot go on.
         self.bell: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.base_dir: str | None = topology.base_dir
 
@@ -598,7 +602,18 @@ class RaySupervisor:
                 Path(self.topo.base_dir, str(stage.kwargs["path"])).write_text("")
 
     def _relay(self) -> None:
-        """Relay thread: records to the listener's queue, output lines to this process's streams."""
+        """Relay thread: records to the listener's queue, output lines to this process's streams.
+
+        It first waits (bounded) for the hub to run: an actor Ray never starts would otherwise leave every
+        stage, and the run, waiting for ever.
+        """
+        try:
+            ray.get(self.hub.ready.remote(), timeout=START_TIMEOUT)
+        except GetTimeoutError:
+            self.bell.put(("failed", f"Ray did not start the queue hub actor within {START_TIMEOUT:g}s"))
+            return
+        except Exception:  # noqa: BLE001 - the hub is gone: nothing will come
+            return
         while True:
             try:
                 entries = ray.get(self.hub.take.remote())
@@ -630,6 +645,8 @@ class RaySupervisor:
                 self._begin_stop()
             elif message[0] == "producer":
                 self._producer_done(message[1])
+            elif message[0] == "failed":
+                self.failure = self.failure or message[1]
             for r in self.runners.values():
                 if r.error and not self.failure:
                     self.failure = r.error
@@ -681,7 +698,7 @@ class RaySupervisor:
                 self.failure = self.failure or f"stage {p.stage!r} (process {p.name}) failed: {error}"
         self.exit_codes[p.name] = code
         self.log.info("process exited", stage=p.stage, process=p.name, exitcode=code, **p.where)
-        ray.kill(p.actor)  # its run is over (a no-op for a dead actor)
+        _kill(p.actor)  # its run is over (a no-op for a dead actor)
 
     def _advance(self) -> None:
         """Mark finished stages, end the queues they were the last writer of, start what may start."""
@@ -753,7 +770,7 @@ class RaySupervisor:
                 ray.get(self.hub.close.remote(), timeout=KILL_GRACE)
             if self.relay_thread is not None:
                 self.relay_thread.join(KILL_GRACE + 5)
-            ray.kill(self.hub)
+            _kill(self.hub)
 
 
 def _check_reachable(address: str) -> None:
@@ -777,8 +794,20 @@ def _stop_actor(actor: Any) -> Any:
     said = None
     with contextlib.suppress(Exception):  # dead or stuck: killed all the same
         said = ray.get(actor.stop.remote(), timeout=KILL_GRACE)
-    ray.kill(actor)
+    _kill(actor)
     return said
+
+
+def _kill(actor: Any) -> None:
+    """``ray.kill``, waiting at most KILL_GRACE: Ray first waits for the actor's creation to be registered,
+    and a registration that never arrives (seen after a ``fork`` of this process) would wait for ever."""
+    def kill() -> None:
+        with contextlib.suppress(Exception):  # gone already, or Ray is shutting down
+            ray.kill(actor)
+
+    killer = threading.Thread(target=kill, name="ray-kill", daemon=True)
+    killer.start()
+    killer.join(KILL_GRACE)
 
 
 @dataclass
@@ -1102,7 +1131,7 @@ class StageRunner:
             if elapsed >= self.plan.timeout:
                 w.timed_out = max(index, 0)
                 w.check_at = None
-                ray.kill(w.actor)  # its call then fails with RayActorError: _exited applies the policy
+                _kill(w.actor)  # its call then fails with RayActorError: _exited applies the policy
             else:
                 w.check_at = now + (self.plan.timeout - elapsed if elapsed >= 0 else self.plan.timeout)
 
