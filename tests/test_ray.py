@@ -227,17 +227,19 @@ stages:
     assert ray.error == local.error == "stage 'fragile' (process fragile) failed on item 7: ValueError: no sevens: 7"
 
 
+FIVE = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 5}}, output: a}
+  - {name: sink, kind: consumer, input: a, function: collect}
+"""
+
+
 def test_fork_is_refused_in_a_process_connected_to_ray(tmp_pipeline, ray_instance):
     """A local run with start_method fork in a process connected to Ray stops with a usage error before it
     forks (a fork copies Ray's gRPC threads); forkserver runs there, its import check too."""
     from runner.errors import UsageError
 
-    text = """version: 1
-stages:
-  - {name: src, kind: producer, source: {range: {stop: 5}}, output: a}
-  - {name: sink, kind: consumer, input: a, function: collect}
-"""
-    path = tmp_pipeline(text, TASKS)
+    path = tmp_pipeline(FIVE, TASKS)
     with pytest.raises(UsageError, match="start_method fork cannot be used in a process connected to Ray"):
         run_pipeline(path, start_method="fork")
     assert run_pipeline(path, start_method="forkserver").collected["sink"] == [0, 1, 2, 3, 4]
@@ -249,12 +251,7 @@ def test_a_hub_ray_never_starts_fails_the_run_instead_of_hanging(tmp_pipeline, r
     ray_backend = pytest.importorskip("runner.backends.ray")
     monkeypatch.setattr(ray_backend, "START_TIMEOUT", 2.0)
     monkeypatch.setattr(ray_backend, "_Hub", ray_backend._Hub.options(resources={"mprun-test-never": 1}))
-    text = """version: 1
-stages:
-  - {name: src, kind: producer, source: {range: {stop: 5}}, output: a}
-  - {name: sink, kind: consumer, input: a, function: collect}
-"""
-    result = ray_run(tmp_pipeline(text, TASKS))
+    result = ray_run(tmp_pipeline(FIVE, TASKS))
     assert result.exit_code == 1
     assert result.error == "Ray did not start the queue hub actor within 2s"
 
