@@ -461,6 +461,30 @@ stages:
     assert {"work-1", "work-2"} <= {r["process"] for r in records if r["event"] == "process started"}
 
 
+def test_a_late_ray_call_after_a_run_with_its_own_instance_starts_no_other(tmp_pipeline):
+    """After a run that started and stopped its own Ray instance, a Ray call still made in its process (as by
+    a thread of the run left waiting) fails instead of auto-starting a new instance that would outlive it."""
+    pytest.importorskip("ray")
+    path = tmp_pipeline(FIVE, TASKS)
+    script = f"""
+import ray
+from runner import run_pipeline
+if __name__ == "__main__":
+    assert run_pipeline({str(path)!r}, backend="ray").collected["sink"] == [0, 1, 2, 3, 4]
+    try:
+        ray.get(ray.put(1))
+    except Exception as e:
+        print("refused:", type(e).__name__)
+    print("initialized:", ray.is_initialized())
+"""
+    token = uuid.uuid4().hex
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MPRUN_TEST_TOKEN": token})
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "initialized: False" in result.stdout, result.stdout
+    assert wait_gone(token) == []
+
+
 def test_missing_ray_is_a_one_line_usage_error(tmp_pipeline, tmp_path):
     """Without Ray installed, --backend ray exits 2 with one line saying what to install."""
     shadow = tmp_path / "shadow" / "ray"

@@ -551,6 +551,7 @@ class RaySupervisor:
                     self._shutdown()
             finally:
                 if owned:
+                    _no_auto_connect()
                     ray.shutdown()
                 listener.stop()
                 logs.close_handlers(listener)
@@ -798,6 +799,15 @@ def _stop_actor(actor: Any) -> Any:
     return said
 
 
+def _no_auto_connect() -> None:
+    """Before this run's own Ray instance stops: a call a thread of the run still makes (all are bounded, none
+    is joined for ever) must fail, not start a new instance (Ray's auto-connect) that would outlive the run."""
+    with contextlib.suppress(Exception):  # a Ray without the hook: nothing to turn off
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+
+
 def _kill(actor: Any) -> None:
     """``ray.kill``, waiting at most KILL_GRACE: Ray first waits for the actor's creation to be registered,
     and a registration that never arrives (seen after a ``fork`` of this process) would wait for ever."""
@@ -889,6 +899,9 @@ class StageRunner:
             self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
         finally:
             self._stop_workers()
+            for emitter in (self.emitter, self.dead_emitter):
+                if emitter is not None:  # closed already after a normal end; else it must not call Ray later
+                    emitter.stop(KILL_GRACE)
             self.stats.items_out = self.emitter.sent
             self.finished = True
             self.sup.bell.put(("runner", self.plan.name))
