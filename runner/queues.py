@@ -315,16 +315,16 @@ class Emitter:
                 return
             seen = -1
 
-    def stop(self, timeout: float) -> None:
-        """Stop the linger thread (waiting at most ``timeout`` for a flush it is in) and send nothing more:
-        the stage was stopped, and what is buffered was never sent (``sent`` does not count it)."""
+    def stop(self, timeout: float | None) -> None:
+        """Stop the linger thread, waiting at most ``timeout`` (None: until it ends) for a flush it is in.
+        Alone (a stopped stage), it sends nothing more: what is buffered was never sent (``sent`` does not
+        count it)."""
         self._closed.set()
         self._thread.join(timeout)
 
     def close(self) -> None:
         """Send what is buffered and stop the linger thread."""
-        self._closed.set()
-        self._thread.join()
+        self.stop(None)
         if self._error is not None:
             raise self._error
         self._flush()
