@@ -51,6 +51,7 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
             name=name,
             type=spec.type,
             maxsize=spec.maxsize,
+            max_bytes=spec.max_bytes,
             batch=min(MAX_BATCH, spec.maxsize) if spec.maxsize else MAX_BATCH,
             writers=tuple(s.name for s in stages if name in s.outputs or name == s.dead_letter),
             # Consumer and pool stages read their input in one thread of the main process each.

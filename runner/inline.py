@@ -31,7 +31,7 @@ from runner import logs
 from runner.queues import dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
 from runner.topology import StagePlan, Topology
-from runner.worker import make_function, resolve, run_chunk, source_items
+from runner.worker import PROGRESS_SLOTS, make_function, resolve, run_chunk, source_items
 from schemas import Pipeline
 
 
@@ -156,7 +156,7 @@ def _run_stage(
             fn = make_function(stage, topo.base_dir, sink.append if sink is not None else None)
             spec = topo.queues[stage.inputs[0]]
             taken = queues[stage.inputs[0]]
-            progress = [0, 0]  # run_chunk reports the item in hand here (read by a normal run's timeouts)
+            progress = [0] * PROGRESS_SLOTS  # run_chunk reports the item in hand and its counts here
             for data in reversed(taken) if spec.type == "lifo" else list(taken):
                 st.items_in += 1
                 # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.

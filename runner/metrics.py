@@ -7,7 +7,7 @@ Schema (every count an integer, every time in seconds; keys are only ever added)
                        "failed", "dead_lettered", "restarts", "seconds", "busy_seconds",
                        "busy_per_process", "utilisation", "items_per_second", "balanced",
                        "latency": {"samples", "p50", "p95", "p99", "max", "mean"} | null}},
-     "queues": {NAME: {"produced", "delivered", "balanced"}},
+     "queues": {NAME: {"produced", "delivered", "left", "balanced"}},
      "queue_high_water": {NAME: ITEMS},
      "processes": {NAME: EXIT_CODE},
      "process_stats": {NAME: {"stage", "exit_code", "restarts"}}}
@@ -41,7 +41,8 @@ timeout).
 
 ``stages[*].balanced``: every item a consumer or pool took in was delivered, skipped or dead-lettered.
 ``queues[*].balanced``: every item put on the queue was taken by its readers.  A run that exits 0 is
-balanced everywhere.
+balanced everywhere.  ``queues[*].left``: items put on the queue (or made by a stage for it) that no reader
+took: ``produced - delivered``; what a run stopped by SIGINT/SIGTERM left unprocessed, 0 in a run that exits 0.
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from runner.topology import LINGER, QueuePlan
+from runner.topology import BATCH_BYTES, LINGER, QueuePlan
 
 LIFO_TAKE = 64  # most items a LIFO reader pops at once
+CANCEL_CHECK = 0.1  # seconds between looks at the stop flag of a writer waiting for room
 
 
 class UnpicklableItem(Exception):
@@ -115,19 +116,59 @@ def _short(item: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+class Cancelled(Exception):
+    """A put that waited for room was given up: the run is stopping."""
+
+
+class ManagerGone(Exception):
+    """The manager process serving the LIFO queues is gone (it died, or was killed)."""
+
+
 class FifoChannel:
-    """A ``multiprocessing.Queue`` of pickled batches; ``None`` marks the end for one reader."""
+    """A ``multiprocessing.Queue`` of pickled batches, bounded in messages and in bytes; ``None`` ends it for one reader.
+
+    The ``multiprocessing.Queue`` itself is unbounded: room is counted here, in shared memory under a
+    ``Condition``, so that a writer waits while the queue holds ``slots`` messages or ``max_bytes`` bytes
+    (a single message larger than that still passes into an empty queue), and a writer of this process
+    that waits can be given up on (``cancel``) when the run stops. Readers are the stage runners' fetcher
+    threads in the main process; writers are producers and stage runners.
+    """
 
     def __init__(self, ctx: Any, plan: QueuePlan) -> None:
         self.name = plan.name
         self.batch = plan.batch
         self.readers = plan.reader_processes
-        # Pickled (batch of items, their ids); written by the stages whose `output` names this queue, read
-        # by the stages whose `input` names it, plus one None per reader process at the end.
-        self.queue = ctx.Queue(plan.slots)
+        self.slots = plan.slots
+        self.max_bytes = plan.max_bytes
+        # Pickled (batch of items, their ids) as (n, bytes); written by the stages whose `output` names this
+        # queue, read by the stages whose `input` names it, plus one None per reader process at the end.
+        self.queue = ctx.Queue()
+        self._room = ctx.Condition(ctx.Lock())  # writers wait on it for room; readers notify it
+        self._held = ctx.RawArray("q", 2)  # messages and bytes in the queue now (under _room)
+
+    def _full(self, size: int) -> bool:
+        held = self._held
+        return bool(self.slots and held[0] >= self.slots) or (
+            bool(self.max_bytes) and held[1] > 0 and held[1] + size > self.max_bytes)
 
     def put(self, batch: list[Any], ids: Ids | None = None) -> None:
-        self.queue.put((len(batch), pack(batch, ids)))
+        self.put_packed(len(batch), pack(batch, ids))
+
+    def put_packed(self, n: int, data: bytes, cancel: threading.Event | None = None) -> None:
+        """Put a batch pickled elsewhere (``pack`` of n items and their ids) as it is, once there is room.
+
+        ``cancel``: while it is set (checked at least every ``CANCEL_CHECK`` seconds of waiting) the put
+        is given up with ``Cancelled``.
+        """
+        size = len(data)
+        with self._room:
+            while self._full(size):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(self.name)
+                self._room.wait(None if cancel is None else CANCEL_CHECK)
+            self._held[0] += 1
+            self._held[1] += size
+        self.queue.put((n, data))
 
     def get(self) -> list[Any] | None:
         got = self.get_ids()
@@ -135,26 +176,30 @@ class FifoChannel:
 
     def get_ids(self) -> tuple[list[Any], Ids | None] | None:
         """A batch and its ids (None when the writer gave none); ``None`` at the end."""
-        got = self.queue.get()
+        got = self.get_packed()
         return None if got is None else pickle.loads(got[1])
-
-    def put_packed(self, n: int, data: bytes) -> None:
-        """Put a batch pickled elsewhere (``pack`` of n items and their ids), as it is."""
-        self.queue.put((n, data))
 
     def get_packed(self) -> tuple[int, bytes] | None:
         """A batch as it travelled: (number of items, pickled (items, ids)); ``None`` at the end.
 
         A stage runner hands such a batch to a worker whole, without unpickling it in the main process.
         """
-        return self.queue.get()
+        got = self.queue.get()
+        if got is not None:
+            with self._room:
+                self._held[0] -= 1
+                self._held[1] -= len(got[1])
+                self._room.notify_all()
+        return got
 
     def end(self, readers: int) -> None:
+        """One end marker per reader, behind every item (never waits: markers take no room)."""
         for _ in range(readers):
             self.queue.put(None)
 
     def close(self) -> None:
-        """After the run: drop what nobody will read, so this process never waits to flush it."""
+        """After the run (or in a writer that is stopped): drop what nobody will read, so this process never
+        waits to flush it."""
         self.queue.cancel_join_thread()
         self.queue.close()
 
@@ -211,14 +256,17 @@ class Emitter:
         self._counter = counter
         self._on_batch = on_batch  # called with each batch instead of (or besides) the channels
         self._max = min([c.batch for c in channels], default=1024)
+        self._cap = self._max  # most items of a batch of about BATCH_BYTES, as the last batch measured
         self._limit = 1
         self._singles = max([c.readers for c in channels], default=1)  # one-item batches still to send
         self._buffer: list[Any] = []
         # Most items of a batch pickled elsewhere that emit_packed may send whole (0: never).
-        fifo = bool(channels) and all(isinstance(c, FifoChannel) for c in channels)
-        self.packed_max = self._max if fifo and on_batch is None and numbering is None else 0
+        self._fifo = any(type(c) is FifoChannel for c in channels)
+        every_fifo = bool(channels) and all(type(c) is FifoChannel for c in channels)
+        self.packed_max = self._max if every_fifo and on_batch is None and numbering is None else 0
         self._flushing = threading.Lock()
         self._closed = threading.Event()
+        self._cancel = threading.Event()  # set by abandon(): a put waiting for room gives up
         self.sent = 0  # items taken out of the buffer and handed to the channels
         self._error: BaseException | None = None  # raised by the linger thread, re-raised by emit/close
         self._thread = threading.Thread(target=self._linger, name="emitter-linger", daemon=True)
@@ -244,14 +292,14 @@ class Emitter:
         """Send ``n`` items pickled elsewhere (a worker's outputs, ``pack``ed with their ids) whole, after
         what is buffered.  Only once batches have grown to full size and if ``n`` fits one; False (nothing
         sent) otherwise, and the caller emits the items."""
-        if not 0 < n <= self.packed_max or self._limit < self._max:
+        if not 0 < n <= self.packed_max or self._limit < min(self._max, self._cap):
             return False
         self._flush()
         with self._flushing:
             if self._error is not None:
                 raise self._error
             for channel in self._channels:
-                channel.put_packed(n, data)  # type: ignore[union-attr]
+                channel.put_packed(n, data, self._cancel)  # type: ignore[union-attr]
             self.sent += n
             if self._counter is not None:
                 self._counter[0] = self.sent
@@ -282,11 +330,7 @@ class Emitter:
         try:
             if self._on_batch is not None:
                 self._on_batch(batch)
-            for channel in self._channels:
-                if ids is None:
-                    channel.put(batch)
-                else:
-                    channel.put(batch, ids)
+            self._put(batch, ids)
         except BaseException as e:
             self._error = e
             self._limit = 0  # the stage's next emit flushes, and so raises this error in the stage's thread
@@ -297,7 +341,27 @@ class Emitter:
         if self._singles > 1:
             self._singles -= 1
         else:
-            self._limit = min(self._limit * 2, self._max)
+            self._limit = max(1, min(self._limit * 2, self._max, self._cap))
+
+    def _put(self, batch: list[Any], ids: Ids | None) -> None:
+        """Put one batch into every channel: pickled once for the FIFO ones, in halves while it is larger than
+        ``BATCH_BYTES`` (what it measured caps the next batches)."""
+        n, data = len(batch), b""
+        if self._fifo:
+            data = pack(batch, ids)
+            self._cap = max(1, min(self._max, n * BATCH_BYTES // max(1, len(data))))
+            if len(data) > BATCH_BYTES and n > 1:
+                half = n // 2
+                self._put(batch[:half], None if ids is None else ids[:half])
+                self._put(batch[half:], None if ids is None else ids[half:])
+                return
+        for channel in self._channels:
+            if type(channel) is FifoChannel:
+                channel.put_packed(n, data, self._cancel)
+            elif ids is None:
+                channel.put(batch)
+            else:
+                channel.put(batch, ids)
 
     def _linger(self) -> None:
         tick = LINGER / 2
@@ -314,6 +378,15 @@ class Emitter:
             except BaseException:  # noqa: BLE001 - kept in _error: emit/close raise it in the stage's thread
                 return
             seen = -1
+
+    @property
+    def buffered(self) -> int:
+        """Items emitted and not sent yet."""
+        return len(self._buffer)
+
+    def abandon(self) -> None:
+        """The run is stopping: a put that waits for room (now or later) gives up with ``Cancelled``."""
+        self._cancel.set()
 
     def stop(self, timeout: float | None) -> None:
         """Stop the linger thread, waiting at most ``timeout`` (None: until it ends) for a flush it is in.

@@ -23,25 +23,27 @@ count here) for the high-water marks, and 5 times a second redraws the live disp
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
 import pickle
-import select
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import logs, worker
+from runner import logs, wire, worker
 from runner.errors import RunFailed
 from runner.metrics import Latency
-from runner.queues import Emitter, FifoChannel, IdRuns
-from runner.topology import FORKSERVER_PRELOAD, MAX_BATCH, StagePlan, Topology
+from runner.queues import Cancelled, Emitter, FifoChannel, IdRuns, ManagerGone
+from runner.topology import BATCH_BYTES, FORKSERVER_PRELOAD, MAX_BATCH, StagePlan, Topology
 
 if TYPE_CHECKING:
     from runner.lifo import StackManager
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 
 TIMEOUT_POLL = 0.05  # seconds between looks at a timed stage's worker whose call has not started yet
 KILL_GRACE = 2.0  # seconds a terminated process gets to unwind before it is killed
+FETCH_BYTES = 4 << 20  # a stage runner reads its input while fewer bytes than this (or a chunk per worker) wait
+SIGNAL_GAP = 1.0  # seconds within which a second SIGINT/SIGTERM is the same stop delivered twice
 DEPTH = 2  # chunks in flight per worker (one once items are known to be slow: see StageRunner._depth)
 SLOW_ITEM = 0.001  # seconds per item from which a chunk's round trip to the runner no longer shows
 CHUNK_SECONDS = 0.05  # work a chunk should hold, once a stage's time per item is known
@@ -105,7 +109,8 @@ def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, di
         produced = sum(stats[s.name].items_out for s in topo.stages if name in s.outputs)
         produced += sum(stats[s.name].dead_lettered for s in topo.stages if s.dead_letter == name)
         delivered = sum(stats[s.name].items_in for s in topo.stages if name in s.inputs)
-        accounts[name] = {"produced": produced, "delivered": delivered, "balanced": produced == delivered}
+        accounts[name] = {"produced": produced, "delivered": delivered, "left": max(0, produced - delivered),
+                          "balanced": produced == delivered}
     return accounts
 
 
@@ -181,7 +186,9 @@ class Supervisor:
         self.channels: dict[str, Channel] = {}
         self.locks: dict[str, Any] = {}
         self.signal_received = 0
+        self.signal_at = 0.0  # when the first signal came (time.monotonic)
         self.stop_deadline: float | None = None
+        self.killing = False  # past the shutdown timeout: every child is killed
         self.id_names = tuple(s.name for s in topology.stages if s.kind == "producer")  # how items are numbered
         self.counters: dict[str, list[Any]] = {s.name: [] for s in topology.stages}  # producer items sent, live
         self.restarts: dict[str, int] = {}
@@ -336,7 +343,8 @@ class Supervisor:
                 if self.manager is None:
                     # Serves the LIFO stacks of this run; private socket, random key, shut down with the run.
                     self.manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
-                    self.manager.start(_manager_init, (self.pid,))
+                    with stop_signals_blocked():
+                        self.manager.start(_manager_init, (self.pid,))
                 self.channels[plan.name] = LifoChannel(self.manager, plan)
             else:
                 self.channels[plan.name] = FifoChannel(self.ctx, plan)
@@ -358,7 +366,8 @@ class Supervisor:
             timeout = None if self.stop_deadline is None else max(0.0, self.stop_deadline - time.monotonic())
             ready = wait(waitables, timeout)
             if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
-                self.log.warning("shutdown timeout passed: stopping what is left", timeout=self.topo.shutdown_timeout)
+                self.log.warning("shutdown timeout passed: killing what is left", timeout=self.topo.shutdown_timeout)
+                self._kill_all()
                 raise _Signalled(self.signal_received)
             for r in ready:
                 if r == sig_r:
@@ -368,26 +377,38 @@ class Supervisor:
                 elif r == self._bell.r:
                     self._bell.clear()
                 elif self.manager is not None and r == self.manager._process.sentinel:
-                    code = self.manager._process.exitcode
-                    self.failure = self.failure or f"the manager serving the LIFO queues died ({died_message('-', 'manager', code).split(': ', 1)[1]})"
+                    self.failure = self._manager_died()
                 else:
                     self._producer_ready(r)
             for runner in self.runners.values():
                 if runner.error and not self.failure:
                     self.failure = runner.error
             if self.failure:
+                if self.manager is not None and "LIFO queue" in self.failure:  # a consequence: name the cause
+                    self.manager._process.join(KILL_GRACE)
+                    if self.manager._process.exitcode is not None:
+                        self.failure = self._manager_died()
                 raise RunFailed(self.failure)
             self._advance()
 
+    def _manager_died(self) -> str:
+        assert self.manager is not None
+        code = exit_code_of(self.manager._process)
+        why = died_message("-", "manager", code).split(": ", 1)[1].replace("process manager ", "", 1)
+        return f"the manager process serving the LIFO queues {why}; the run cannot go on without it"
+
     def _begin_stop(self) -> None:
-        """First SIGINT/SIGTERM: stop producers, let in-flight items finish within shutdown_timeout."""
+        """First SIGINT/SIGTERM: stop producers, hand out nothing more, let chunks in flight finish, then end;
+        within shutdown_timeout, after which everything left is killed."""
         name = signal.Signals(self.signal_received).name
-        self.log.warning("stopping: producers stopped, in-flight items finishing", signal=name,
+        self.log.warning("stopping: producers stopped, chunks in flight finishing, queued items left", signal=name,
                          shutdown_timeout=self.topo.shutdown_timeout)
         self.stop_deadline = time.monotonic() + self.topo.shutdown_timeout
         for p in self.producers:
-            if not p.done and p.process.is_alive():
-                p.process.terminate()
+            if not p.done:
+                stop_child(p.process)
+        for runner in self.runners.values():
+            runner.stop()
         for stage in self.topo.stages:  # stages not started yet never will be
             self.started.setdefault(stage.name, time.perf_counter())
             if stage.name not in self.runners and stage.kind != "producer":
@@ -439,9 +460,8 @@ class Supervisor:
         for name, plan in self.topo.queues.items():
             if name not in self.ended_queues and all(w in self.finished for w in plan.writers):
                 self.ended_queues.add(name)
-                # Ending a bounded queue may wait for room: do it beside the loop, never in it.
-                channel = self.channels[name]
-                threading.Thread(target=channel.end, args=(plan.reader_processes,), daemon=True).start()
+                with contextlib.suppress(ManagerGone):  # reported as the manager's death
+                    self.channels[name].end(plan.reader_processes)
         if self.stop_deadline is None:
             self._start_ready_stages()
 
@@ -477,7 +497,7 @@ class Supervisor:
                 counter=counter,
             )
             process = self.ctx.Process(target=worker.producer_main, args=(spec,), name=name, daemon=stage.daemon)
-            process.start()
+            start_child(process)
             writer.close()
             self.producers.append(_Producer(stage.name, name, process, reader))
 
@@ -487,22 +507,35 @@ class Supervisor:
 
     # -- the end ---------------------------------------------------------------------------------------
 
-    def _shutdown(self) -> None:
-        """Stop whatever still runs (daemon stages at a normal end; everything after a failure)."""
+    def _kill_all(self) -> None:
+        """The shutdown timeout has passed: SIGKILL every child, whatever it is doing."""
+        self.killing = True
         for runner in self.runners.values():
-            runner.abort()
+            runner.abort(kill=True)
+            for w in list(runner.workers):
+                w.process.kill()
+        for p in self.producers:
+            if not p.done:
+                p.process.kill()
+        if self.manager is not None:
+            self.manager._process.kill()
+
+    def _shutdown(self) -> None:
+        """Stop whatever still runs (daemon stages at a normal end; everything after a failure). Every wait
+        here is bounded: a child that does not stop when asked is killed."""
+        for runner in self.runners.values():
+            runner.abort(kill=self.killing)
         alive = [p for p in self.producers if not p.done]
         for p in alive:
-            if p.process.is_alive():
-                p.process.terminate()
+            (p.process.kill if self.killing else functools.partial(stop_child, p.process))()
         for runner in self.runners.values():
-            runner.thread.join(KILL_GRACE + 5)
+            runner.thread.join(2 * KILL_GRACE + 1)
         deadline = time.monotonic() + KILL_GRACE
         for p in alive:
             p.process.join(max(0.0, deadline - time.monotonic()))
             if p.process.is_alive():
                 p.process.kill()
-                p.process.join()
+                p.process.join(KILL_GRACE)
             self._drain(p)
             p.done = True
             self.exit_codes[p.name] = p.process.exitcode
@@ -517,27 +550,20 @@ class Supervisor:
             channel.close()
 
 
-class _Poller:
-    """``multiprocessing.connection.wait`` for waitables that rarely change (a runner's bell and its
-    workers' pipes and sentinels): the poll object is kept, where ``wait`` builds a selector on every
-    call (~14 us, thousands of times in a fast stage)."""
+@dataclass
+class _Task:
+    """A chunk handed to a worker, as the runner keeps it in case the worker dies holding it."""
 
-    def __init__(self) -> None:
-        self._poll = select.poll()
-        self._by_fd: dict[int, Any] = {}
-        self._key: tuple[int, ...] = ()
+    seq: int
+    items: list[Any] | bytes  # bytes: a whole batch of the input queue, still pickled (items and ids)
+    tries: list[int] | None  # failed attempts of each item so far (None: none failed yet)
+    ids: Any
+    n: int  # items in it
+    settled: int = 0  # items at its start already answered by partial results (see worker.run_items)
 
-    def wait(self, objects: list[Any], timeout: float | None) -> list[Any]:
-        key = tuple(map(id, objects))
-        if key != self._key:
-            for fd in self._by_fd:
-                self._poll.unregister(fd)
-            self._by_fd = {o if isinstance(o, int) else o.fileno(): o for o in objects}
-            for fd in self._by_fd:
-                self._poll.register(fd, select.POLLIN)
-            self._key = key
-        ms = None if timeout is None else math.ceil(timeout * 1000)
-        return [self._by_fd[fd] for fd, _ in self._poll.poll(ms)]
+    def message(self) -> memoryview:
+        """What the worker receives (``worker.worker_main``)."""
+        return ForkingPickler.dumps((self.seq, self.items, self.tries, self.ids), pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass
@@ -546,19 +572,15 @@ class _Worker:
 
     name: str
     process: Any
-    conn: Any
+    outbox: wire.Outbox  # chunks to it (its task pipe, never blocking this thread)
+    results: Any  # the read end of its result pipe
     progress: Any
-    # Chunks sent and not answered yet, oldest first: (seq, items, failed attempts or None, ids). Up to
-    # DEPTH, so a worker finds its next chunk waiting in its pipe when it finishes one.
-    tasks: deque[tuple[int, list[Any], list[int] | None, Any]] = field(default_factory=deque)
+    # Chunks sent and not answered yet, oldest first; up to DEPTH, so a worker finds its next chunk waiting
+    # in its pipe when it finishes one.
+    tasks: deque[_Task] = field(default_factory=deque)
     retiring: bool = False
     timed_out: bool = False
     kill_at: float | None = None
-
-    @property
-    def task(self) -> tuple[int, list[Any], list[int] | None, Any] | None:
-        """The chunk the worker is working on, if any."""
-        return self.tasks[0] if self.tasks else None
 
 
 class StageRunner:
@@ -567,6 +589,14 @@ class StageRunner:
     Reads the input queue (a fetcher thread gets one batch at a time, on demand), hands chunks to idle
     workers, emits their results (in input order for ``ordered: true``), applies the error policy to
     items held by workers that died or timed out, and replaces those workers.
+
+    Memory is bounded in bytes as well as items: it fetches while fewer than ``FETCH_BYTES`` (and
+    ``2 * MAX_BATCH`` items) wait, cuts chunks to about ``BATCH_BYTES`` from the size of the batches it
+    reads, and keeps at most ``DEPTH`` chunks in flight per worker (the transport: ``runner.wire``).
+
+    ``stop`` (the first SIGINT/SIGTERM): no new chunk is handed out, chunks in flight finish, their
+    outputs are counted but stay behind (left in the output queues, like everything still queued), and
+    the runner ends; items it had read but not handed out go back to the count of its input queue.
     """
 
     def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
@@ -584,17 +614,25 @@ class StageRunner:
         # a worker as it is, so the items are never unpickled and pickled again in this process.
         self.packed: deque[tuple[int, bytes]] | None = deque() if isinstance(self.input, FifoChannel) else None
         self.packed_items = 0
-        self.again: deque[tuple[int, list[Any], list[int], Any]] = deque()  # chunks of dead workers, to hand out again
-        self.results: dict[int, tuple[list[Any], Any, Any]] = {}  # outputs, ids, packed of finished chunks waiting for their turn (ordered)
+        self.packed_bytes = 0
+        self.item_bytes = 0.0  # pickled bytes of an item, as the last batch read measured (0: not known yet)
+        self.again: deque[_Task] = deque()  # chunks of dead workers, to hand out again
+        # Outputs of chunks waiting for their turn (ordered): seq -> pieces (outputs, ids, packed); `ready`:
+        # the chunks whose last piece has come.
+        self.results: dict[int, list[tuple[list[Any], Any, Any]]] = {}
+        self.ready: set[int] = set()
         self.next_seq = 0
         self.next_out = 0
-        self.fetched: deque[tuple[list[Any], Any] | None] = deque()
+        self.emitted = 0  # outputs of the stage's calls (sent on, or left behind by a stop)
+        self.fetched: deque[tuple[Any, Any] | None] = deque()
         self.want = threading.Event()
-        self.bell = _Bell()  # the fetcher and abort() ring it
-        self.poller = _Poller()
+        self.bell = _Bell()  # the fetcher, stop() and abort() ring it
+        self.poller = wire.Poller()
         self.input_done = False
         self.fetching = False
+        self.stopping = False
         self.aborted = False
+        self.kill = False  # abort with SIGKILL at once (the shutdown timeout has passed)
         self.finished = False
         self.error: str | None = None
         self.fetch_error: str | None = None
@@ -602,13 +640,16 @@ class StageRunner:
 
     def start(self) -> None:
         for name in self.plan.process_names:
-            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("q", 3)))
+            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("q", worker.PROGRESS_SLOTS)))
         threading.Thread(target=self._fetch, name=f"fetch-{self.plan.name}", daemon=True).start()
         self.thread.start()
 
     def _spawn(self, name: str, progress: Any) -> _Worker:
-        mine, theirs = self.sup.ctx.Pipe(duplex=True)
-        progress[0] = progress[1] = 0
+        task_r, task_w = self.sup.ctx.Pipe(duplex=False)  # chunks: this thread -> the worker
+        result_r, result_w = self.sup.ctx.Pipe(duplex=False)  # ChunkResults: the worker -> this thread
+        for conn in (task_w, result_w):
+            wire.widen(conn)
+        progress[:] = [0] * worker.PROGRESS_SLOTS
         progress[2] = -1
         spec = worker.WorkerSpec(
             stage=self.plan,
@@ -617,16 +658,18 @@ class StageRunner:
             log_queue=self.sup.log_queue,
             log_level=self.sup.topo.log_level,
             parent_pid=self.sup.pid,
-            conn=theirs,
+            conn=task_r,
+            results=result_w,
             progress=progress,
             lock=self.lock,
             id_names=self.sup.id_names,
             pack=self.emitter.packed_max,
         )
         process = self.sup.ctx.Process(target=worker.worker_main, args=(spec,), name=name, daemon=self.plan.daemon)
-        process.start()
-        theirs.close()
-        return _Worker(name, process, mine, progress)
+        start_child(process)
+        task_r.close()
+        result_w.close()
+        return _Worker(name, process, wire.Outbox(task_w), result_r, progress)
 
     def _fetch(self) -> None:
         """Fetcher thread: one blocking read of the input queue each time the runner asks."""
@@ -644,48 +687,83 @@ class StageRunner:
             if batch is None:
                 return
 
-    def abort(self) -> None:
-        """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown)."""
-        self.aborted = True
+    def stop(self) -> None:
+        """The run is stopping: hand out nothing more, let the chunks in flight finish, then end."""
+        self.stopping = True
+        self._abandon()
         self.bell.ring()
+
+    def abort(self, *, kill: bool = False) -> None:
+        """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown; ``kill``: SIGKILL
+        its workers at once)."""
+        self.kill = self.kill or kill
+        self.aborted = True
+        self._abandon()
+        self.bell.ring()
+
+    def _abandon(self) -> None:
+        for emitter in (self.emitter, self.dead_emitter):
+            if emitter is not None:
+                emitter.abandon()
 
     # -- the runner thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             self._loop()
-            if not self.aborted:
+            if not self.aborted and not self.stopping:
                 self.emitter.close()
                 if self.dead_emitter is not None:
                     self.dead_emitter.close()
         except _StageFailed as e:
             self.error = str(e)
+        except Cancelled:  # a put that waited for room, given up as the run stops: counted as left behind
+            pass
         except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result: reported, never lost
-            self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
+            if not (self.stopping or self.aborted):
+                self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
         finally:
             self._stop_workers()
-            self.stats.items_out = self.emitter.sent
+            for emitter in (self.emitter, self.dead_emitter):
+                if emitter is not None:
+                    emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
+            if self.stopping:  # read, never handed out: they count as still in the input queue
+                self.stats.items_in -= self.waiting + sum(t.n - t.settled for t in self.again)
+            self.stats.items_out = self.emitted
             self.finished = True
             self.bell.close()
             self.sup.ring()
 
     def _loop(self) -> None:
         while not self.aborted:
-            self._dispatch()
-            if self.input_done and not self.waiting and not self.again and not any(w.task for w in self.workers):
+            if not self.stopping:
+                self._dispatch()
+            busy = any(w.tasks for w in self.workers)
+            if not busy and (self.stopping or (self.input_done and not self.waiting and not self.again)):
                 return
-            if not self.input_done and not self.fetching and self.waiting < 2 * MAX_BATCH:
+            if not (self.stopping or self.input_done or self.fetching) and self._wants_input():
                 self.fetching = True
                 self.want.set()
-            waitables: list[Any] = [self.bell.r]
+            reads: list[Any] = [self.bell.r]
+            writes = []
             for w in self.workers:
-                waitables += [w.conn, w.process.sentinel]
-            for ready in self.poller.wait(waitables, self._next_deadline()):
+                reads += [w.results, w.process.sentinel]
+                if w.outbox.pending:
+                    writes.append(w.outbox)
+            for ready in self.poller.wait(reads, writes, self._next_deadline()):
                 if ready == self.bell.r:
                     self._take_fetched()
+                elif isinstance(ready, wire.Outbox):
+                    with contextlib.suppress(OSError):  # a dead worker: its sentinel says so
+                        ready.flush()
                 else:
                     self._worker_ready(ready)
             self._enforce_timeouts()
+
+    def _wants_input(self) -> bool:
+        """Fewer than ``2 * MAX_BATCH`` items and ``FETCH_BYTES`` (or a chunk per worker) wait for a worker."""
+        waiting_bytes = self.packed_bytes + len(self.buffer) * self.item_bytes
+        return self.waiting < 2 * MAX_BATCH and waiting_bytes < max(FETCH_BYTES, 2 * DEPTH * len(self.workers) * BATCH_BYTES)
 
     def _take_fetched(self) -> None:
         self.bell.clear()
@@ -697,13 +775,21 @@ class StageRunner:
             if batch is None:
                 self.input_done = True
                 continue
+            if self.stopping:  # never counted as taken: it stays in the count of the input queue
+                continue
             self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
             if self.packed is not None:
+                n, data = batch
                 self.packed.append(batch)
-                self.packed_items += batch[0]
-                self.stats.items_in += batch[0]
+                self.packed_items += n
+                self.packed_bytes += len(data)
+                self.item_bytes = len(data) / n
+                self.stats.items_in += n
             else:
-                self.stats.items_in += len(batch[0])
+                items = batch[0]
+                if items:
+                    self.item_bytes = len(pickle.dumps(items[0], pickle.HIGHEST_PROTOCOL))
+                self.stats.items_in += len(items)
                 self._buffer(*batch)
 
     def _dispatch(self) -> None:
@@ -711,32 +797,39 @@ class StageRunner:
             for w in self.workers:
                 if len(w.tasks) >= depth or w.retiring or w.kill_at is not None:
                     continue
-                if self.again:
-                    task = self.again.popleft()
-                elif self.waiting:
-                    size = self.plan.chunksize or self._chunk_size()
-                    # Once the time per item is known and while more input comes, a batch that is not too much
-                    # work for one worker goes whole (the others get the next ones); the first items are split.
-                    known = self.stats.busy_seconds > 0 and not self.input_done
-                    whole = self.plan.chunksize or (self._chunk_size(MAX_BATCH) if known else size)
-                    if not self.buffer and self.packed and self.packed[0][0] <= whole:
-                        n, data = self.packed.popleft()  # a whole batch: the worker unpickles it
-                        self.packed_items -= n
-                        task = (self.next_seq, data, None, None)  # type: ignore[assignment]
-                    else:
-                        if len(self.buffer) < size and self.packed:
-                            self._unpack()
-                        chunk = self.buffer[:size]
-                        del self.buffer[:size]
-                        task = (self.next_seq, chunk, None, self.ids.take(len(chunk)))
-                    self.next_seq += 1
-                else:
+                task = self._next_task()
+                if task is None:
                     return
                 w.tasks.append(task)
                 try:
-                    w.conn.send(task)
+                    w.outbox.send(task.message())
                 except OSError:  # it died: its sentinel is ready, and _exited hands its chunks out again
                     break
+
+    def _next_task(self) -> _Task | None:
+        """The next chunk to hand out: a dead worker's first, then what waits (None: nothing)."""
+        if self.again:
+            return self.again.popleft()
+        if not self.waiting:
+            return None
+        size = self.plan.chunksize or self._chunk_size()
+        # Once the time per item is known and while more input comes, a batch that is not too much
+        # work for one worker goes whole (the others get the next ones); the first items are split.
+        known = self.stats.busy_seconds > 0 and not self.input_done
+        whole = self.plan.chunksize or (self._chunk_size(MAX_BATCH) if known else size)
+        if not self.buffer and self.packed and self.packed[0][0] <= whole:
+            n, data = self.packed.popleft()  # a whole batch: the worker unpickles it
+            self.packed_items -= n
+            self.packed_bytes -= len(data)
+            task = _Task(self.next_seq, data, None, None, n)
+        else:
+            if len(self.buffer) < size and self.packed:
+                self._unpack()
+            chunk = self.buffer[:size]
+            del self.buffer[:size]
+            task = _Task(self.next_seq, chunk, None, self.ids.take(len(chunk)), len(chunk))
+        self.next_seq += 1
+        return task
 
     @property
     def waiting(self) -> int:
@@ -748,6 +841,7 @@ class StageRunner:
         assert self.packed is not None
         n, data = self.packed.popleft()
         self.packed_items -= n
+        self.packed_bytes -= len(data)
         self._buffer(*pickle.loads(data))
 
     def _buffer(self, items: list[Any], ids: Any) -> None:
@@ -765,8 +859,10 @@ class StageRunner:
 
     def _chunk_size(self, share: int = 0) -> int:
         """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
-        item is known (few items until then), so slow functions balance and fast ones move in bulk."""
-        share = share or max(1, min(MAX_BATCH, math.ceil(self.waiting / len(self.workers))))
+        item is known (few items until then), so slow functions balance and fast ones move in bulk; never
+        much more than BATCH_BYTES."""
+        most = MAX_BATCH if not self.item_bytes else max(1, min(MAX_BATCH, int(BATCH_BYTES / self.item_bytes)))
+        share = min(most, share or max(1, math.ceil(self.waiting / len(self.workers))))
         st = self.stats
         done = st.delivered + st.skipped + st.dead_lettered
         if not done:
@@ -776,16 +872,17 @@ class StageRunner:
 
     def _worker_ready(self, ready: Any) -> None:
         for w in list(self.workers):
-            if ready is w.conn:
+            if ready is w.results:
                 self._receive(w)
             elif ready == w.process.sentinel:
                 self._receive(w)
                 self._exited(w)
 
     def _receive(self, w: _Worker) -> None:
+        """Every result the worker has begun to send (a worker writes a message it began to the end)."""
         try:
-            while w.conn.poll():
-                self._result(w, w.conn.recv())
+            while w.results.poll():
+                self._result(w, w.results.recv())
         except (EOFError, OSError):
             pass
 
@@ -803,40 +900,55 @@ class StageRunner:
             msg = f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}"
             raise _StageFailed(msg)
         st.delivered += res.done - res.skipped - len(res.dead)
-        w.tasks.popleft()
-        w.retiring = res.retire
+        if res.partial:
+            w.tasks[0].settled += res.done
+        else:
+            w.tasks.popleft()
+            w.retiring = res.retire
         for letter, item_id in zip(res.dead, res.dead_ids, strict=True):
             self._dead_letter(letter, item_id)
-        self._emit(res.seq, res.outputs, res.ids, res.packed)
+        self._emit(res.seq, [(res.outputs, res.ids, res.packed)], final=not res.partial)
 
-    def _emit(self, seq: int, outputs: list[Any], ids: Any, packed: tuple[int, bytes] | None = None) -> None:
-        """Send a chunk's outputs on (in input order for ``ordered: true``); ``packed``: they came pickled."""
-        if self.plan.ordered:
-            self.results[seq] = (outputs, ids, packed)
-            while self.next_out in self.results:
-                self._send_on(*self.results.pop(self.next_out))
-                self.next_out += 1
-        else:
-            self._send_on(outputs, ids, packed)
+    def _emit(self, seq: int, pieces: list[tuple[list[Any], Any, Any]], *, final: bool = True) -> None:
+        """Send a chunk's outputs on (in input order for ``ordered: true``, once its ``final`` piece is in)."""
+        if not self.plan.ordered:
+            for piece in pieces:
+                self._send_on(*piece)
+            return
+        self.results.setdefault(seq, []).extend(pieces)
+        if final:
+            self.ready.add(seq)
+        while self.next_out in self.ready:
+            self.ready.discard(self.next_out)
+            for piece in self.results.pop(self.next_out):
+                self._send_on(*piece)
+            self.next_out += 1
 
-    def _send_on(self, outputs: list[Any], ids: Any, packed: tuple[int, bytes] | None) -> None:
-        if packed is not None:
-            if self.emitter.emit_packed(*packed):
-                return
-            outputs, ids = pickle.loads(packed[1])
-        self.emitter.emit_many(outputs, ids)
+    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None) -> None:
+        """Emit outputs (``packed``: as output queue messages made by the worker). While the run stops they are
+        counted and left behind."""
+        self.emitted += sum(n for n, _ in packed) if packed else len(outputs)
+        if self.stopping and self.plan.outputs:
+            return
+        for n, data in packed or ():
+            if not self.emitter.emit_packed(n, data):
+                self.emitter.emit_many(*pickle.loads(data))
+        if outputs:
+            self.emitter.emit_many(outputs, ids)
 
     def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
         assert self.dead_emitter is not None
         self.stats.dead_lettered += 1
-        self.dead_emitter.emit_many([letter], [item_id])
+        if not self.stopping:
+            self.dead_emitter.emit_many([letter], [item_id])
 
     def _exited(self, w: _Worker) -> None:
         code = exit_code_of(w.process)
         self.sup.exit_codes[w.name] = code
         self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid, exitcode=code)
         self.workers.remove(w)
-        w.conn.close()
+        w.outbox.close()
+        w.results.close()
         if w.retiring and code == 0:  # maxtasksperchild: chunks it did not read go to its successor
             self.again.extendleft(reversed(w.tasks))
             self.workers.append(self._spawn(w.name, w.progress))
@@ -846,7 +958,7 @@ class StageRunner:
             if w.timed_out
             else died_message(self.plan.name, w.name, code)
         )
-        if w.task is not None and int(w.progress[2]) == w.task[0]:
+        if w.tasks and int(w.progress[2]) == w.tasks[0].seq:
             self._recover(w, reason)
         else:  # it died between chunks: nothing was in its hands
             self.again.extendleft(reversed(w.tasks))
@@ -854,41 +966,62 @@ class StageRunner:
             raise _StageFailed(f"{died_message(self.plan.name, w.name, code)}; restart: false, so the run stops")
         self.stats.restarts += 1
         self.sup.restarts[w.name] = self.sup.restarts.get(w.name, 0) + 1
+        if self.stopping:  # nothing more will be handed out: no successor
+            return
         self.sup.log.warning("worker replaced", stage=self.plan.name, process=w.name, reason=reason)
         self.workers.append(self._spawn(w.name, w.progress))
 
     def _recover(self, w: _Worker, reason: str) -> None:
-        """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again."""
-        seq, items, tries, ids = w.tasks.popleft()
+        """Settle the chunk a dead worker held: exactly once where that can be known.
+
+        Items answered by partial results are settled. The calls completed after them (before the item in
+        hand) had their effects: in a sink (no output queue) they count as delivered and are never called
+        again (their skips and failures come from the worker's shared counters); in a stage with outputs,
+        their outputs died with the worker, so they are called again (logged). The item in hand counts one
+        failed attempt and the error policy decides about it. The items after it, and the worker's other
+        chunks, are handed out again.
+        """
+        task = w.tasks.popleft()
+        items, ids = task.items, task.ids
         if type(items) is bytes:  # a batch sent still pickled
             items, ids = pickle.loads(items)
-            ids = ids if ids is not None else [None] * len(items)
+        ids = list(ids) if ids is not None else [None] * len(items)
         self.again.extendleft(reversed(w.tasks))  # chunks it had not started: handed out again as they are
-        tries = tries or [0] * len(items)
+        tries = task.tries or [0] * len(items)
         index = min(int(w.progress[0]), len(items) - 1)
+        st, plan = self.stats, self.plan
+        redo = list(range(task.settled, index))  # calls completed whose result died with the worker
+        if redo and not plan.outputs:
+            skipped, failed, retried = (int(w.progress[i]) for i in (3, 4, 5))
+            st.skipped += skipped
+            st.failed += failed
+            st.retried += retried
+            st.delivered += len(redo) - skipped
+            redo = []
+        elif redo:
+            self.sup.log.warning("calling again items whose outputs died with their worker", stage=plan.name,
+                                 process=w.name, items=len(redo),
+                                 first_item_id=worker.item_id_text(ids[redo[0]], self.sup.id_names))
         item, attempts, item_id = items[index], tries[index] + 1, ids[index]
-        self.stats.failed += 1
-        rest, rest_tries = items[:index] + items[index + 1 :], tries[:index] + tries[index + 1 :]
-        rest_ids = [*ids[:index], *ids[index + 1 :]]
-        plan = self.plan
+        st.failed += 1
         decided = worker.verdict(plan, attempts)
+        keep = [*redo, *range(index + 1, len(items))]
         if decided == "retry":
-            self.stats.retried += 1
-            rest.insert(index, item)
-            rest_tries.insert(index, attempts)
-            rest_ids.insert(index, item_id)
+            st.retried += 1
+            keep.insert(len(redo), index)
         elif decided == "fail":
             raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
         elif decided == "dead_letter":
             self._dead_letter(worker.give_up_letter(plan, item, reason, attempts), item_id)
         else:
-            self.stats.skipped += 1
+            st.skipped += 1
         self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
                              item_id=worker.item_id_text(item_id, self.sup.id_names), attempts=attempts, reason=reason)
-        if rest:
-            self.again.appendleft((seq, rest, rest_tries, rest_ids))
+        if keep:
+            again_tries = [attempts if i == index else tries[i] for i in keep]
+            self.again.appendleft(_Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep)))
         else:
-            self._emit(seq, [], [])
+            self._emit(task.seq, [], final=True)
 
     def _next_deadline(self) -> float | None:
         """Seconds until the runner must look at its workers again without being woken (None: never)."""
@@ -896,7 +1029,7 @@ class StageRunner:
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
         if self.plan.timeout:
             for w in self.workers:
-                if w.task:
+                if w.tasks:
                     started = w.progress[1]
                     # A chunk whose call has not started yet may start one that never ends and never wakes
                     # this thread: look again soon, so its timeout is enforced from when it started.
@@ -909,31 +1042,59 @@ class StageRunner:
             if w.kill_at is not None:
                 if now >= w.kill_at and w.process.is_alive():
                     w.process.kill()
-            elif self.plan.timeout and w.task and w.progress[1] > 0 and now >= w.progress[1] / 1e9 + self.plan.timeout:
+            elif self.plan.timeout and w.tasks and w.progress[1] > 0 and now >= w.progress[1] / 1e9 + self.plan.timeout:
                 w.timed_out = True
                 w.kill_at = now + KILL_GRACE
-                w.process.terminate()
+                stop_child(w.process)
 
     def _stop_workers(self) -> None:
+        """End every worker: an idle one is told to leave; one with work (or after an abort) is asked to stop;
+        whatever is still there after KILL_GRACE (or at once, with ``kill``) is killed."""
         for w in self.workers:
-            try:
-                if self.aborted or w.task is not None:
-                    w.process.terminate()
-                else:
-                    w.conn.send(None)
-            except OSError:
-                w.process.terminate()
+            if self.kill:
+                w.process.kill()
+                continue
+            if not (self.aborted or w.tasks):
+                with contextlib.suppress(OSError):
+                    w.outbox.send(ForkingPickler.dumps(None))
+                if not w.outbox.pending:
+                    continue
+            stop_child(w.process)
         deadline = time.monotonic() + KILL_GRACE
         for w in self.workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():
                 w.process.kill()
-                w.process.join()
-            w.conn.close()
+                w.process.join(KILL_GRACE)
+            w.outbox.close()
+            w.results.close()
             self.sup.exit_codes[w.name] = w.process.exitcode
             self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid,
                               exitcode=w.process.exitcode)
         self.workers.clear()
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread, so that a child started meanwhile starts with them blocked:
+    a signal to the whole process group cannot end it before it ignores them (``worker.bootstrap``)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_child(process: Any) -> None:
+    """``process.start()`` under ``stop_signals_blocked``."""
+    with stop_signals_blocked():
+        process.start()
+
+
+def stop_child(process: Any) -> None:
+    """Ask a child to stop (``worker.STOP_SIGNAL``: it unwinds and flushes its records)."""
+    with contextlib.suppress(ProcessLookupError, TypeError):  # gone already, or never started
+        os.kill(process.pid, worker.STOP_SIGNAL)
 
 
 def exit_code_of(process: Any) -> int | None:
@@ -965,8 +1126,9 @@ def died_message(stage: str, process: str, code: int | None) -> str:
 
 
 def _manager_init(parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=worker._watch_parent, args=(parent_pid,), daemon=True).start()
+    worker.ignore_stop_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    worker.die_with_parent(parent_pid)
 
 
 def _install_signals(sup: Supervisor, sig_w: int) -> dict[int, Any] | None:
@@ -981,9 +1143,11 @@ def _install_signals(sup: Supervisor, sig_w: int) -> dict[int, Any] | None:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return
-        if sup.signal_received:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        sup.signal_received = signum
+        if sup.signal_received:
+            if time.monotonic() - sup.signal_at < SIGNAL_GAP:
+                return  # the same stop delivered twice (`timeout` signals its child and then the whole group)
+            raise KeyboardInterrupt  # a second signal: stop at once
+        sup.signal_received, sup.signal_at = signum, time.monotonic()
         os.write(sig_w, b"!")
 
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_BATCH = 4096  # most items one queue message carries
+BATCH_BYTES = 1 << 20  # about the most bytes one queue message or one chunk of a worker carries
+MAX_BYTES = 32 << 20  # default byte bound of a queue (settings: queues.NAME.max_bytes)
 LINGER = 0.05  # seconds a buffered item may wait before it is sent anyway
 # What the forkserver imports once for every process it forks: the worker code, the module of the `mprun`
 # command, which each child re-runs as its __mp_main__ (multiprocessing's rule for a main script), and
@@ -29,6 +31,7 @@ class QueuePlan:
     batch: int  # most items per message on this queue
     writers: tuple[str, ...]  # stage names
     reader_processes: int  # how many readers it has (one per reading stage; each needs one end marker)
+    max_bytes: int = MAX_BYTES  # bytes of pickled batches the queue holds before writers wait; 0 = unbounded
 
     @property
     def slots(self) -> int:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from runner import logs, queues
 from runner.queues import Emitter, Ids
-from runner.topology import MAX_BATCH, StagePlan
+from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
 if TYPE_CHECKING:
     from runner.queues import Channel
@@ -144,21 +144,52 @@ class Control:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _terminated(signum: int, frame: Any) -> None:
+STOP_SIGNAL = signal.SIGUSR1  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
+STOPPED = 143  # the exit code of a child that stopped when asked
+PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
+_PR_SET_PDEATHSIG = 1
+
+
+class Stopped(SystemExit):
+    """The main process asked this child to stop (``STOP_SIGNAL``)."""
+
+
+def _stopped(signum: int, frame: Any) -> None:
     # Unwind normally: finally blocks run and queue feeder threads flush their logs before exit.
-    raise SystemExit(128 + signum)
+    raise Stopped(STOPPED)
+
+
+def ignore_stop_signals() -> None:
+    """Leave SIGINT and SIGTERM to the main process: a terminal's Ctrl-C, ``timeout``, a CI runner or
+    ``docker stop`` send them to the whole process group, and one signal must stop the run once."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (``PR_SET_PDEATHSIG``): it needs no thread
+    of this process, so it works while the process holds the GIL in native code. The parent is the main
+    process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
+    main process backs it up where the parent is neither."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent ended before the line above
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Stop this process when the main process is gone (even when it was killed with SIGKILL)."""
+    """End this process at once when the main process is gone (even when it was killed with SIGKILL)."""
     try:
         fd = os.pidfd_open(parent_pid)
     except (OSError, AttributeError):
         return
     select.select([fd], [], [])
-    os.kill(os.getpid(), signal.SIGTERM)  # unwind normally; if that does not end us, end now
-    time.sleep(2.0)
-    os._exit(143)
+    os.kill(os.getpid(), signal.SIGKILL)  # nobody is left to read what an orderly exit would flush
 
 
 def bootstrap(
@@ -173,9 +204,12 @@ def bootstrap(
     """First thing in every child: signals, parent watch, import path, name, logging, item ids."""
     global _id_names
     _id_names = id_names
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, _terminated)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    ignore_stop_signals()
+    signal.signal(STOP_SIGNAL, _stopped)
+    # The main process started us with SIGINT and SIGTERM blocked (so that a signal to the process group
+    # cannot end us before the line above): from now on they are ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    die_with_parent(parent_pid)
     if base_dir not in sys.path:
         sys.path.insert(0, base_dir)
     multiprocessing.current_process().name = process
@@ -283,10 +317,16 @@ def producer_main(spec: ProcessSpec) -> None:
     try:
         _produce(spec, emitter)
         emitter.close()
+    except Stopped:
+        for channel in spec.outputs:  # what is still on its way stays behind: never wait to flush it
+            if isinstance(channel, queues.FifoChannel):
+                channel.close()
+        raise
     except Exception as e:  # noqa: BLE001 - reported to the supervisor, never lost
         summary = f"{type(e).__name__}: {e}"
-        log.error("source failed", error=summary, exception=traceback.format_exc())
-        ctl.send(("error", stage.name, spec.name, summary, traceback.format_exc(), ""))
+        tb = "" if isinstance(e, queues.ManagerGone) else traceback.format_exc()
+        log.error("source failed", error=summary, **({"exception": tb} if tb else {}))
+        ctl.send(("error", stage.name, spec.name, summary, tb, ""))
         sys.exit(1)
     finally:
         ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
@@ -350,8 +390,12 @@ class WorkerSpec:
     log_queue: Any
     log_level: str
     parent_pid: int
-    conn: Any  # this worker's end of its duplex pipe to the stage's runner
-    progress: Any  # RawArray('q', 3): index of the item in hand, its call's start (monotonic_ns; 0: none), chunk seq
+    conn: Any  # the read end of this worker's task pipe (chunks from the stage's runner; see runner.wire)
+    results: Any  # the write end of its result pipe (ChunkResults to the runner)
+    # RawArray('q', PROGRESS_SLOTS), written here, read by the runner: index of the item in hand in its chunk,
+    # its call's start (monotonic_ns; 0: none), the chunk's seq, and items skipped, failed attempts and retries
+    # of the chunk since its last (partial) result
+    progress: Any
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
     pack: int = 0  # outputs of a chunk up to this many are sent pickled for the output queues (0: never)
@@ -375,7 +419,8 @@ class ChunkResult:
     ids: Ids | None = None  # ids of the outputs (each inherits its item's id); None: the items had none
     dead_ids: list[int | None] = field(default_factory=list)  # ids of the items in `dead`
     latency: list[float] = field(default_factory=list)  # seconds of the sampled items (see run_items)
-    packed: tuple[int, bytes] | None = None  # instead of outputs and ids: (n, a FIFO queue message of them)
+    packed: list[tuple[int, bytes]] | None = None  # instead of outputs and ids: FIFO queue messages of them (n, bytes)
+    partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -386,6 +431,7 @@ def worker_main(spec: WorkerSpec) -> None:
     log = logs.get_logger("mprun")
     log.info("process started")
     conn = spec.conn
+    send = spec.results.send_bytes
     # The same shared memory through a memoryview: a write per item costs half of a ctypes array's.
     progress = memoryview(spec.progress).cast("B").cast("q")
     try:
@@ -395,7 +441,7 @@ def worker_main(spec: WorkerSpec) -> None:
     except Exception as e:  # noqa: BLE001 - the stage cannot start: say why, once
         summary = f"{type(e).__name__}: {e}"
         log.error("worker could not start", error=summary, exception=traceback.format_exc())
-        conn.send(ChunkResult(-1, [], [], error=(summary, traceback.format_exc(), "")))
+        send(pickle.dumps(ChunkResult(-1, [], [], error=(summary, traceback.format_exc(), ""))))
         return
     tasks = 0
     while True:
@@ -411,23 +457,54 @@ def worker_main(spec: WorkerSpec) -> None:
             items, ids = pickle.loads(items)
         progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
         _chunk = (ids, progress)
-        result = run_items(fn, stage, seq, items, tries, spec.lock, progress, log, ids)
+        answer = _Answer(send, stage, spec.pack, items, ids, log)
+        result = run_items(fn, stage, seq, items, tries, spec.lock, progress, log, ids, answer)
         _chunk = (None, None)
         result.retire = bool(stage.maxtasksperchild and tasks >= stage.maxtasksperchild)
-        ends, result.ends = result.ends, []
-        result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
-        if 0 < len(result.outputs) <= spec.pack and result.error is None:
-            with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
-                result.packed = (len(result.outputs), queues.pack(result.outputs, result.ids))
-                result.outputs, result.ids = [], None
-        try:
-            data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
-            result.ends = ends
-            data = pickle.dumps(_without_unpicklable(stage, result, items, log, ids), pickle.HIGHEST_PROTOCOL)
-        conn.send_bytes(data)
+        answer(result)
         if result.retire:
             return
+
+
+class _Answer:
+    """Sends the results of one chunk to the runner, partial ones first; each covers the next ``done`` items."""
+
+    def __init__(self, send: Callable[[bytes], None], stage: StagePlan, pack: int, items: list[Any], ids: Ids | None,
+                 log: Any) -> None:
+        self.send, self.stage, self.pack, self.items, self.ids, self.log = send, stage, pack, items, ids, log
+        self.first = 0  # items answered so far
+
+    def __call__(self, result: ChunkResult) -> None:
+        a, b = self.first, self.first + result.done
+        self.send(_result_bytes(self.stage, self.pack, result, self.items[a:b], None if self.ids is None else self.ids[a:b], self.log))
+        self.first = b
+
+
+def _result_bytes(stage: StagePlan, pack: int, result: ChunkResult, items: list[Any], ids: Ids | None, log: Any) -> bytes:
+    """A (partial) result of ``items`` pickled for the runner: outputs with their ids, packed as output queue
+    messages of about ``BATCH_BYTES`` each when there are at most ``pack`` of them."""
+    ends, result.ends = result.ends, []
+    result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
+    if 0 < len(result.outputs) <= pack and result.error is None:
+        with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
+            result.packed = pack_pieces(result.outputs, result.ids)
+            result.outputs, result.ids = [], None
+    try:
+        return pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
+        result.ends = ends
+        return pickle.dumps(_without_unpicklable(stage, result, items, log, ids), pickle.HIGHEST_PROTOCOL)
+
+
+def pack_pieces(outputs: list[Any], ids: Ids | None) -> list[tuple[int, bytes]]:
+    """``outputs`` and their ids as FIFO queue messages (``queues.pack``) of about ``BATCH_BYTES`` each."""
+    data = queues.pack(outputs, ids)
+    n = len(outputs)
+    if len(data) <= BATCH_BYTES or n == 1:
+        return [(n, data)]
+    step = max(1, n * BATCH_BYTES // len(data))
+    return [(len(outputs[i : i + step]), queues.pack(outputs[i : i + step], None if ids is None else ids[i : i + step]))
+            for i in range(0, n, step)]
 
 
 def _without_unpicklable(
@@ -500,6 +577,7 @@ def run_items(
     progress: Any,
     log: Any,
     ids: Ids | None = None,
+    partial: Callable[[ChunkResult], None] | None = None,
 ) -> ChunkResult:
     """Call ``fn`` on each item under the stage's error policy; ``tries``: failed attempts so far, if any.
 
@@ -511,6 +589,11 @@ def run_items(
     timed from the top of their loop turn to the top of the next (their call, retries and backoff
     included, plus ~0.1 us of loop); ``result.latency`` holds those seconds.  The loop pays one integer
     comparison per item for it.  ``ids``: the items' ids, to give each dead letter its item's id.
+
+    ``partial``: called with the result so far (``partial=True``) right after an item is dead-lettered, and
+    the loop goes on with a new result: a dead letter never dies with its worker, so the runner knows
+    exactly which items of a chunk are settled if the worker dies later (see ``StageRunner._recover``).
+    ``progress[3:6]`` mirror the result's skipped, failed and retried counts, for the same reason.
     """
     result = ChunkResult(seq, [], [])
     outputs, ends, samples = result.outputs, result.ends, result.latency
@@ -521,6 +604,7 @@ def run_items(
     stride = max(1, math.ceil(len(items) / LATENCY_SAMPLES))
     mark, t_mark = 0, 0.0  # the next index where a sample starts or ends; when the open sample started
     t0 = clock()
+    progress[3] = progress[4] = progress[5] = 0
     simple = lock is None and tries is None and not timed  # the common case: a tight loop
     # While every item so far gave exactly one output (regular) or none (silent: a sink), `ends` is implicit
     # and filled in later; the first item that breaks the pattern makes it explicit.
@@ -576,9 +660,17 @@ def run_items(
         dead = len(result.dead)
         if _with_policy(fn, stage, item, tries[index] if tries else 0, failure, lock, progress, result, log):
             break
+        ends.append(len(outputs))
         if len(result.dead) > dead:
             result.dead_ids.append(ids[index] if ids is not None else None)
-        ends.append(len(outputs))
+            if partial is not None:
+                result.done, result.busy, result.partial = len(ends), clock() - t0, True
+                partial(result)
+                progress[3] = progress[4] = progress[5] = 0
+                result = ChunkResult(seq, [], [])
+                outputs, ends, samples = result.outputs, result.ends, result.latency
+                append, extend = outputs.append, outputs.extend
+                t0 = clock()
     if regular or silent:
         ends.extend(_implicit_ends(regular, len(items)))
     t1 = clock()
@@ -624,9 +716,11 @@ def _with_policy(
         attempts += 1
         result.failed += 1
         progress[1] = 0
+        progress[4] = result.failed
         decided = verdict(stage, attempts)
         if decided == "retry":
             result.retried += 1
+            progress[5] = result.retried
             log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
@@ -637,5 +731,6 @@ def _with_policy(
             result.dead.append(give_up_letter(stage, item, e.summary, attempts))
         else:
             result.skipped += 1
+            progress[3] = result.skipped
         log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
         return False

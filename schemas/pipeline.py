@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr
 from schemas.stages import NAME_PATTERN, Consumer, Model, Pool, Producer, Source, Stage
 
 DEFAULT_MAXSIZE = 10_000
+DEFAULT_MAX_BYTES = 32 << 20  # 32 MiB (runner.topology.MAX_BYTES)
 
 
 class Settings(Model):
@@ -43,6 +44,12 @@ class QueueSpec(Model):
     type: Literal["fifo", "lifo"] = Field("fifo", description="fifo: first in first out; lifo: a stack served by a manager.")
     maxsize: int = Field(
         DEFAULT_MAXSIZE, ge=0, description="About how many items the queue holds before writers wait; 0 = unbounded."
+    )
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=0,
+        description="Bytes (pickled) the queue holds before writers wait, besides maxsize; 0 = unbounded. "
+        "A single batch larger than this still passes into an empty queue.",
     )
 
 

@@ -424,7 +424,7 @@ class _WorkerActor:
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
         self.relay, self.base_dir, self.log = _bootstrap(spec)
-        self.progress = [0, 0]  # index of the item being called, when its call started (monotonic_ns; 0 idle)
+        self.progress = [0] * worker.PROGRESS_SLOTS  # as a local worker's (worker.WorkerSpec.progress): [0] item in hand, [1] call start
         self.fn: Any = None
         self.tasks = 0
 
@@ -460,7 +460,7 @@ class _WorkerActor:
 
     def elapsed(self) -> tuple[int, float]:
         """(index of the item in hand, seconds its call has run; -1 when no call runs)."""
-        index, started = self.progress
+        index, started = self.progress[:2]
         return int(index), (time.monotonic() - started / 1e9 if started > 0 else -1.0)
 
     def stop(self) -> None:
