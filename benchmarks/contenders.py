@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tasks import burn, double
+from tasks import blobs, burn, double, rebuild
 
 WORKERS = 2
 
@@ -100,6 +100,12 @@ def pool_burn(n: int) -> tuple[int, int]:
     """W2 as a hand-written pool would do it: ``Pool(2).imap_unordered(burn, it)`` (chunksize 1, fork)."""
     with mp.Pool(WORKERS) as pool:
         return _total(pool.imap_unordered(burn, range(n)))
+
+
+def imap1_blobs(n: int) -> tuple[int, int]:
+    """W4 by hand: ``Pool(2).imap(rebuild, blobs, chunksize=1)`` over ``n`` items of 1 MiB; sums their indices."""
+    with mp.Pool(WORKERS) as pool:
+        return _total(int.from_bytes(r[:8], "big") for r in pool.imap(rebuild, blobs(n), chunksize=1))
 
 
 def _total(results: object) -> tuple[int, int]:

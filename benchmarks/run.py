@@ -215,6 +215,18 @@ def workloads(quick: bool, only: set[str], peer_python: str | None) -> list[Work
                       [*MPRUN, str(BENCH / "w3_doubler.yaml"), "--no-summary"], 5, env={"MPRUN_NO_CACHE": "1"}),
         ]
         out.append(Workload("W3", "W3: start-up, doubler.yaml end to end (delay 0)", rows, rows[0].label))
+    if "W4" in only:
+        n = 2_000 // scale
+        total = n * (n - 1) // 2
+        rows = [
+            Contender("Pool(2).imap(chunksize=1)", [PYTHON, str(BENCH / "contenders.py"), "imap1_blobs", str(n)],
+                      n, total, n),
+            Contender("mprun pool", [*MPRUN, pipeline("w4_blobs.yaml", n), "--no-summary"], n, total, n),
+            Contender("mprun pool, 5x the items", [*MPRUN, pipeline("w4_blobs.yaml", 5 * n), "--no-summary"],
+                      5 * n, 5 * n * (5 * n - 1) // 2, 5 * n),
+        ]
+        out.append(Workload("W4", f"W4: {n:,} items of 1 MiB -> 2 workers building 1 MiB results -> sum", rows,
+                            rows[0].label))
     if "MEM" in only:
         rows = [
             Contender(f"mprun ordered pool, {n:,} items", [*MPRUN, pipeline("mem_pool.yaml", n), "--no-summary"],
@@ -293,6 +305,13 @@ def targets(loads: list[Workload]) -> list[str]:
             for c, how in zip(rows, ("", ", cache off"), strict=True):
                 check(f"W3 mprun doubler{how} / python -c import",
                       c.median / ref.median if not (c.error or ref.error) else None, 2.5, "<=")
+        if w.name == "W4":
+            ref, pool, more = w.contenders
+            check("W4 mprun pool / Pool(2).imap(chunksize=1), 1 MiB items",
+                  pool.median / ref.median if not (pool.error or ref.error) else None, 1.5, "<=")
+            check("W4 peak RSS of mprun's largest process", pool.peak_mib if not pool.error else None, 320, "<=", " MiB")
+            check("W4 peak RSS at 5x the items / at 1x", more.peak_mib / pool.peak_mib
+                  if not (pool.error or more.error) else None, 1.3, "<=")
         if w.name == "MEM":
             big, small = w.contenders
             value = big.peak_mib / small.peak_mib if not (big.error or small.error) else None
@@ -316,7 +335,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the items everywhere")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender; the median is reported")
-    parser.add_argument("--only", default="W1,W2,W3,MEM", help="comma-separated: W1, W2, W3, MEM")
+    parser.add_argument("--only", default="W1,W2,W3,W4,MEM", help="comma-separated: W1, W2, W3, W4, MEM")
     parser.add_argument("--mprun", help="the mprun command (default: the mprun beside this python)")
     parser.add_argument("--no-peers", action="store_true", help="skip mpire and pypeln (no benchmarks/.venv)")
     args = parser.parse_args()

@@ -40,6 +40,22 @@ def sink_init() -> None:
     util.Finalize(None, _print_total, exitpriority=10)
 
 
+def blobs(stop: int, size: int = 1 << 20) -> object:
+    """W4's source: ``stop`` items of ``size`` bytes, each starting with its index."""
+    for i in range(stop):
+        yield i.to_bytes(8, "big") + bytes(size - 8)
+
+
+def rebuild(blob: bytes) -> bytes:
+    """The W4 work: a new result as large as the item (its index, then zeros)."""
+    return blob[:8] + bytes(len(blob) - 8)
+
+
+def add_index(blob: bytes) -> None:
+    """The W4 sink: ``add`` of the item's index."""
+    add(int.from_bytes(blob[:8], "big"))
+
+
 def burn(x: int, ms: float = 6.0) -> int:
     """The W2 work: about ``ms`` milliseconds of pure-Python CPU, calibrated by ``calibrate``."""
     total = 0

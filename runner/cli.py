@@ -99,6 +99,9 @@ def _leave_quickly() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    from runner import zygote
+
+    zygote.stop()
     os._exit(_QUICK_EXIT)
 
 
@@ -326,6 +329,9 @@ def summary_table(result: Any) -> str:
         st = result.stats[slowest]
         lines.append(f"* slowest stage: {slowest} ({busy_per_process(st):.3f}s busy per process, "
                      f"{utilisation(st):.0%} utilised)")
+    left = {name: q["left"] for name, q in result.queues.items() if q.get("left")}
+    if left:
+        lines.append("left in queues, not processed: " + ", ".join(f"{name} {n:,}" for name, n in left.items()))
     status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
     return "\n".join(["", *lines, f"{status} in {result.seconds:.2f}s"])
 

@@ -138,14 +138,15 @@ class LiveDisplay:
         """The lines of one frame.
 
         Args:
-            rows: one dict per stage: ``stage``, ``kind``, ``state`` (waiting | running | done),
+            rows: one dict per stage: ``stage``, ``kind``, ``state`` (waiting | running | stopping | done),
                 ``processes``, ``items_in``, ``items_out``, ``finished`` (items done, counting those done in
                 chunks still in the workers' hands: what the rate counts),
                 ``failed``, ``skipped``, ``dead_lettered``, ``restarts``, ``queue`` (its input queue's name
                 or None) and ``depth`` (items waiting in it).
         """
         rates = self._rates(rows)
-        running = sum(r["state"] == "running" for r in rows)
+        running = sum(r["state"] in ("running", "stopping") for r in rows)
+        stopping = any(r["state"] == "stopping" for r in rows)
         head = ("stage", "state", "procs", "in", "out", "items/s", "failed", "skipped", "dead", "restarts", "input queue")
         table = [head]
         for r in rows:
@@ -157,14 +158,15 @@ class LiveDisplay:
                 str(r["processes"]),
                 "-" if producer else f"{r['items_in']:,}",
                 f"{r['items_out']:,}",
-                "-" if rate is None or r["state"] != "running" else f"{rate:,.0f}",
+                "-" if rate is None or r["state"] not in ("running", "stopping") else f"{rate:,.0f}",
                 *(("-",) * 4 if producer else (f"{r['failed']:,}", f"{r['skipped']:,}", f"{r['dead_lettered']:,}",
                                                 f"{r['restarts']:,}")),
                 f"{r['queue']} {r['depth']:,}" if r["queue"] else "",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
         lines = [self._c(_BOLD, f"mprun {self.title}") + f"  {time.monotonic() - self._t0:.1f}s  "
-                 f"{running} of {len(rows)} stages running"]
+                 + (f"stopping: {running} of {len(rows)} stages finishing their chunks in flight" if stopping
+                    else f"{running} of {len(rows)} stages running")]
         for n, row in enumerate(table):
             cells = [c.ljust(w) if i in (0, 1, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
             if n == 0:

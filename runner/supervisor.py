@@ -319,7 +319,8 @@ class Supervisor:
         rows = []
         for stage in self.topo.stages:
             st = self.stats[stage.name]
-            state = "done" if stage.name in self.finished else "running" if stage.name in self.started else "waiting"
+            state = ("done" if stage.name in self.finished else "waiting" if stage.name not in self.started
+                     else "stopping" if self.stop_deadline is not None else "running")
             out = self._sent(stage)
             queue = stage.inputs[0] if stage.inputs else None
             finished = out if stage.kind == "producer" else st.delivered + st.skipped + st.dead_lettered

@@ -12,10 +12,13 @@ forkserver), or a thread is already running, ``start`` returns False and the cal
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import connection, forkserver, resource_tracker, spawn, util
 
@@ -44,6 +47,10 @@ def start(preload: list[str]) -> bool:
         if pid == 0:
             os.close(tracker._fd)  # a spawned server would not have it: each request brings the tracker's fd
             tracker._fd = tracker._pid = None
+            # A signal to the process group is the command's to handle: the server (and each child it forks,
+            # until the child's own handlers are set) ignores SIGTERM, and dies with the command.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _die_with_parent()
             _child(lambda: forkserver.main(listener.fileno(), alive_r, preload, **data), alive_w)
         os.close(alive_r)
     server._preload_modules = preload
@@ -63,6 +70,44 @@ def _fork_tracker(tracker: resource_tracker.ResourceTracker) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, resource_tracker._IGNORED_SIGNALS)
     os.close(r)
     tracker._fd, tracker._pid = w, pid
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop(timeout: float = 1.0) -> None:
+    """End the forkserver and resource tracker this process runs (forked here or started by ``ensure_running``):
+    close the pipes whose end tells them to leave, wait for them at most ``timeout`` seconds, kill what is left.
+
+    The ``mprun`` command calls it as it leaves, so that no process of its tree outlives it.
+    """
+    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
+    pids = []
+    for holder, fd_name, pid_name in ((server, "_forkserver_alive_fd", "_forkserver_pid"), (tracker, "_fd", "_pid")):
+        fd, pid = getattr(holder, fd_name, None), getattr(holder, pid_name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            setattr(holder, fd_name, None)
+        if pid:
+            setattr(holder, pid_name, None)
+            pids.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(pid)
+            try:
+                if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    os.kill(pid, signal.SIGKILL)
+            finally:
+                os.close(fd)
+            os.waitpid(pid, 0)
 
 
 def _child(main: Callable[[], object], close: int) -> None:
