@@ -21,8 +21,11 @@ outputs came from.  ``IdRuns`` keeps the ids of a buffer as whole runs, so the m
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import pickle
+import signal
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -120,6 +123,47 @@ class Cancelled(Exception):
     """A put that waited for room was given up: the run is stopping."""
 
 
+STOPPED = 143  # the exit code of a child that stopped when the main process asked it to
+
+
+class Stopped(SystemExit):
+    """The main process asked this child to stop (``worker.STOP_SIGNAL``)."""
+
+
+_locked = 0  # cross-process locks the threads of this process hold now (see stop_now)
+_locked_guard = threading.Lock()
+_stop_asked = False
+
+
+def stop_now(signum: int, frame: Any) -> None:
+    """The handler of a child's stop signal: unwind now (``Stopped``), unless the process holds a lock that
+    other processes share (a queue's room), which an exception would leave broken for them; then when it
+    lets go (``_shared_lock``)."""
+    global _stop_asked
+    if _locked:
+        _stop_asked = True
+        return
+    raise Stopped(STOPPED)
+
+
+@contextlib.contextmanager
+def _shared_lock(lock: Any) -> Iterator[None]:
+    """Hold a lock shared with other processes; a stop asked meanwhile unwinds once it is released."""
+    global _locked
+    with _locked_guard:
+        _locked += 1
+    try:
+        with lock:
+            yield
+    finally:
+        with _locked_guard:
+            _locked -= 1
+    if _stop_asked and not _locked:
+        if threading.current_thread() is threading.main_thread():
+            raise Stopped(STOPPED)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the stop is the main thread's: ask again (worker.STOP_SIGNAL)
+
+
 class ManagerGone(Exception):
     """The manager process serving the LIFO queues is gone (it died, or was killed)."""
 
@@ -157,15 +201,17 @@ class FifoChannel:
     def put_packed(self, n: int, data: bytes, cancel: threading.Event | None = None) -> None:
         """Put a batch pickled elsewhere (``pack`` of n items and their ids) as it is, once there is room.
 
-        ``cancel``: while it is set (checked at least every ``CANCEL_CHECK`` seconds of waiting) the put
-        is given up with ``Cancelled``.
+        ``cancel``: once it is set (checked at least every ``CANCEL_CHECK`` seconds of waiting) the put is
+        given up with ``Cancelled``; in a child asked to stop meanwhile, ``Stopped`` ends it.
         """
         size = len(data)
-        with self._room:
+        with _shared_lock(self._room):
             while self._full(size):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(self.name)
-                self._room.wait(None if cancel is None else CANCEL_CHECK)
+                if _stop_asked:
+                    return  # leaving the lock raises Stopped
+                self._room.wait(CANCEL_CHECK)
             self._held[0] += 1
             self._held[1] += size
         self.queue.put((n, data))

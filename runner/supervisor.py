@@ -768,7 +768,7 @@ class StageRunner:
 
     def _take_fetched(self) -> None:
         self.bell.clear()
-        if self.fetch_error:
+        if self.fetch_error and not self.stopping:  # while stopping, the input no longer matters
             raise _StageFailed(self.fetch_error)
         while self.fetched:
             batch = self.fetched.popleft()

@@ -145,18 +145,8 @@ class Control:
 
 
 STOP_SIGNAL = signal.SIGUSR1  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
-STOPPED = 143  # the exit code of a child that stopped when asked
 PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
-
-
-class Stopped(SystemExit):
-    """The main process asked this child to stop (``STOP_SIGNAL``)."""
-
-
-def _stopped(signum: int, frame: Any) -> None:
-    # Unwind normally: finally blocks run and queue feeder threads flush their logs before exit.
-    raise Stopped(STOPPED)
 
 
 def ignore_stop_signals() -> None:
@@ -205,7 +195,7 @@ def bootstrap(
     global _id_names
     _id_names = id_names
     ignore_stop_signals()
-    signal.signal(STOP_SIGNAL, _stopped)
+    signal.signal(STOP_SIGNAL, queues.stop_now)  # unwind: finally blocks run, queue threads flush the logs
     # The main process started us with SIGINT and SIGTERM blocked (so that a signal to the process group
     # cannot end us before the line above): from now on they are ignored.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -317,7 +307,7 @@ def producer_main(spec: ProcessSpec) -> None:
     try:
         _produce(spec, emitter)
         emitter.close()
-    except Stopped:
+    except queues.Stopped:
         for channel in spec.outputs:  # what is still on its way stays behind: never wait to flush it
             if isinstance(channel, queues.FifoChannel):
                 channel.close()

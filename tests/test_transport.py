@@ -161,7 +161,7 @@ def test_memory_is_bounded_in_bytes(tmp_path):
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
         "sys.stderr.write(r.stderr[-2000:])\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OUT": str(tmp_path)})
     code, peak_kib = map(int, done.stdout.split())
     assert code == 0, done.stderr
