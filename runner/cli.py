@@ -86,9 +86,19 @@ def console() -> NoReturn:
     and ``test``, which keep user code out of this process, leave this way, and not after using Ray.
     """
     import atexit
+    import signal
 
     atexit.register(_leave_quickly)
+    signal.signal(signal.SIGTERM, _terminated)  # until a run installs its own handlers (and after it)
     sys.exit(main())
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a run (while the file is read, the forkserver starts...): ends the command like Ctrl-C."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def _leave_quickly() -> None:
@@ -152,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except MprunError as e:
         print(f"mprun: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
+        print(f"mprun: error: stopped by {name}", file=sys.stderr)
+        return _quick(code)
 
 
 def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
