@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from runner import wire
 from runner.topology import BATCH_BYTES, LINGER, QueuePlan
 
 LIFO_TAKE = 64  # most items a LIFO reader pops at once
@@ -187,6 +188,7 @@ class FifoChannel:
         # Pickled (batch of items, their ids) as (n, bytes); written by the stages whose `output` names this
         # queue, read by the stages whose `input` names it, plus one None per reader process at the end.
         self.queue = ctx.Queue()
+        wire.widen(self.queue._reader)  # a 1 MiB pipe: a large message in one write, not sixteen
         self._room = ctx.Condition(ctx.Lock())  # writers wait on it for room; readers notify it
         self._held = ctx.RawArray("q", 2)  # messages and bytes in the queue now (under _room)
 

@@ -562,9 +562,12 @@ class _Task:
     n: int  # items in it
     settled: int = 0  # items at its start already answered by partial results (see worker.run_items)
 
-    def message(self) -> memoryview:
-        """What the worker receives (``worker.worker_main``)."""
-        return ForkingPickler.dumps((self.seq, self.items, self.tries, self.ids), pickle.HIGHEST_PROTOCOL)
+    def frames(self) -> list[Any]:
+        """What the worker receives (``worker.worker_main``): a still-pickled batch as a frame of its own after
+        the task, so that it is never copied into a pickle here."""
+        if type(self.items) is bytes:
+            return [ForkingPickler.dumps((self.seq, None, self.tries, self.ids), pickle.HIGHEST_PROTOCOL), self.items]
+        return [ForkingPickler.dumps((self.seq, self.items, self.tries, self.ids), pickle.HIGHEST_PROTOCOL)]
 
 
 @dataclass
@@ -803,7 +806,8 @@ class StageRunner:
                     return
                 w.tasks.append(task)
                 try:
-                    w.outbox.send(task.message())
+                    for frame in task.frames():
+                        w.outbox.send(frame)
                 except OSError:  # it died: its sentinel is ready, and _exited hands its chunks out again
                     break
 
@@ -883,7 +887,10 @@ class StageRunner:
         """Every result the worker has begun to send (a worker writes a message it began to the end)."""
         try:
             while w.results.poll():
-                self._result(w, w.results.recv())
+                res = w.results.recv()
+                if res.packed:
+                    res.packed = [(n, w.results.recv_bytes()) for n in res.packed]
+                self._result(w, res)
         except (EOFError, OSError):
             pass
 

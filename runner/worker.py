@@ -409,7 +409,9 @@ class ChunkResult:
     ids: Ids | None = None  # ids of the outputs (each inherits its item's id); None: the items had none
     dead_ids: list[int | None] = field(default_factory=list)  # ids of the items in `dead`
     latency: list[float] = field(default_factory=list)  # seconds of the sampled items (see run_items)
-    packed: list[tuple[int, bytes]] | None = None  # instead of outputs and ids: FIFO queue messages of them (n, bytes)
+    # Instead of outputs and ids: FIFO queue messages of them, (n, bytes); on the wire only each n, and the
+    # messages follow as frames of their own (see _result_frames).
+    packed: list[tuple[int, bytes]] | None = None
     partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
 
 
@@ -443,8 +445,8 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         tasks += 1
         seq, items, tries, ids = task
-        if type(items) is bytes:  # a whole batch of the input queue, as it travelled
-            items, ids = pickle.loads(items)
+        if items is None:  # a whole batch of the input queue, as it travelled: the next frame
+            items, ids = pickle.loads(conn.recv_bytes())
         progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
         _chunk = (ids, progress)
         answer = _Answer(send, stage, spec.pack, items, ids, log)
@@ -466,24 +468,31 @@ class _Answer:
 
     def __call__(self, result: ChunkResult) -> None:
         a, b = self.first, self.first + result.done
-        self.send(_result_bytes(self.stage, self.pack, result, self.items[a:b], None if self.ids is None else self.ids[a:b], self.log))
+        piece_ids = None if self.ids is None else self.ids[a:b]
+        for frame in _result_frames(self.stage, self.pack, result, self.items[a:b], piece_ids, self.log):
+            self.send(frame)
         self.first = b
 
 
-def _result_bytes(stage: StagePlan, pack: int, result: ChunkResult, items: list[Any], ids: Ids | None, log: Any) -> bytes:
-    """A (partial) result of ``items`` pickled for the runner: outputs with their ids, packed as output queue
-    messages of about ``BATCH_BYTES`` each when there are at most ``pack`` of them."""
+def _result_frames(stage: StagePlan, pack: int, result: ChunkResult, items: list[Any], ids: Ids | None,
+                   log: Any) -> list[bytes]:
+    """A (partial) result of ``items`` for the runner: the pickled ``ChunkResult``, then, when its outputs (at
+    most ``pack`` of them) are packed as output queue messages of about ``BATCH_BYTES``, each message as a
+    frame of its own (``result.packed`` says how many items each holds), so no large message is copied
+    into a pickle here or out of one in the runner."""
     ends, result.ends = result.ends, []
     result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
+    pieces: list[tuple[int, bytes]] = []
     if 0 < len(result.outputs) <= pack and result.error is None:
         with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
-            result.packed = pack_pieces(result.outputs, result.ids)
+            pieces = pack_pieces(result.outputs, result.ids)
+            result.packed = [n for n, _ in pieces]  # type: ignore[misc]
             result.outputs, result.ids = [], None
     try:
-        return pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+        return [pickle.dumps(result, pickle.HIGHEST_PROTOCOL), *(data for _, data in pieces)]
     except Exception:  # noqa: BLE001 - an unpicklable result fails its item, under the policy
         result.ends = ends
-        return pickle.dumps(_without_unpicklable(stage, result, items, log, ids), pickle.HIGHEST_PROTOCOL)
+        return [pickle.dumps(_without_unpicklable(stage, result, items, log, ids), pickle.HIGHEST_PROTOCOL)]
 
 
 def pack_pieces(outputs: list[Any], ids: Ids | None) -> list[tuple[int, bytes]]:
