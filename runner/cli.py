@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
     test = sub.add_parser("test", help="run the tests: cases of pipeline files")
     test.add_argument("files", nargs="+", metavar="FILE")
+    test.add_argument("--format", choices=["text", "json"], default="text",
+                      help="text: a line per case; json: one document {passed, failed, cases, invalid, no_cases}")
+    test.add_argument("--junit-xml", metavar="PATH", help="also write the results there as JUnit XML (for CI)")
     graph = sub.add_parser("graph", help="print the topology of a pipeline (Mermaid, dot or JSON)")
     graph.add_argument("file", metavar="FILE")
     graph.add_argument("--format", choices=["mermaid", "dot", "json"], default="mermaid")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             _start_forkserver_for(ns.files, [])
             from runner.testing import run_tests
 
-            return _quick(run_tests(ns.files))
+            return _quick(run_tests(ns.files, fmt=ns.format, junit_xml=ns.junit_xml))
         if ns.command == "graph":
             return _graph(ns)
         if ns.command == "new":

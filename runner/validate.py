@@ -47,7 +47,12 @@ def validate_file(path: str, overrides: list[str] | None = None) -> list[Diagnos
         data, marks = load_document(path, overrides)
     except PipelineInvalid as e:
         return list(e.diagnostics)  # type: ignore[arg-type]
-    _, problems = check(data, marks)
+    pipeline, problems = check(data, marks)
+    if pipeline is not None and pipeline.tests:
+        from runner.testing import case_problems
+
+        pipeline._marks = marks
+        problems += case_problems(pipeline)
     if not any(p.path == "(root)" for p in problems):
         problems += environment_problems(data, marks, str(Path(path).resolve().parent), _start_method(data))
     return render(problems)
