@@ -13,7 +13,7 @@ from typing import Any
 
 from schemas import Pipeline
 
-# `${VAR}` is replaced before validation, so `stop: ${N}` is valid: number and boolean fields accept it.
+# `${VAR}` is replaced before validation, so `stop: ${N}` is valid: number, boolean and choice fields accept it.
 ENV_REFERENCE = {
     "type": "string",
     "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:[-?].*)?\}$",
@@ -23,18 +23,18 @@ _SCALARS = ("integer", "number", "boolean")
 
 
 def _allow_env(node: Any) -> Any:
-    """Let every integer, number or boolean property also be written as a ``${VAR}`` reference."""
+    """Let every integer, number, boolean or choice (enum) property also be written as a ``${VAR}`` reference."""
     if isinstance(node, list):
         return [_allow_env(item) for item in node]
     if not isinstance(node, dict):
         return node
     node = {key: _allow_env(value) for key, value in node.items()}
     for name, prop in node.get("properties", {}).items():
-        if prop.get("type") in _SCALARS:
+        if prop.get("type") in _SCALARS or "enum" in prop:
             keep = {k: prop[k] for k in ("title", "description", "default") if k in prop}
             typed = {k: v for k, v in prop.items() if k not in keep}
             node["properties"][name] = {**keep, "anyOf": [typed, {"$ref": "#/$defs/EnvReference"}]}
-        elif any(branch.get("type") in _SCALARS for branch in prop.get("anyOf", [])):
+        elif any(b.get("type") in _SCALARS or "enum" in b for b in prop.get("anyOf", [])):
             prop["anyOf"] = [*prop["anyOf"], {"$ref": "#/$defs/EnvReference"}]
     return node
 

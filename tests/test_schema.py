@@ -48,6 +48,15 @@ def test_number_fields_accept_env_references():
     assert {"type": "integer"} in stop["anyOf"]
 
 
+def test_choice_fields_accept_env_references():
+    """``log_level: ${LOG_LEVEL:-info}`` is valid in the editor as it is for mprun: enum fields accept ${VAR} too."""
+    schema = json.loads(run_cli("schema").stdout)
+    for model, field in (("Settings", "log_level"), ("Settings", "start_method"), ("QueueSpec", "type"), ("Pool", "on_error")):
+        branches = schema["$defs"][model]["properties"][field]["anyOf"]
+        assert {"$ref": "#/$defs/EnvReference"} in branches, (model, field)
+        assert any("enum" in b for b in branches), (model, field)
+
+
 def test_every_shipped_pipeline_starts_with_the_modeline():
     """Each pipelines/*.yaml's first line points editors at the committed schema."""
     files = sorted(PIPELINES.glob("*.yaml"))
