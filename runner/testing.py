@@ -13,7 +13,7 @@ replaced by ``identity`` unless the case lists it in ``run_sinks``.  A dead-lett
 through a hidden stage its writers dead-letter into::
 
     double --_dead_failed--> _dead_failed (identity) --failed--> the queue's readers
-                                                     \--_tap_failed--> _tap_failed (collect)
+                                                     \\--_tap_failed--> _tap_failed (collect)
 
 The case then runs like any pipeline (``run_pipeline``), and what each tap collected is compared with
 ``expect``: as a multiset by default, in order with ``ordered: true`` (the order items were put).
