@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a YAML pipeline of producers, consumers, pools and queues on multiprocessing.",
         epilog="`mprun FILE` is short for `mprun run FILE`.",
     )
+    parser.add_argument("--version", action=_Version, help="print mprun's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run a pipeline")
     run.add_argument("file", metavar="FILE")
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                           "github: ::error annotations for GitHub Actions")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                           help="check the file as `mprun run --set` would run it; repeatable")
-    sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    schema = sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    schema.add_argument("--output", metavar="PATH",
+                        help="write it to PATH (folders created) instead of stdout, e.g. beside your pipelines")
     test = sub.add_parser("test", help="run the tests: cases of pipeline files")
     test.add_argument("files", nargs="+", metavar="FILE")
     test.add_argument("--format", choices=["text", "json"], default="text",
@@ -66,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("name", metavar="NAME")
     new.add_argument("--dir", default="pipelines", metavar="DIR", help="folder to write to (default: pipelines)")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: ``mprun VERSION (Python X.Y.Z)``, read from the installed package only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("mprun")
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        sys.stdout.write(f"mprun {number} (Python {sys.version.split()[0]})\n")
+        parser.exit()
 
 
 def _positive(text: str) -> int:
@@ -130,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             _start_forkserver_for(ns.files, ns.overrides)
             return _quick(_validate(ns))
         if ns.command == "schema":
-            from runner.schema import schema_json
+            from runner.schema import write_schema
 
-            sys.stdout.write(schema_json())
+            write_schema(ns.output)
             return 0
         if ns.command == "test":
             _start_forkserver_for(ns.files, [])
