@@ -29,7 +29,11 @@ def environment_problems(data: Any, marks: Marks, base_dir: str, start_method: s
     """Every reference of ``data`` that a fresh worker process could not import, located."""
     refs = references(data)
     found = import_problems([ref for _, ref in refs], base_dir, start_method)
-    return [marks.error(path, problem) for (path, _), problem in zip(refs, found, strict=True) if problem]
+    return [
+        marks.error(path, problem, key=path[-2:-1] == ("kwargs",))  # a keyword argument: at its key
+        for (path, _), problem in zip(refs, found, strict=True)
+        if problem
+    ]
 
 
 def _start_method(data: Any) -> str:
