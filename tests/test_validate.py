@@ -196,12 +196,12 @@ def test_kwargs_are_checked_against_the_signature(tmp_pipeline):
     their key, with did-you-mean; the item's own parameter is refused too; a function with **kwargs takes any."""
     path = tmp_pipeline(KWARGS_PIPELINE, KWARGS_TASKS)
     expected = [
-        f"{path}:6:14: error: stages[0].kwargs.cuont: unknown keyword argument 'cuont' for tasks_t:numbers; "
-        "did you mean 'count'?",
-        f"{path}:12:14: error: stages[1].kwargs.fail_rat: unknown keyword argument 'fail_rat' for tasks_t:score; "
-        "did you mean 'fail_rate'?",
-        f"{path}:12:29: error: stages[1].kwargs.x: tasks_t:score gets the item as 'x': a keyword argument of that "
-        "name would be a second value for it",
+        (f"{path}:6:14: error: stages[0].kwargs.cuont: unknown keyword argument 'cuont' for tasks_t:numbers; "
+         "did you mean 'count'?"),
+        (f"{path}:12:14: error: stages[1].kwargs.fail_rat: unknown keyword argument 'fail_rat' for tasks_t:score; "
+         "did you mean 'fail_rate'?"),
+        (f"{path}:12:29: error: stages[1].kwargs.x: tasks_t:score gets the item as 'x': a keyword argument of that "
+         "name would be a second value for it"),
     ]
     result = run_cli("validate", str(path))
     assert (result.returncode, result.stdout.splitlines()) == (2, expected)
