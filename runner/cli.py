@@ -282,10 +282,15 @@ def _run(ns: argparse.Namespace) -> int:
         from runner.metrics import write_metrics
 
         write_metrics(result, ns.metrics_json)
-    if not ns.no_summary:
-        print(summary_table(result), file=sys.stderr)
-    if result.error:
-        print(f"mprun: error: {result.error}", file=sys.stderr)
+    if result.log_format == "json":
+        record = summary_record(result, full=not ns.no_summary)
+        if record is not None:
+            print(json.dumps(record, default=repr), file=sys.stderr)
+    else:
+        if not ns.no_summary:
+            print(summary_table(result), file=sys.stderr)
+        if result.error:
+            print(f"mprun: error: {result.error}", file=sys.stderr)
     return _quick(result.exit_code) if not ns.inline else result.exit_code
 
 
@@ -351,6 +356,27 @@ def summary_table(result: Any) -> str:
                      f"{utilisation(st):.0%} utilised)")
     status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
     return "\n".join(["", *lines, f"{status} in {result.seconds:.2f}s"])
+
+
+def summary_record(result: Any, *, full: bool = True) -> dict[str, Any] | None:
+    """The end of a run as one JSON log record (``--log-format json``): the summary, its error included.
+
+    ``{"timestamp", "level", "logger": "mprun", "event": "run finished", **runner.metrics.metrics(result)}``;
+    without ``full`` (``--no-summary``) only a failed run gets a record: ``event: "run failed"``, ``exit_code``
+    and ``error``.
+    """
+    import datetime
+
+    level = "info" if result.exit_code == 0 else "error"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    head = {"timestamp": stamp, "level": level, "logger": "mprun"}
+    if full:
+        from runner.metrics import metrics
+
+        return {**head, "event": "run finished", **metrics(result)}
+    if result.error:
+        return {**head, "event": "run failed", "exit_code": result.exit_code, "error": result.error}
+    return None
 
 
 def _validate(ns: argparse.Namespace) -> int:

@@ -96,6 +96,7 @@ class RunResult:
     high_water: dict[str, int] = field(default_factory=dict)  # per queue: most items seen waiting in it
     restarts: dict[str, int] = field(default_factory=dict)  # per process name: times it was replaced
     process_stage: dict[str, str] = field(default_factory=dict)  # per process name: its stage
+    log_format: str = "console"  # how stderr records were rendered: the summary follows suit (cli)
 
 
 def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
