@@ -30,7 +30,7 @@ import logging.handlers
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, Self
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
@@ -44,7 +44,7 @@ class Shown(str):
 
     value: Any
 
-    def __new__(cls, text: str, value: Any) -> Shown:
+    def __new__(cls, text: str, value: Any) -> Self:
         self = super().__new__(cls, text)
         self.value = value
         return self
