@@ -204,9 +204,9 @@ class Supervisor:
         if self.progress:
             import sys
 
-            from runner.progress import LiveDisplay
+            from runner.progress import LiveDisplay, plan_of
 
-            display = LiveDisplay(sys.stderr, self.topo.name)
+            display = LiveDisplay(sys.stderr, self.topo.name, plan=plan_of(self.topo))
         widths = (max(len(s.name) for s in self.topo.stages),
                   max(len(n) for s in self.topo.stages for n in s.process_names))
         listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file,
