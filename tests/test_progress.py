@@ -174,7 +174,7 @@ def test_display_clears_writes_and_redraws():
 def test_percent_and_eta_when_totals_are_known(monkeypatch):
     """With the producers' totals known, each stage shows how far it is and its ETA at its recent rate, and the
     first line the run's (least advanced stage, latest ETA); a stage downstream expects what its writers send."""
-    import runner.progress as progress
+    from runner import progress
 
     now = [100.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
