@@ -179,8 +179,8 @@ class LiveDisplay:
                 "-" if rate is None or r["state"] != "running" else f"{rate:,.0f}",
                 *(("-",) * 4 if producer else (f"{r['failed']:,}", f"{r['skipped']:,}", f"{r['dead_lettered']:,}",
                                                 f"{r['restarts']:,}")),
-                *((_percent(ahead[r["stage"]][0]), "-" if r["state"] == "done" else _duration(ahead[r["stage"]][1]))
-                  if ahead else ()),
+                *((_percent(ahead.get(r["stage"], (None, None))[0]),
+                   "-" if r["state"] == "done" else _duration(ahead.get(r["stage"], (None, None))[1])) if ahead else ()),
                 f"{r['queue']} {r['depth']:,}" if r["queue"] else "",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -208,7 +208,9 @@ class LiveDisplay:
         fractions: dict[str, float | None] = {}
         ahead: dict[str, tuple[float | None, float | None]] = {}
         for r in rows:  # file order: producers and writers come before the stages they feed, as a rule
-            total, writers = self.plan.get(r["stage"], (None, ()))
+            if r["stage"] not in self.plan:  # a daemon stage: never done, no share of the run's progress
+                continue
+            total, writers = self.plan[r["stage"]]
             expected: float | None = None
             if r["state"] == "done":
                 fraction: float | None = 1.0
@@ -237,9 +239,12 @@ Plan = dict[str, tuple[int | None, tuple[str, ...]]]
 
 def plan_of(topology: Any) -> Plan:
     """Per stage of ``topology``: how many items it emits when that is known before the run (a producer of
-    ``items``, a ``range`` or a file's lines, cut by ``--limit``), and the stages writing its input queue."""
+    ``items``, a ``range`` or a file's lines, cut by ``--limit``), and the stages writing its input queue.
+    Daemon stages are left out: they run until the rest has finished."""
     plan: Plan = {}
     for stage in topology.stages:
+        if stage.daemon:
+            continue
         total = _source_total(stage.source, topology.base_dir) if stage.kind == "producer" and stage.source else None
         if total is not None and topology.limit is not None:
             total = min(total, topology.limit)

@@ -173,7 +173,8 @@ def test_display_clears_writes_and_redraws():
 
 def test_percent_and_eta_when_totals_are_known(monkeypatch):
     """With the producers' totals known, each stage shows how far it is and its ETA at its recent rate, and the
-    first line the run's (least advanced stage, latest ETA); a stage downstream expects what its writers send."""
+    first line the run's (least advanced stage, latest ETA); a stage downstream expects what its writers send;
+    a daemon stage (not in the plan) has no share in it."""
     from runner import progress
 
     now = [100.0]
@@ -190,6 +191,8 @@ def test_percent_and_eta_when_totals_are_known(monkeypatch):
              "finished": done, "queue": "a", "depth": waiting},
             {**base, "stage": "sink", "kind": "consumer", "state": "running", "items_in": sink_done,
              "items_out": sink_done, "finished": sink_done, "queue": "b", "depth": done - sink_done},
+            {**base, "stage": "monitor", "kind": "producer", "state": "running", "items_in": 0,  # a daemon: not planned
+             "items_out": 0, "finished": 0, "queue": None, "depth": 0},
         ]
 
     display.render(rows(30, 20, 10, 15, 5))  # t=100: the first sample of the rates
@@ -200,7 +203,8 @@ def test_percent_and_eta_when_totals_are_known(monkeypatch):
     assert cells["numbers"][10:12] == ["50%", "2.5s"]  # 50 of 100 left at 20/s
     assert cells["work"][10:12] == ["25%", "7.5s"]  # 50 put when its writer is half-way: 100 expected, 75 left at 10/s
     assert cells["sink"][10:12] == ["10%", "18.0s"]  # 25 put, writer at 25%: 100 expected, 90 left at 5/s
-    assert lines[0].endswith("3 of 3 stages running  10%  ETA 18.0s")
+    assert cells["monitor"][10:12] == ["-", "-"]
+    assert lines[0].endswith("4 of 4 stages running  10%  ETA 18.0s")
 
 
 def test_progress_shows_percent_done_under_a_pty(tmp_pipeline):
