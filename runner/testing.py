@@ -99,16 +99,20 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
     stages = data["stages"] if isinstance(data.get("stages"), list) else []
     taken = {s.get("name") for s in stages if isinstance(s, dict)} | set(pipeline.queue_names())
     taps = {queue: _fresh(TAP + queue, taken) for queue in case.expect}
-    dead = {q: _fresh("_dead_" + q, taken) for q in taps if any(s.get("dead_letter") == q for s in stages)}
+    dead = {q: _fresh("_dead_" + q, taken) for q in taps
+            if any(isinstance(s, dict) and s.get("dead_letter") == q for s in stages)}
     for index, stage in enumerate(stages):
-        if stage["name"] in case.sources:
+        if not isinstance(stage, dict):  # a `set` made it so: validation below says what is wrong
+            continue
+        if stage.get("name") in case.sources:
             stage["source"] = case.sources[stage["name"]].model_dump()
-        function, kwargs = stage.get("function"), stage.get("kwargs") or {}
+        function, kwargs = stage.get("function"), stage.get("kwargs") if isinstance(stage.get("kwargs"), dict) else {}
         if function in FILE_SINKS and index not in given and str(kwargs.get("path", "-")) != "-":
             stage["kwargs"] = {**kwargs, "path": str(Path(scratch, f"{index}-{Path(str(kwargs['path'])).name}"))}
-        elif ":" in (function or "") and not stage.get("output") and stage["name"] not in case.run_sinks:
+        elif ":" in str(function or "") and not stage.get("output") and stage.get("name") not in case.run_sinks:
             stage.update(function="identity", kwargs={}, init=None)
-        outputs = [stage["output"]] if isinstance(stage["output"], str) else list(stage["output"] or [])
+        output = stage.get("output")
+        outputs = [output] if isinstance(output, str) else list(output) if isinstance(output, list) else []
         extra = [taps[q] for q in outputs if q in taps]
         if extra:
             stage["output"] = outputs + extra
