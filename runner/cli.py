@@ -155,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             write_schema(ns.output)
             return 0
         if ns.command == "test":
-            _start_forkserver_for(ns.files, [])
+            from functools import partial
+
             from runner.testing import run_tests
 
-            return _quick(run_tests(ns.files, fmt=ns.format, junit_xml=ns.junit_xml))
+            start = partial(_start_forkserver_for, ns.files, [])  # run_tests starts it once stdout is captured
+            return _quick(run_tests(ns.files, fmt=ns.format, junit_xml=ns.junit_xml, start=start))
         if ns.command == "graph":
             return _graph(ns)
         if ns.command == "new":

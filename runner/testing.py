@@ -20,8 +20,8 @@ The case then runs like any pipeline (``run_pipeline``), and what each tap colle
 Results go out as text lines, one JSON document (``--format json``) and/or JUnit XML (``--junit-xml``).
 
 While the cases run, file descriptors 1 and 2 point to one capture file, so stage prints and log
-records (of every process, including a forkserver started by the first case) stay out of the report;
-the output of a failing case is shown under it.
+records (of every process, including the forkserver ``mprun test`` starts once the capture is on, and
+every process it forks) stay out of the report; the output of a failing case is shown under it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TextIO
@@ -281,8 +282,13 @@ class Report:
         }
 
 
-def run_tests(files: list[str], *, fmt: str = "text", junit_xml: str | None = None) -> int:
+def run_tests(
+    files: list[str], *, fmt: str = "text", junit_xml: str | None = None, start: Callable[[], None] | None = None
+) -> int:
     """Run every case of every file; report each case (``fmt`` text or json), optionally as JUnit XML too.
+
+    ``start`` runs first, once the output is captured: the command starts its forkserver there, so that
+    what the processes it forks print is captured too (they write to the server's descriptors).
 
     Returns:
         0 when every case passed, 1 when one failed or no file has a case, 2 when a file is invalid,
@@ -295,6 +301,8 @@ def run_tests(files: list[str], *, fmt: str = "text", junit_xml: str | None = No
     report = Report()
     worst = 0
     with _Capture() as cap:
+        if start is not None:
+            start()
 
         def say(line: str) -> None:
             if fmt == "text":

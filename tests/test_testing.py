@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import yaml
@@ -332,7 +333,6 @@ tests:
 
 def test_junit_xml_and_json_reports(tmp_pipeline, tmp_path):
     """--junit-xml writes a testcase per case with a failure holding the difference; --format json one document."""
-    import json
     import xml.etree.ElementTree as ET
 
     path = tmp_pipeline(HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n  - {name: bad, expect: {doubled: [2]}}\n", TASKS)
@@ -364,3 +364,14 @@ def test_no_test_cases_is_a_failure(tmp_pipeline):
         f"no test cases in {bare}: add a tests: list to a pipeline file",
         "0 passed, 0 failed",
     ]
+
+
+def test_output_is_captured_under_forkserver_too(tmp_pipeline):
+    """With forkserver (the default start method), what stages print stays out of the report as well: the
+    server the command starts is started inside the capture, so the processes it forks print into it."""
+    path = tmp_pipeline(HEAD.replace("settings: {start_method: fork}\n", "") + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n",
+                        TASKS)
+    result = run_cli("test", str(path))
+    assert (result.returncode, result.stdout.splitlines()) == (0, [f"PASS {path}::ok", "1 passed, 0 failed"])
+    as_json = run_cli("test", str(path), "--format", "json")
+    assert json.loads(as_json.stdout)["passed"] == 1
