@@ -332,7 +332,8 @@ tests:
 
 
 def test_junit_xml_and_json_reports(tmp_pipeline, tmp_path):
-    """--junit-xml writes a testcase per case with a failure holding the difference; --format json one document."""
+    """--junit-xml writes a testcase per case with a failure holding the difference; --format json one document;
+    an invalid file is an error in both, located."""
     import xml.etree.ElementTree as ET
 
     path = tmp_pipeline(HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n  - {name: bad, expect: {doubled: [2]}}\n", TASKS)
@@ -352,6 +353,14 @@ def test_junit_xml_and_json_reports(tmp_pipeline, tmp_path):
     failure = cases[1].find("failure")
     assert failure.get("message") == "queue 'doubled': unexpected 2 item(s): 4, 6"
     assert "noise 1" in cases[1].find("system-out").text
+
+    broken = tmp_pipeline("version: 1\nstages: 3\n", name="broken.yaml")
+    result = run_cli("test", str(broken), "--junit-xml", str(junit), "--format", "json")
+    assert result.returncode == 2
+    invalid = json.loads(result.stdout)["invalid"]
+    assert [(p["file"], p["line"], p["path"]) for p in invalid] == [(str(broken), 2, "stages")]
+    error = ET.parse(junit).getroot().find("testsuite/testcase/error")
+    assert error is not None and error.text.startswith(f"{broken}:2:9: error: stages:")
 
 
 def test_no_test_cases_is_a_failure(tmp_pipeline):
