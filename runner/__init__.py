@@ -149,7 +149,9 @@ def run_pipeline(
             raise UsageError(msg)
         from runner.backends import run_on_ray
 
-        return run_on_ray(topology, ray_address)
+        result = run_on_ray(topology, ray_address)
+        result.log_format = topology.log_format
+        return result
     if ray_address:
         msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
         raise UsageError(msg)
@@ -162,4 +164,6 @@ def run_pipeline(
 
         printing = any(s.function == "print" for s in topology.stages) and sys.stdout.isatty()
         progress = sys.stderr.isatty() and not printing
-    return Supervisor(topology, progress=progress).run()
+    result = Supervisor(topology, progress=progress).run()
+    result.log_format = topology.log_format
+    return result

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a YAML pipeline of producers, consumers, pools and queues on multiprocessing.",
         epilog="`mprun FILE` is short for `mprun run FILE`.",
     )
+    parser.add_argument("--version", action=_Version, help="print mprun's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run a pipeline")
     run.add_argument("file", metavar="FILE")
@@ -53,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                           "github: ::error annotations for GitHub Actions")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                           help="check the file as `mprun run --set` would run it; repeatable")
-    sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    schema = sub.add_parser("schema", help="print the JSON Schema of the pipeline format")
+    schema.add_argument("--output", metavar="PATH",
+                        help="write it to PATH (folders created) instead of stdout, e.g. beside your pipelines")
     test = sub.add_parser("test", help="run the tests: cases of pipeline files")
     test.add_argument("files", nargs="+", metavar="FILE")
+    test.add_argument("--format", choices=["text", "json"], default="text",
+                      help="text: a line per case; json: one document {passed, failed, cases, invalid, no_cases}")
+    test.add_argument("--junit-xml", metavar="PATH", help="also write the results there as JUnit XML (for CI)")
     graph = sub.add_parser("graph", help="print the topology of a pipeline (Mermaid, dot or JSON)")
     graph.add_argument("file", metavar="FILE")
     graph.add_argument("--format", choices=["mermaid", "dot", "json"], default="mermaid")
@@ -63,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("name", metavar="NAME")
     new.add_argument("--dir", default="pipelines", metavar="DIR", help="folder to write to (default: pipelines)")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: ``mprun VERSION (Python X.Y.Z)``, read from the installed package only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("mprun")
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        sys.stdout.write(f"mprun {number} (Python {sys.version.split()[0]})\n")
+        parser.exit()
 
 
 def _positive(text: str) -> int:
@@ -140,15 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             _start_forkserver_for(ns.files, ns.overrides)
             return _quick(_validate(ns))
         if ns.command == "schema":
-            from runner.schema import schema_json
+            from runner.schema import write_schema
 
-            sys.stdout.write(schema_json())
+            write_schema(ns.output)
             return 0
         if ns.command == "test":
-            _start_forkserver_for(ns.files, [])
+            from functools import partial
+
             from runner.testing import run_tests
 
-            return _quick(run_tests(ns.files))
+            start = partial(_start_forkserver_for, ns.files, [])  # run_tests starts it once stdout is captured
+            return _quick(run_tests(ns.files, fmt=ns.format, junit_xml=ns.junit_xml, start=start))
         if ns.command == "graph":
             return _graph(ns)
         if ns.command == "new":
@@ -274,10 +299,15 @@ def _run(ns: argparse.Namespace) -> int:
         from runner.metrics import write_metrics
 
         write_metrics(result, ns.metrics_json)
-    if not ns.no_summary:
-        print(summary_table(result), file=sys.stderr)
-    if result.error:
-        print(f"mprun: error: {result.error}", file=sys.stderr)
+    if result.log_format == "json":
+        record = summary_record(result, full=not ns.no_summary)
+        if record is not None:
+            print(json.dumps(record, default=repr), file=sys.stderr)
+    else:
+        if not ns.no_summary:
+            print(summary_table(result), file=sys.stderr)
+        if result.error:
+            print(f"mprun: error: {result.error}", file=sys.stderr)
     return _quick(result.exit_code) if not ns.inline else result.exit_code
 
 
@@ -346,6 +376,27 @@ def summary_table(result: Any) -> str:
         lines.append("left in queues, not processed: " + ", ".join(f"{name} {n:,}" for name, n in left.items()))
     status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
     return "\n".join(["", *lines, f"{status} in {result.seconds:.2f}s"])
+
+
+def summary_record(result: Any, *, full: bool = True) -> dict[str, Any] | None:
+    """The end of a run as one JSON log record (``--log-format json``): the summary, its error included.
+
+    ``{"timestamp", "level", "logger": "mprun", "event": "run finished", **runner.metrics.metrics(result)}``;
+    without ``full`` (``--no-summary``) only a failed run gets a record: ``event: "run failed"``, ``exit_code``
+    and ``error``.
+    """
+    import datetime
+
+    level = "info" if result.exit_code == 0 else "error"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    head = {"timestamp": stamp, "level": level, "logger": "mprun"}
+    if full:
+        from runner.metrics import metrics
+
+        return {**head, "event": "run finished", **metrics(result)}
+    if result.error:
+        return {**head, "event": "run failed", "exit_code": result.exit_code, "error": result.error}
+    return None
 
 
 def _validate(ns: argparse.Namespace) -> int:

@@ -151,6 +151,41 @@ def model_at(data: Any, path: PathKey) -> type[BaseModel] | None:
     return None
 
 
+def field_accepts(data: Any, path: PathKey, value: Any) -> bool:
+    """Whether the schema field holding ``path`` may take ``value`` as it is (its type, or ``Any``).
+
+    The field is that of the nearest model above ``path`` (``kwargs`` for ``stages[0].kwargs.n``); a
+    path under no known model accepts anything.
+    """
+    for k in range(len(path) - 1, -1, -1):
+        model = model_at(data, path[:k]) if isinstance(data, dict) else None
+        if model is None:
+            continue
+        found = [f for name, f in model.model_fields.items() if path[k] in (name, f.alias)]
+        if not found:
+            return True
+        leaves = _leaf_types(found[0].annotation)
+        return Any in leaves or type(value) in leaves or (type(value) is int and float in leaves)
+    return True
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a value of ``annotation`` may have at its leaves (unions, lists, dicts and Literals flattened)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or annotation is None or annotation is type(None):
+        return {Any} if annotation is Any else {type(None)}
+    if origin is typing.Literal:
+        return {type(a) for a in args}
+    if origin is typing.Annotated:
+        return _leaf_types(args[0])
+    if origin in (typing.Union, types.UnionType, list, dict, tuple, set):
+        return set().union(*(_leaf_types(a) for a in args)) if args else {Any}
+    return {annotation}
+
+
 def unknown_key_message(data: Any, parent: PathKey, key: str) -> str:
     """``unknown key 'x'`` with the closest known key, or the list of known keys."""
     model = model_at(data, parent)

@@ -28,8 +28,14 @@ PathKey = tuple[str | int, ...]
 CHECK_TIMEOUT = 60.0  # seconds the checker child gets to import everything
 
 
+# A keyword argument of a call is checked as the reference "module:attr?item-kwarg=KEY" (a stage function,
+# called with the item first) or "module:attr?kwarg=KEY" (a source function, called with kwargs only).
+ITEM_KWARG, KWARG = "?item-kwarg=", "?kwarg="
+
+
 def references(data: Any) -> list[tuple[PathKey, str]]:
-    """Every ``module:attribute`` of a document (functions, inits, source functions, test sources)."""
+    """Every ``module:attribute`` of a document (functions, inits, source functions, test sources), and every
+    keyword argument of ``kwargs`` as ``module:attr?kwarg=KEY`` (checked against the function's signature)."""
     found: list[tuple[PathKey, str]] = []
 
     def add(path: PathKey, value: Any) -> None:
@@ -40,6 +46,10 @@ def references(data: Any) -> list[tuple[PathKey, str]]:
         if isinstance(value, dict):
             add((*path, "function"), value.get("function"))
 
+    def keywords(path: PathKey, ref: Any, kwargs: Any, call: str) -> None:
+        if isinstance(ref, str) and ":" in ref and isinstance(kwargs, dict):
+            found.extend(((*path, "kwargs", key), f"{ref}{call}{key}") for key in kwargs if isinstance(key, str))
+
     if not isinstance(data, dict):
         return found
     stages = data.get("stages")
@@ -48,6 +58,9 @@ def references(data: Any) -> list[tuple[PathKey, str]]:
             add(("stages", i, "function"), stage.get("function"))
             add(("stages", i, "init"), stage.get("init"))
             source(("stages", i, "source"), stage.get("source"))
+            src = stage.get("source")
+            keywords(("stages", i), stage.get("function"), stage.get("kwargs"), ITEM_KWARG)
+            keywords(("stages", i), src.get("function") if isinstance(src, dict) else None, stage.get("kwargs"), KWARG)
     tests = data.get("tests")
     for i, case in enumerate(tests if isinstance(tests, list) else []):
         sources = case.get("sources") if isinstance(case, dict) else None
@@ -64,6 +77,10 @@ def suggest(word: str, choices: list[str]) -> str:
 
 def check_reference(ref: str) -> str | None:
     """Import ``module:attribute`` here and say what is wrong with it, or ``None``.  Runs in the child."""
+    for call in (ITEM_KWARG, KWARG):
+        if call in ref:
+            target, _, key = ref.partition(call)
+            return None if check_reference(target) else _keyword_problem(target, key, item=call == ITEM_KWARG)
     module_name, _, attr = ref.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -88,6 +105,31 @@ def check_reference(ref: str) -> str | None:
     if "<locals>" in qualname:
         return f"{ref!r} is defined inside another function ({qualname}): define it at module level"
     return None
+
+
+def _keyword_problem(ref: str, key: str, *, item: bool) -> str | None:
+    """Whether ``ref`` (imported already) accepts the keyword argument ``key``; the problem if not."""
+    import inspect
+
+    module_name, _, attr = ref.partition(":")
+    fn: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to check (a builtin written in C)
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    if item and params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        if params[0].name == key:
+            return f"{ref} gets the item as {key!r}: a keyword argument of that name would be a second value for it"
+        params = params[1:]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if key in names:
+        return None
+    takes = f"; it takes {', '.join(names)}" if names else "; it takes none"
+    return f"unknown keyword argument {key!r} for {ref}" + (suggest(key, names) or takes)
 
 
 def _checker(conn: Any, base_dir: str, refs: list[str], parent_pid: int) -> None:

@@ -120,7 +120,9 @@ def run_inline(topo: Topology) -> RunResult:
         listener.stop()
         logs.close_handlers(listener)
         restore_logging(root)
-    return RunResult(exit_code, stats, collected, error, time.perf_counter() - t0)
+    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0)
+    result.log_format = topo.log_format
+    return result
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

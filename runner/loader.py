@@ -116,17 +116,21 @@ _REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _INNER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)(.*))?", re.DOTALL)
 
 
-def interpolate(data: Any, marks: Marks, environ: dict[str, str] | None = None, path: PathKey = ()) -> Any:
+def interpolate(
+    data: Any, marks: Marks, environ: dict[str, str] | None = None, path: PathKey = (), root: Any = None
+) -> Any:
     """Replace ``${VAR}`` references in every string value from the environment.
 
     ``${VAR:-default}`` uses ``default`` when VAR is unset or empty; ``${VAR:?message}`` is an error with
-    ``message`` then; ``$${`` stands for a literal ``${``.  Problems go to ``marks.problems``.
+    ``message`` then; ``$${`` stands for a literal ``${``.  A value that is exactly one reference takes the
+    YAML type of its text where its field takes that type (``_typed``).  Problems go to ``marks.problems``.
     """
     env = os.environ if environ is None else environ
+    root = data if root is None else root
     if isinstance(data, dict):
-        return {k: interpolate(v, marks, env, (*path, k)) for k, v in data.items()}
+        return {k: interpolate(v, marks, env, (*path, k), root) for k, v in data.items()}
     if isinstance(data, list):
-        return [interpolate(v, marks, env, (*path, i)) for i, v in enumerate(data)]
+        return [interpolate(v, marks, env, (*path, i), root) for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
 
@@ -153,7 +157,28 @@ def interpolate(data: Any, marks: Marks, environ: dict[str, str] | None = None, 
         marks.problems.append(marks.error(path, message))
         marks.bad.add(path)
 
-    return _REFERENCE.sub(replace, data)
+    text = _REFERENCE.sub(replace, data)
+    whole = _REFERENCE.fullmatch(data)
+    if whole is None or whole.group(1) is None or path in marks.bad:
+        return text
+    return _typed(text, root, path)
+
+
+def _typed(text: str, root: Any, path: PathKey) -> Any:
+    """The YAML scalar ``text`` stands for (int, float, bool, null) if its field takes that, else ``text``.
+
+    A value that is exactly one ``${VAR}`` reference gets the type of what VAR holds, as if written in the
+    file (``n: ${N}`` with N=500 is the number 500); booleans are only ``true``/``false``, not ``yes``/``on``.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    if value is not None and not isinstance(value, int | float):
+        return text
+    return value if diagnostics.field_accepts(root, path, value) else text
 
 
 def _structural(err: dict[str, Any]) -> bool:

@@ -30,7 +30,7 @@ import logging.handlers
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, Self
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
@@ -38,8 +38,43 @@ _PLAIN = (str, int, float, bool, type(None))
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
 
+class Shown(str):
+    """An item as text for messages (its short repr), carrying the item itself as ``value`` for log records,
+    so that a JSON record holds the item as a JSON value (``"item": {"a": 1}``), not as Python's repr."""
+
+    value: Any
+
+    def __new__(cls, text: str, value: Any) -> Self:
+        self = super().__new__(cls, text)
+        self.value = value
+        return self
+
+    def __reduce__(self) -> Any:
+        return (Shown, (str(self), self.value))
+
+
+def shown(value: Any, text: str, width: int = 200) -> str:
+    """``text`` (the repr of ``value``), as a ``Shown`` when ``value`` is plain data whose JSON fits ``width``."""
+    if not _json_like(value):  # holds something JSON has no form for: the repr says more
+        return text
+    plain = _plain(value)
+    return Shown(text, plain) if len(json.dumps(plain)) <= width else text
+
+
+def _json_like(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, list | tuple):
+        return all(map(_json_like, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_like(v) for k, v in value.items())
+    return False
+
+
 def _plain(value: Any) -> Any:
     """A value that pickles and renders as JSON: containers of plain values kept, the rest as repr."""
+    if isinstance(value, Shown):
+        return _plain(value.value)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, list | tuple):

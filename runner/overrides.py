@@ -18,7 +18,7 @@ from runner.diagnostics import Diagnostic, Marks, PathKey, suggest
 from runner.errors import PipelineInvalid
 
 
-class _BadPath(Exception):
+class _BadPath(ValueError):
     """An override whose PATH does not lead anywhere; the message says why."""
 
 
@@ -51,6 +51,15 @@ def apply_overrides(data: Any, overrides: list[str], marks: Marks) -> Any:
     if problems:
         raise PipelineInvalid(problems)
     return data
+
+
+def set_path(data: Any, dotted: str, value: Any) -> PathKey:
+    """Put ``value`` at the dotted PATH of ``data`` in place, as ``--set`` does; the path it resolved to.
+
+    Raises:
+        ValueError: the PATH leads nowhere; the message says why.
+    """
+    return _set(data, [p.strip() for p in dotted.split(".")], value)
 
 
 def _first_line(error: yaml.YAMLError) -> str:

@@ -3,6 +3,11 @@
     DIR/NAME.yaml   producer (range 1..5) --numbers--> square (consumer, 2 processes) --squares--> results (collect)
                     with the schema modeline, a header comment and a ``tests:`` case
     DIR/NAME.py     the stage function ``square``, imported as ``NAME:square``
+    schemas/pipeline.schema.json   the JSON Schema the modeline points at, written when none is found
+
+The modeline points at the nearest ``schemas/pipeline.schema.json`` in DIR or a folder above it; when there
+is none, ``mprun new`` writes one (``mprun schema`` output) into the current folder (the project's root) if
+DIR is inside it, else into DIR, so the editor finds the schema wherever the pipeline is written.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import yaml
 from runner.errors import UsageError
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SCHEMA = Path("schemas", "pipeline.schema.json")  # where the modeline points, from the current folder
+SCHEMA = Path("schemas", "pipeline.schema.json")  # where the modeline points, from a folder holding the project
 
 PIPELINE = """\
 # yaml-language-server: $schema={schema}
@@ -97,9 +102,17 @@ def scaffold(name: str, directory: str | Path = "pipelines") -> list[Path]:
     if existing:
         msg = f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: not overwriting"
         raise UsageError(msg)
-    schema = Path(os.path.relpath(SCHEMA.resolve(), folder.resolve())).as_posix()
+    schema_path = _find_schema(folder)
+    schema = Path(os.path.relpath(schema_path.resolve(), folder.resolve())).as_posix()
     name_value = name if yaml.safe_load(name) == name else f"'{name}'"
+    written = [yaml_path, py_path]
     try:
+        if not schema_path.exists():
+            from runner.schema import schema_json
+
+            schema_path.parent.mkdir(parents=True, exist_ok=True)
+            schema_path.write_text(schema_json(), encoding="utf-8")
+            written.append(schema_path)
         folder.mkdir(parents=True, exist_ok=True)
         yaml_path.write_text(
             PIPELINE.format(schema=schema, name=name, name_value=name_value, module=name, yaml_path=yaml_path.as_posix()),
@@ -109,4 +122,14 @@ def scaffold(name: str, directory: str | Path = "pipelines") -> list[Path]:
     except OSError as e:
         msg = f"cannot write {e.filename or folder}: {e.strerror or e}"
         raise UsageError(msg) from None
-    return [yaml_path, py_path]
+    return written
+
+
+def _find_schema(folder: Path) -> Path:
+    """The nearest ``schemas/pipeline.schema.json`` in ``folder`` or above; else where to write one."""
+    absolute = folder.resolve()
+    for parent in (absolute, *absolute.parents):
+        if (parent / SCHEMA).is_file():
+            return parent / SCHEMA
+    here = Path.cwd().resolve()
+    return SCHEMA if absolute == here or here in absolute.parents else folder / SCHEMA

@@ -100,6 +100,7 @@ class RunResult:
     high_water: dict[str, int] = field(default_factory=dict)  # per queue: most items seen waiting in it
     restarts: dict[str, int] = field(default_factory=dict)  # per process name: times it was replaced
     process_stage: dict[str, str] = field(default_factory=dict)  # per process name: its stage
+    log_format: str = "console"  # how stderr records were rendered: the summary follows suit (cli)
 
 
 def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
@@ -210,9 +211,9 @@ class Supervisor:
         if self.progress:
             import sys
 
-            from runner.progress import LiveDisplay
+            from runner.progress import LiveDisplay, plan_of
 
-            display = LiveDisplay(sys.stderr, self.topo.name)
+            display = LiveDisplay(sys.stderr, self.topo.name, plan=plan_of(self.topo))
         widths = (max(len(s.name) for s in self.topo.stages),
                   max(len(n) for s in self.topo.stages for n in s.process_names))
         listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file,

@@ -29,7 +29,11 @@ def environment_problems(data: Any, marks: Marks, base_dir: str, start_method: s
     """Every reference of ``data`` that a fresh worker process could not import, located."""
     refs = references(data)
     found = import_problems([ref for _, ref in refs], base_dir, start_method)
-    return [marks.error(path, problem) for (path, _), problem in zip(refs, found, strict=True) if problem]
+    return [
+        marks.error(path, problem, key=path[-2:-1] == ("kwargs",))  # a keyword argument: at its key
+        for (path, _), problem in zip(refs, found, strict=True)
+        if problem
+    ]
 
 
 def _start_method(data: Any) -> str:
@@ -47,7 +51,12 @@ def validate_file(path: str, overrides: list[str] | None = None) -> list[Diagnos
         data, marks = load_document(path, overrides)
     except PipelineInvalid as e:
         return list(e.diagnostics)  # type: ignore[arg-type]
-    _, problems = check(data, marks)
+    pipeline, problems = check(data, marks)
+    if pipeline is not None and pipeline.tests:
+        from runner.testing import case_problems
+
+        pipeline._marks = marks
+        problems += case_problems(pipeline)
     if not any(p.path == "(root)" for p in problems):
         problems += environment_problems(data, marks, str(Path(path).resolve().parent), _start_method(data))
     return render(problems)

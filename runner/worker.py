@@ -112,9 +112,9 @@ class FunctionFailed(Exception):
 
 
 def short_repr(value: Any, width: int = 200) -> str:
-    """``repr`` cut to ``width`` characters."""
+    """``repr`` cut to ``width`` characters; a log record shows plain data as its JSON value (``logs.Shown``)."""
     text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return logs.shown(value, text, width) if len(text) <= width else text[: width - 3] + "..."
 
 
 def resolve(ref: str, base_dir: str) -> Any:

@@ -68,6 +68,17 @@ class TestCase(Model):
     ordered: bool = Field(
         False, description="true: the items must come in this order (the order they were put); false: any order."
     )
+    set_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="set",
+        description="PATH -> value, applied in this case as `mprun run --set PATH=VALUE` would "
+        "(stages.save.kwargs.path: out/test.jsonl).",
+    )
+    run_sinks: list[str] = Field(
+        default_factory=list,
+        description="Sink stages with a module:attribute function (consumers or pools without output) that run in "
+        "this case; the other such sinks take their items and do nothing, so a case never touches real outputs.",
+    )
 
 
 class Pipeline(Model):
@@ -170,6 +181,7 @@ def _test_problems(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[tu
     problems: list[tuple[tuple[str | int, ...], str]] = []
     kinds = {s.name: s.kind for s in pipeline.stages}
     daemons = {s.name for s in pipeline.stages if getattr(s, "daemon", False)}
+    sinks = [s.name for s in pipeline.stages if is_user_sink(s)]
     names = [case.name for case in pipeline.tests]
     for i, case in enumerate(pipeline.tests):
         if names.index(case.name) != i:
@@ -185,7 +197,16 @@ def _test_problems(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[tu
                 problems.append((("tests", i, "expect", queue), f"no stage writes to queue {queue!r}; queues: {known}"))
             elif set(writers[queue]) & daemons:
                 problems.append((("tests", i, "expect", queue), f"queue {queue!r} is written by a daemon stage, which never ends"))
+        for j, stage in enumerate(case.run_sinks):
+            if stage not in sinks:
+                what = f"stage {stage!r} is not a sink with a module:attribute function" if stage in kinds else f"unknown stage {stage!r}"
+                problems.append((("tests", i, "run_sinks", j), f"{what}; sinks: {', '.join(sinks) or 'none'}"))
     return problems
+
+
+def is_user_sink(stage: Stage) -> bool:
+    """Whether ``stage`` is a consumer or pool without output that calls a ``module:attribute`` function."""
+    return stage.kind != "producer" and not stage.outputs and ":" in (getattr(stage, "function", None) or "")
 
 
 def _valid_name(name: str) -> bool:

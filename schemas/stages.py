@@ -72,6 +72,9 @@ Outputs = str | list[str] | None
 class StageBase(Model):
     """Keys every stage kind has."""
 
+    # Only the three kinds validate: building this base (and Worker) would cost a cold start ~10 ms for nothing.
+    model_config = ConfigDict(defer_build=True)
+
     name: str = Field(pattern=NAME_PATTERN, description="Unique stage name; processes are named <name>-<i>.")
     processes: int = Field(1, ge=1, description="How many processes run this stage.")
     process_names: list[str] | None = Field(None, description="Explicit process names, one per process.")
@@ -112,6 +115,8 @@ class StageBase(Model):
 
 class Producer(StageBase):
     """Emits the items of its source; no input."""
+
+    model_config = ConfigDict(defer_build=False)
 
     kind: Literal["producer"] = Field(description="producer: emits items from a source.")
     source: Source = Field(description="Where the items come from.")
@@ -166,6 +171,8 @@ class Worker(StageBase):
 class Consumer(Worker):
     """N dedicated processes, each: get -> function -> put."""
 
+    model_config = ConfigDict(defer_build=False)
+
     kind: Literal["consumer"] = Field(description="consumer: N processes, each get -> call -> put.")
     daemon: bool = Field(
         False, description="Runs until the rest of the pipeline finishes, then is stopped; never holds the run open."
@@ -174,6 +181,8 @@ class Consumer(Worker):
 
 class Pool(Worker):
     """A multiprocessing.Pool fed from the input queue."""
+
+    model_config = ConfigDict(defer_build=False)
 
     kind: Literal["pool"] = Field(description="pool: a process pool fed from the input queue.")
     ordered: bool = Field(False, description="true: results leave in input order; false: as they finish.")

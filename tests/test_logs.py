@@ -179,6 +179,31 @@ stages:
     assert {r["item_id"] for r in recs if r["event"] == "first saw"} == {"src:0", "src:1", "src:2"}
 
 
+def test_json_logs_all_the_way(tmp_pipeline):
+    """--log-format json: every stderr line is JSON, the summary is one record (with the run's error when it
+    failed), and items inside records are JSON values, not Python reprs."""
+    text = """version: 1
+settings: {start_method: fork, log_format: json}
+stages:
+  - {name: src, kind: producer, source: {items: [{n: 4, tags: [a]}, "text", 1]}, output: a}
+  - {name: one, kind: consumer, input: a, function: "tasks_t:bad", on_error: skip}
+"""
+    result = run_cli(str(tmp_pipeline(text, TASKS.replace("if x == 4:", "if x == 1:").replace("if x % 2:", "if True:"))))
+    assert result.returncode == 0, result.stderr
+    recs = [json.loads(line) for line in result.stderr.splitlines()]
+    assert sorted((r["item"] for r in recs if r["event"] == "item given up"), key=str) == [1, "text", {"n": 4, "tags": ["a"]}]
+    end = recs[-1]
+    assert (end["event"], end["level"], end["exit_code"], end["error"]) == ("run finished", "info", 0, None)
+    assert (end["stages"]["one"]["items_in"], end["stages"]["one"]["skipped"]) == (3, 3)
+    assert [r["event"] for r in recs].count("run finished") == 1
+
+    failing = run_cli(str(tmp_pipeline(text.replace(", on_error: skip", ""), name="failing.yaml")), "--no-summary")
+    assert failing.returncode == 1
+    last = [json.loads(line) for line in failing.stderr.splitlines()][-1]
+    assert (last["event"], last["level"], last["exit_code"]) == ("run failed", "error", 1)
+    assert "failed on item" in last["error"]
+
+
 def test_console_formatter_colours_and_tracebacks():
     """With colours the level is coloured; a traceback follows the line; values with spaces are quoted."""
     event = {"timestamp": "2024-01-02T03:04:05.678901Z", "level": "error", "stage": "s", "process": "s-1",
@@ -263,7 +288,7 @@ stages:
     assert result.returncode == 0, result.stderr
     found = by_event(records(log_file))
     given_up = [r for r in found["item given up"] if r["process"] == "skip"]
-    assert sorted(r["item"] for r in given_up) == ["1", "11", "3", "4", "5", "7", "9"]
+    assert sorted(r["item"] for r in given_up) == [1, 3, 4, 5, 7, 9, 11]  # JSON values, not reprs
     with_tb = [r for r in given_up if "exception" in r]
     assert sorted(r["error"].split(":")[0] for r in with_tb) == ["KeyError", "ValueError"]  # one per place
     assert all(r["traceback"] == "as earlier in this process" for r in given_up if "exception" not in r)

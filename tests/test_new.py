@@ -13,9 +13,12 @@ def test_new_pipeline_validates_runs_and_tests(tmp_path):
     """`mprun new demo` writes pipelines/demo.yaml (modeline, header, tests:) and demo.py; all three commands pass."""
     result = run_cli("new", "demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["wrote pipelines/demo.yaml", "wrote pipelines/demo.py"]
+    assert result.stdout.splitlines() == [
+        "wrote pipelines/demo.yaml", "wrote pipelines/demo.py", "wrote schemas/pipeline.schema.json"
+    ]
     text = (tmp_path / "pipelines" / "demo.yaml").read_text()
     assert text.splitlines()[0] == "# yaml-language-server: $schema=../schemas/pipeline.schema.json"
+    assert (tmp_path / "schemas" / "pipeline.schema.json").read_text() == run_cli("schema").stdout
     assert text.splitlines()[1].startswith("# demo: ")
     assert "function: demo:square" in text and "\ntests:\n" in text
     assert (tmp_path / "pipelines" / "demo.py").read_text().startswith('"""Stage functions of the demo pipeline')
@@ -39,9 +42,28 @@ def test_new_with_dir(tmp_path):
     assert not (tmp_path / "pipelines").exists()
     first = (folder / "etl_job.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=../../schemas/pipeline.schema.json"
+    assert (tmp_path / "schemas" / "pipeline.schema.json").is_file()
     ran = run_cli(str(folder / "etl_job.yaml"), "--no-summary")
     assert ran.returncode == 0, ran.stderr
     assert sorted(json.loads(ran.stdout)) == [1, 4, 9, 16, 25]
+
+
+def test_the_modeline_resolves_wherever_the_file_is_written(tmp_path):
+    """The modeline points at a schema file that exists: the nearest schemas/pipeline.schema.json above the folder
+    (never rewritten), else one written beside the project (the folder itself when it is outside the current one)."""
+    root, project, elsewhere = tmp_path / "root", tmp_path / "proj", tmp_path / "elsewhere"
+    root.mkdir()
+    project.mkdir()
+    for name, folder, cwd in (("first", root / "etl", root), ("second", root / "etl" / "deeper", root),
+                              ("third", elsewhere, project)):
+        result = run_cli("new", name, "--dir", str(folder), cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        target = (folder / f"{name}.yaml").read_text().splitlines()[0].removeprefix("# yaml-language-server: $schema=")
+        assert (folder / target).resolve().is_file(), target
+    assert (root / "schemas" / "pipeline.schema.json").is_file()
+    assert not (root / "etl" / "schemas").exists()
+    assert (elsewhere / "schemas" / "pipeline.schema.json").is_file()
+    assert not (project / "schemas").exists()
 
 
 def test_new_refuses_to_overwrite(tmp_path):

@@ -45,6 +45,25 @@ def test_number_field_from_environment_and_default(tmp_pipeline):
     assert collected(run_cli(str(path), "--no-summary", env={"MPRUN_T_N": "5"})) == [0, 1, 2, 3, 4]
 
 
+def test_a_whole_reference_takes_the_yaml_type_of_its_value(tmp_pipeline):
+    """A value that is exactly one ``${VAR}`` is typed as YAML (int, float, bool, null), in kwargs and items too;
+    text around a reference keeps a string, as does a string field (``name``) and a ``yes`` that is no ``true``."""
+    text = PIPELINE.replace('source: {range: {stop: "${MPRUN_T_N:-3}"}}',
+                            'source: {items: ["${MPRUN_T_N:-500}", "x-${MPRUN_T_N:-500}", "${MPRUN_T_F}", '
+                            '"${MPRUN_T_B}", "${MPRUN_T_EMPTY:-}", "${MPRUN_T_YES}"]}')
+    text = "name: ${MPRUN_T_NAME}\n" + text.replace("function: collect\n    kwargs: {}",
+                                                      "function: tasks_t:typed\n    kwargs: {n: '${MPRUN_T_N:-500}'}")
+    text += "    output: out\n  - {name: result, kind: consumer, input: out, function: collect}\n"
+    tasks = "def typed(item, n):\n    return [item, type(item).__name__, n, type(n).__name__]\n"
+    env = {"MPRUN_T_F": "0.5", "MPRUN_T_B": "true", "MPRUN_T_YES": "yes", "MPRUN_T_NAME": "2024"}
+    result = run_cli(str(tmp_pipeline(text, tasks)), "--no-summary", env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(collected(result), key=str) == sorted([
+        [500, "int", 500, "int"], ["x-500", "str", 500, "int"], [0.5, "float", 500, "int"],
+        [True, "bool", 500, "int"], [None, "NoneType", 500, "int"], ["yes", "str", 500, "int"],
+    ], key=str)
+
+
 def test_escape_and_comment_are_not_interpolated(tmp_pipeline):
     """``$${X}`` stays a literal ``${X}``; a ``${VAR}`` in a comment is never looked at."""
     path = tmp_pipeline(PIPELINE.replace("    output: q\n", "    output: q  # ${MPRUN_T_NEVER_SET}\n", 1)

@@ -169,3 +169,49 @@ def test_display_clears_writes_and_redraws():
     assert shown[3].split() == ["s", "running", "1", "5", "4", "-", "0", "1", "0", "0", "q", "3"]
     display.stop()
     assert [line for line in screen(out.getvalue()) if line] == ["a log line"]
+
+
+def test_percent_and_eta_when_totals_are_known(monkeypatch):
+    """With the producers' totals known, each stage shows how far it is and its ETA at its recent rate, and the
+    first line the run's (least advanced stage, latest ETA); a stage downstream expects what its writers send;
+    a daemon stage (not in the plan) has no share in it."""
+    from runner import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    display = LiveDisplay(io.StringIO(), "demo", colors=False,
+                          plan={"numbers": (100, ()), "work": (None, ("numbers",)), "sink": (None, ("work",))})
+
+    def rows(sent, took, waiting, done, sink_done):
+        base = {"processes": 1, "failed": 0, "skipped": 0, "dead_lettered": 0, "restarts": 0}
+        return [
+            {**base, "stage": "numbers", "kind": "producer", "state": "running", "items_in": 0, "items_out": sent,
+             "finished": sent, "queue": None, "depth": 0},
+            {**base, "stage": "work", "kind": "pool", "state": "running", "items_in": took, "items_out": done,
+             "finished": done, "queue": "a", "depth": waiting},
+            {**base, "stage": "sink", "kind": "consumer", "state": "running", "items_in": sink_done,
+             "items_out": sink_done, "finished": sink_done, "queue": "b", "depth": done - sink_done},
+            {**base, "stage": "monitor", "kind": "producer", "state": "running", "items_in": 0,  # a daemon: not planned
+             "items_out": 0, "finished": 0, "queue": None, "depth": 0},
+        ]
+
+    display.render(rows(30, 20, 10, 15, 5))  # t=100: the first sample of the rates
+    now[0] = 101.0
+    lines = display.render(rows(50, 40, 10, 25, 10))  # t=101: 20, 10 and 5 items a second
+    cells = {line.split()[0]: line.split() for line in lines[2:]}
+    assert lines[1].split()[10:12] == ["done", "eta"]
+    assert cells["numbers"][10:12] == ["50%", "2.5s"]  # 50 of 100 left at 20/s
+    assert cells["work"][10:12] == ["25%", "7.5s"]  # 50 put when its writer is half-way: 100 expected, 75 left at 10/s
+    assert cells["sink"][10:12] == ["10%", "18.0s"]  # 25 put, writer at 25%: 100 expected, 90 left at 5/s
+    assert cells["monitor"][10:12] == ["-", "-"]
+    assert lines[0].endswith("4 of 4 stages running  10%  ETA 18.0s")
+
+
+def test_progress_shows_percent_done_under_a_pty(tmp_pipeline):
+    """A run whose producer's total is known ends with every stage at 100% in the last frame."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    code, out = run_in_pty(str(path), cwd=path.parent)
+    assert code == 0, out
+    last = frames(out)[-1].splitlines()
+    assert " 100%  ETA 0.0s" in last[0]
+    assert {line.split()[0]: line.split()[10] for line in last[2:]} == {"numbers": "100%", "work": "100%", "sink": "100%"}

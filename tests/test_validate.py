@@ -155,3 +155,58 @@ def test_run_refuses_a_missing_module_before_starting(tmp_pipeline, tmp_path, me
         "no module named 'no_such_module_x' beside the pipeline file or on sys.path"
     )
     assert not (tmp_path / "out.jsonl").exists()
+
+
+KWARGS_PIPELINE = """\
+settings: {start_method: fork}
+stages:
+  - name: numbers
+    kind: producer
+    source: {function: tasks_t:numbers}
+    kwargs: {cuont: 3}
+    output: q
+  - name: score
+    kind: consumer
+    input: q
+    function: tasks_t:score
+    kwargs: {fail_rat: 0.1, x: 1, scale: 2}
+    output: r
+  - name: sink
+    kind: consumer
+    input: r
+    function: tasks_t:sink
+    kwargs: {anything: 1}
+"""
+KWARGS_TASKS = """\
+def numbers(count=3):
+    return range(count)
+
+
+def score(x, fail_rate=0.0, *, scale=1):
+    return x * scale
+
+
+def sink(item, **options):
+    pass
+"""
+
+
+def test_kwargs_are_checked_against_the_signature(tmp_pipeline):
+    """`validate` (and `run`, before any stage starts) reports keyword arguments the function does not take, at
+    their key, with did-you-mean; the item's own parameter is refused too; a function with **kwargs takes any."""
+    path = tmp_pipeline(KWARGS_PIPELINE, KWARGS_TASKS)
+    expected = [
+        (f"{path}:6:14: error: stages[0].kwargs.cuont: unknown keyword argument 'cuont' for tasks_t:numbers; "
+         "did you mean 'count'?"),
+        (f"{path}:12:14: error: stages[1].kwargs.fail_rat: unknown keyword argument 'fail_rat' for tasks_t:score; "
+         "did you mean 'fail_rate'?"),
+        (f"{path}:12:29: error: stages[1].kwargs.x: tasks_t:score gets the item as 'x': a keyword argument of that "
+         "name would be a second value for it"),
+    ]
+    result = run_cli("validate", str(path))
+    assert (result.returncode, result.stdout.splitlines()) == (2, expected)
+    ran = run_cli(str(path))
+    assert (ran.returncode, ran.stderr.splitlines()) == (2, expected)
+    fixed = tmp_pipeline(KWARGS_PIPELINE.replace("cuont", "count").replace("fail_rat: 0.1, x: 1", "fail_rate: 0.1"),
+                         name="fixed.yaml")
+    assert run_cli("validate", str(fixed)).returncode == 0
