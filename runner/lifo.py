@@ -91,14 +91,15 @@ class LifoChannel:
         # Items, pushed by the writer stages and popped newest-first by the reader processes.
         self.stack = manager.Stack(plan.maxsize, plan.max_bytes)  # type: ignore[attr-defined]
 
-    def put(self, batch: list[Any], ids: Ids | None = None, cancel: threading.Event | None = None) -> None:
-        """Push a batch once there is room; ``cancel``: as ``FifoChannel.put_packed``."""
+    def put(self, batch: list[Any], ids: Ids | None = None, cancel: threading.Event | None = None) -> int:
+        """Push a batch once there is room; ``cancel``: as ``FifoChannel.put_packed``. Returns its pickled size."""
         size = len(dumps(batch))  # fail here, in the writer, for an unpicklable item
         ids = list(ids) if ids is not None else None
         with _manager_calls(self.name):
             while not self.stack.put_many(batch, ids, size, None if cancel is None else CANCEL_CHECK):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(self.name)
+        return size
 
     def get(self) -> list[Any] | None:
         got = self.get_ids()

@@ -406,10 +406,10 @@ class Emitter:
         for channel in self._channels:
             if type(channel) is FifoChannel:
                 channel.put_packed(n, data, self._cancel)
-            elif ids is None:
-                channel.put(batch)
-            else:
-                channel.put(batch, ids)
+                continue
+            size = channel.put(batch) if ids is None else channel.put(batch, ids)
+            if size:  # its pickled size, as the channel measured it: caps the next batches
+                self._cap = max(1, min(self._cap, n * BATCH_BYTES // size))
 
     def _linger(self) -> None:
         tick = LINGER / 2

@@ -1,19 +1,26 @@
 """Code that runs IN THE MAIN process: start the topology, watch it, end streams, shut it down.
 
-    producer processes --FifoChannel / LifoChannel--> StageRunner thread (here) <--pipes--> worker processes
-                                                             \\--Emitter--> output channels, dead letters
+    producer processes --FifoChannel / LifoChannel--> StageRunner thread (here) --task pipe--> worker processes
+                                                             ^                 <--result pipe--
+                                                             \--Emitter--> output channels, dead letters
     producer control pipes, runner doorbell, signal pipe --> Supervisor.loop
     every process --log queue--> Listener (here) --> stderr (through the live display, if shown), log_file
     producer counters (shared memory), runner counts --> monitor thread (here): queue depths, live display
 
 Producers write to the shared queues directly. Each consumer or pool stage is read by one StageRunner
-thread here, which hands chunks of items to its worker processes over one private duplex pipe each and
-emits their results; so a worker that dies, is killed or hangs never touches a shared queue, and the
-runner knows exactly which items it held.
+thread here, which hands chunks of items to its worker processes over a private task pipe each and reads
+their results from a private result pipe each (never blocking on a write: ``runner.wire`` says why that
+cannot deadlock), and emits them; so a worker that dies, is killed or hangs never touches a shared queue,
+and the runner knows exactly which items it held.
 
 The supervisor blocks in ``multiprocessing.connection.wait`` (process sentinels, pipes, a doorbell and a
 signal pipe); it never polls.  When every stage writing to a queue has finished, it ends that queue (one
 marker per reading stage, or closing a LIFO stack), so its readers drain it and stop.
+
+Signals: children ignore SIGINT and SIGTERM (a terminal or CI runner signals the whole process group; the
+stop is this process's to run) and are asked to stop with ``worker.STOP_SIGNAL``. The first signal stops the
+producers and every runner (``StageRunner.stop``: chunks in flight finish, nothing more is handed out, what
+is queued is left and counted); past ``shutdown_timeout`` every child is killed; every wait is bounded.
 
 A monitor thread wakes 20 times a second: it samples each queue's depth in items (what its writers sent
 minus what its readers took: producers publish their count per batch in shared memory, runner threads

@@ -14,7 +14,12 @@ once ``poll`` says one has begun, and a worker writes a message it has begun to 
 for anything, so that read ends.
 
 What may be in flight is bounded too: at most ``DEPTH`` chunks per worker, each cut to about
-``CHUNK_BYTES`` (see ``StageRunner``), so an outbox holds a few MiB at most.
+``BATCH_BYTES`` (see ``StageRunner``), so an outbox holds a few MiB at most. Large payloads cross as frames
+of their own (a still-pickled input batch after its task, a worker's packed outputs after its result), so
+the main process never copies them into a pickle and out again.
+
+The Ray backend has no pipe of its own to wedge: items travel as Ray calls, its chunks and queue messages are
+cut to about ``BATCH_BYTES`` as here, and the hub's queues count ``max_bytes`` too.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ class Settings(Model):
     log_format: Literal["console", "json"] = Field("console", description="How stderr renders records.")
     log_file: str | None = Field(None, description="A path: every record also goes there as JSON lines.")
     shutdown_timeout: float = Field(
-        10, ge=0, description="Seconds stages get to finish their items after SIGINT/SIGTERM before they are stopped."
+        10,
+        ge=0,
+        description="Seconds the chunks in flight get to finish after SIGINT/SIGTERM (queued items are left, and "
+        "counted); past it every child is killed.",
     )
 
 

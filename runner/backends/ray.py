@@ -58,7 +58,7 @@ from runner import logs, worker
 from runner.errors import RunFailed, UsageError
 from runner.queues import LIFO_TAKE, Emitter, dumps
 from runner.supervisor import RunResult, StageStats, logging_state, queue_accounts, restore_logging
-from runner.topology import LINGER, QueuePlan, StagePlan, Topology
+from runner.topology import BATCH_BYTES, LINGER, QueuePlan, StagePlan, Topology
 
 RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
 RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies loses at most its chunk)
@@ -76,30 +76,41 @@ RAY_MARKERS = (":actor_name:", ":task_name:", ":job_id:")  # lines Ray prints fo
 
 
 class _Queue:
-    """One queue of the run, inside the hub: a FIFO of batches (bounded in batches) or a LIFO stack (in items)."""
+    """One queue of the run, inside the hub: a FIFO of batches (bounded in batches) or a LIFO stack (in items),
+    and in bytes (``max_bytes``, as their writers measured them pickled; a lone message always passes)."""
 
-    def __init__(self, kind: str, slots: int, maxsize: int) -> None:
+    def __init__(self, kind: str, slots: int, maxsize: int, max_bytes: int = 0) -> None:
         self.kind = kind
         # FIFO: batches put by the writer stages, taken whole by the readers, then one None marker per reader.
         # LIFO: items pushed by the writer stages, popped newest first by the readers.
         self.items: deque[Any] = deque()
+        self.sizes: deque[int] = deque()  # parallel to items: pickled bytes of each
+        self.bytes = 0
+        self.max_bytes = max_bytes
         self.room = slots if kind == "fifo" else maxsize  # 0: unbounded
         self.closed = False  # LIFO: every writer has finished
         self.dropped = False  # the run is over: nothing waits any more
         self.changed = asyncio.Condition()
 
-    async def _wait_for_room(self) -> bool:
-        while self.room and len(self.items) >= self.room and not self.dropped:
+    def _full(self, size: int) -> bool:
+        return bool(self.room and len(self.items) >= self.room) or (
+            bool(self.max_bytes) and self.bytes > 0 and self.bytes + size > self.max_bytes)
+
+    async def _wait_for_room(self, size: int = 0) -> bool:
+        while self._full(size) and not self.dropped:
             await self.changed.wait()
         return not self.dropped
 
-    async def put(self, batch: list[Any]) -> None:
+    async def put(self, batch: list[Any], size: int = 0) -> None:
         async with self.changed:
-            if await self._wait_for_room():
+            if await self._wait_for_room(size):
                 if self.kind == "fifo":
                     self.items.append(batch)
+                    self.sizes.append(size)
                 else:
                     self.items.extend(batch)
+                    self.sizes.extend([size // max(1, len(batch))] * len(batch))
+                self.bytes += size
                 self.changed.notify_all()
 
     async def get(self) -> list[Any] | None:
@@ -111,8 +122,11 @@ class _Queue:
                 return None
             if self.kind == "fifo":
                 taken = self.items.popleft()
+                self.bytes -= self.sizes.popleft()
             else:
-                taken = [self.items.pop() for _ in range(min(LIFO_TAKE, len(self.items)))]
+                n = min(LIFO_TAKE, len(self.items))
+                taken = [self.items.pop() for _ in range(n)]
+                self.bytes -= sum(self.sizes.pop() for _ in range(n))
             self.changed.notify_all()
             return taken
 
@@ -125,12 +139,15 @@ class _Queue:
                     if not await self._wait_for_room():
                         break
                     self.items.append(None)
+                    self.sizes.append(0)
             self.changed.notify_all()
 
     async def drop(self) -> None:
         async with self.changed:
             self.dropped = True
             self.items.clear()
+            self.sizes.clear()
+            self.bytes = 0
             self.changed.notify_all()
 
 
@@ -151,8 +168,8 @@ class _Hub:
         self.holders: dict[str, str] = {}
         self.flags: dict[str, asyncio.Event] = {}
 
-    async def put(self, queue: str, batch: list[Any]) -> None:
-        await self.queues[queue].put(batch)
+    async def put(self, queue: str, batch: list[Any], size: int = 0) -> None:
+        await self.queues[queue].put(batch, size)
 
     async def get(self, queue: str) -> list[Any] | None:
         return await self.queues[queue].get()
@@ -233,9 +250,11 @@ class RayChannel:
         self.readers = plan.reader_processes
         self.batch = _batch(plan)
 
-    def put(self, batch: list[Any]) -> None:
-        dumps(batch)  # an unpicklable item fails here, in its writer, naming the item
-        ray.get(self.hub.put.remote(self.name, batch))  # waits while the queue is full
+    def put(self, batch: list[Any]) -> int:
+        """Put a batch (waits while the queue is full); returns its pickled size (the Emitter cuts batches by it)."""
+        size = len(dumps(batch))  # an unpicklable item fails here, in its writer, naming the item
+        ray.get(self.hub.put.remote(self.name, batch, size))
+        return size
 
     def get_ref(self) -> Any:
         return self.hub.get.remote(self.name)
@@ -594,7 +613,7 @@ class RaySupervisor:
 
     def _setup(self) -> None:
         plans = self.topo.queues.values()
-        self.hub = _Hub.remote({q.name: (q.type, _slots(q), q.maxsize) for q in plans})
+        self.hub = _Hub.remote({q.name: (q.type, _slots(q), q.maxsize, q.max_bytes) for q in plans})
         self.relay_thread = threading.Thread(target=self._relay, name="ray-relay", daemon=True)
         self.relay_thread.start()
         self.channels = {plan.name: RayChannel(self.hub, plan) for plan in plans}
@@ -861,6 +880,7 @@ class StageRunner:
         self.next_seq = 0
         self.next_out = 0
         self.per_item: float | None = None  # seconds one item takes a worker (moving average), for chunk sizes
+        self.item_bytes = 0  # pickled bytes of an item, sampled from the last batch read (chunks of ~BATCH_BYTES)
         self.fetch: Any = None  # the ref of the input get in flight
         self.input_done = False
         self.aborted = False
@@ -932,6 +952,8 @@ class StageRunner:
         else:
             self.stats.items_in += len(batch)
             self.buffer.extend((item, 0) for item in batch)
+            if batch:  # chunks of about BATCH_BYTES, as the local backend cuts them
+                self.item_bytes = len(pickle.dumps(batch[0], pickle.HIGHEST_PROTOCOL))
 
     def _dispatch(self) -> None:
         for w in self.workers:
@@ -958,7 +980,7 @@ class StageRunner:
             return self.plan.chunksize
         fair = math.ceil(len(self.buffer) / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
-        return max(1, min(RAY_CHUNK, fair, paced))
+        return max(1, min(RAY_CHUNK, fair, paced, BATCH_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
