@@ -48,7 +48,9 @@ def start(preload: list[str]) -> bool:
             os.close(tracker._fd)  # a spawned server would not have it: each request brings the tracker's fd
             tracker._fd = tracker._pid = None
             # A signal to the process group is the command's to handle: the server (and each child it forks,
-            # until the child's own handlers are set) ignores SIGTERM, and dies with the command.
+            # until the child's own handlers are set: it restores what it found here) ignores SIGINT and
+            # SIGTERM, and dies with the command.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _die_with_parent()
             _child(lambda: forkserver.main(listener.fileno(), alive_r, preload, **data), alive_w)
