@@ -236,6 +236,12 @@ def _guess_start_method(text: str, start_method: str | None, overrides: list[str
 def _run(ns: argparse.Namespace) -> int:
     settings = {"start_method": ns.start_method, "log_level": ns.log_level, "log_format": ns.log_format,
                 "log_file": ns.log_file, "backend": ns.backend}
+    if ns.log_level == "debug":  # why the compiled-pipeline cache was not used, if it was not (runner.cache)
+        import logging
+
+        note = logging.getLogger("mprun.cache")
+        note.addHandler(logging.StreamHandler(sys.stderr))
+        note.setLevel(logging.DEBUG)
     _warm_up(ns, settings)
     from runner import run_pipeline
     from runner.errors import UsageError
