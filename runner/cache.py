@@ -53,7 +53,11 @@ def key(path: Any, overrides: list[str] | None, limit: int | None, settings: dic
     """The entry name for running ``path`` with these inputs; None if it is not a readable file."""
     if not isinstance(path, str | os.PathLike):
         return None
+    from runner.limits import MAX_BYTES
+
     try:
+        if Path(path).stat().st_size > MAX_BYTES:
+            return None  # refused by the loader; never read whole
         raw = Path(path).read_bytes()
         resolved = str(Path(path).resolve())
     except OSError:

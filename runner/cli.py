@@ -161,7 +161,11 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     thread; the functions to check come from the file's plan in ``runner.cache`` (else from its YAML, in a
     thread), and the check's result is used only if the run's plan names the same functions.
     """
+    from runner.limits import MAX_BYTES
+
     try:
+        if Path(ns.file).stat().st_size > MAX_BYTES:
+            return  # refused at its line by the loader
         text = Path(ns.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
@@ -185,9 +189,11 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     def start() -> None:
         import yaml
 
+        from runner.safeyaml import BoundedLoader
+
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
+            data = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader, bounded
+        except yaml.YAMLError:  # reported, located, by the loader
             return
         prefetch([ref for _, ref in references(data)], str(Path(ns.file).resolve().parent), method)
 
@@ -209,10 +215,13 @@ def _start_forkserver(preload: list[str]) -> None:
 
 def _start_forkserver_for(files: list[str], overrides: list[str]) -> None:
     """``validate`` and ``test``: the forkserver first, if a file uses it (each file's import check does)."""
+    from runner.limits import MAX_BYTES
     from runner.topology import FORKSERVER_PRELOAD
 
     for file in files:
         try:
+            if Path(file).stat().st_size > MAX_BYTES:
+                continue  # refused at its line by the loader
             text = Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue

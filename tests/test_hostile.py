@@ -1,0 +1,158 @@
+"""Hostile and careless input: each case ends in a located ``FILE:LINE:COL: error: ...`` and exit 2, no traceback.
+
+The pipeline files a CI job validates come from pull requests: a file must not take unbounded memory or
+time (alias bombs, deep nesting, huge files), nor carry a tag past validation. The limit tests run the
+real command under a 600 MB address-space limit with a short timeout as the hang guard.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, wait_gone
+
+AS_LIMIT = 600 * 1024 * 1024
+GUARD = 10  # seconds: the hang guard of one refused file (today's code took 29 s and 2.5 GB on the bomb)
+
+
+def _limited() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
+def run_limited(*args: str) -> subprocess.CompletedProcess[str]:
+    """``mprun ARGS`` under a 600 MB address-space limit, killed after ``GUARD`` seconds; no process left behind."""
+    token = uuid.uuid4().hex
+    mprun = Path(sys.executable).with_name("mprun")
+    result = subprocess.run([str(mprun), *args], capture_output=True, text=True, timeout=GUARD, check=False,
+                            env={**os.environ, "MPRUN_TEST_TOKEN": token}, cwd=ROOT, preexec_fn=_limited)
+    assert wait_gone(token) == []
+    return result
+
+
+def alias_bomb() -> str:
+    """Nine aliases of nine aliases ... nine levels deep: 9**9 strings once expanded."""
+    lines = ["version: 1", 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    lines.append("stages: [{name: x, kind: producer, source: {items: *i}}]")
+    return "\n".join(lines) + "\n"
+
+
+def deep(levels: int) -> str:
+    """A producer whose items are lists nested ``levels`` deep on line 5."""
+    return ("version: 1\nstages:\n  - name: x\n    kind: producer\n"
+            f"    source: {{items: {'[' * levels}{']' * levels}}}\n")
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_an_alias_bomb_is_refused_at_its_line(tmp_path, command):
+    """A 9x9 alias bomb: exit 2 at the alias that passes the limit (line 7), within the memory limit and the guard."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    result = run_limited(command, str(path))
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert out.startswith(f"{path}:7:8: error: (file): aliases stand for more than 100,000 values"), out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_deep_nesting_is_refused_at_its_line(tmp_path, command):
+    """600 nested lists: exit 2 where level 101 opens (line 5), not a RecursionError."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(deep(600))
+    result = run_limited(command, str(path))
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert out.startswith(f"{path}:5:117: error: (file): lists and mappings are nested more than 100 levels deep"), out
+    assert "Traceback" not in out
+
+
+def test_nesting_within_the_limit_loads(tmp_path):
+    """90 nested lists are within the limit: the file validates."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(deep(90) + "    output: q\n  - {name: y, kind: consumer, input: q, function: identity}\n")
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stdout
+
+
+def test_a_huge_file_is_refused_without_being_parsed(tmp_path):
+    """A 50 MB file: exit 2 at the line where its first MiB ends, well within the memory limit and the guard."""
+    path = tmp_path / "huge.yaml"
+    row = "        - 12345678901234567890\n"
+    path.write_text("version: 1\nstages:\n  - name: x\n    kind: producer\n    source:\n      items:\n"
+                    + row * (50_000_000 // len(row)))
+    result = run_limited("validate", str(path))
+    assert result.returncode == 2, result.stdout
+    line = (1024 * 1024 - 86) // len(row) + 7
+    assert result.stdout.startswith(f"{path}:{line}:"), result.stdout
+    assert "more than the 1,048,576 a pipeline file may have" in result.stdout
+
+
+def test_a_structure_that_contains_itself_is_refused(tmp_path):
+    """``&a [1, *a]`` would make a list holding itself: refused at the alias."""
+    path = tmp_path / "self.yaml"
+    path.write_text("version: 1\nname: &a [1, *a]\nstages: []\n")
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2
+    assert result.stdout.startswith(f"{path}:2:14: error: (file): alias *a is inside the node it names"), result.stdout
+
+
+TAGGED = """\
+version: 1
+stages:
+  - name: numbers
+    kind: producer
+    source: {items: [1, 2]}
+    output: numbers
+  - !!python/object:os.system {name: w, kind: consumer, input: numbers, function: identity}
+"""
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_python_tag_on_a_mapping_is_an_error_at_its_line(tmp_path, command):
+    """``!!python/object:...`` on a mapping used to vanish (the file validated); now it is refused where it is."""
+    path = tmp_path / "tagged.yaml"
+    path.write_text(TAGGED)
+    result = run_cli(command, str(path))
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert out.startswith(f"{path}:7:5: error: YAML syntax: tag '!!python/object:os.system' is not part of the pipeline format")
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(("value", "col"), [("!foo 3", 21), ("!!set {a, b}", 21), ("!!binary aGk=", 21)])
+def test_tags_the_format_does_not_define_are_errors(tmp_path, value, col):
+    """Local tags and the YAML types a pipeline does not use are errors at the tag, with exit 2."""
+    path = tmp_path / "p.yaml"
+    path.write_text(TAGGED.replace("{items: [1, 2]}", f"{{items: {value}}}").replace(
+        "!!python/object:os.system ", ""))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2
+    assert result.stdout.startswith(f"{path}:5:{col}: error: YAML syntax: tag "), result.stdout
+
+
+def test_core_tags_are_kept(tmp_path):
+    """``!!str``, ``!!int`` and the other core tags are plain YAML: the file validates."""
+    path = tmp_path / "p.yaml"
+    path.write_text(TAGGED.replace("{items: [1, 2]}", "!!map {items: !!seq [!!int '1', !!str 2, !!float 3, !!null '', !!bool true]}")
+                    .replace("!!python/object:os.system ", ""))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stdout
+
+
+def test_a_tag_in_a_set_value_is_an_error_of_that_argument(tmp_path):
+    """``--set`` values are YAML too, with the same rules."""
+    path = tmp_path / "p.yaml"
+    path.write_text(TAGGED.replace("!!python/object:os.system ", ""))
+    result = run_cli("validate", str(path), "--set", "stages.numbers.source=!!python/object/apply:os.system [id]")
+    assert result.returncode == 2
+    assert result.stdout.startswith("--set stages.numbers.source=!!python/object/apply:os.system [id]: error: "
+                                    "VALUE is not valid YAML: tag '!!python/object/apply:os.system'"), result.stdout
