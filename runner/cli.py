@@ -192,7 +192,7 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
         from runner.safeyaml import BoundedLoader
 
         try:
-            data = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader, bounded
+            data = yaml.load(text, Loader=BoundedLoader)
         except yaml.YAMLError:  # reported, located, by the loader
             return
         prefetch([ref for _, ref in references(data)], str(Path(ns.file).resolve().parent), method)

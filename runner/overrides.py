@@ -39,7 +39,7 @@ def apply_overrides(data: Any, overrides: list[str], marks: Marks) -> Any:
             problems.append(Diagnostic(label, None, None, "", "expected PATH=VALUE, e.g. stages.doubler.processes=2"))
             continue
         try:
-            value = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader, bounded
+            value = yaml.load(text, Loader=BoundedLoader)
         except yaml.YAMLError as e:
             problems.append(Diagnostic(label, None, None, "", f"VALUE is not valid YAML: {_first_line(e)}"))
             continue

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from runner.limits import MAX_ALIAS_VALUES, MAX_BYTES, MAX_DEPTH
+
 _CORE = "tag:yaml.org,2002:"
 ALLOWED_TAGS = frozenset({None, "!", *(_CORE + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))})
 
