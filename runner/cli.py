@@ -261,6 +261,14 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.inline and ns.progress:
         msg = "--inline runs one stage after another in this process (for pdb): --progress does not apply"
         raise UsageError(msg)
+    if ns.metrics_json:
+        from runner.paths import cannot_write
+
+        why = cannot_write(Path(ns.metrics_json))
+        if why is not None:
+            from runner.diagnostics import Diagnostic
+
+            raise PipelineInvalid([Diagnostic(f"--metrics-json {ns.metrics_json}", None, None, "", why)])
     if ns.inline:
         result = _run_inline(ns)
     else:
@@ -270,15 +278,20 @@ def _run(ns: argparse.Namespace) -> int:
     for items in result.collected.values():
         print(json.dumps(items, default=repr))
     sys.stdout.flush()
+    exit_code, errors = result.exit_code, [result.error] if result.error else []
     if ns.metrics_json:
         from runner.metrics import write_metrics
 
-        write_metrics(result, ns.metrics_json)
+        try:
+            write_metrics(result, ns.metrics_json)
+        except OSError as e:  # checked before the run, yet gone since: the summary still comes first
+            errors.append(f"cannot write --metrics-json {ns.metrics_json}: {e.strerror or e}")
+            exit_code = exit_code or 1
     if not ns.no_summary:
         print(summary_table(result), file=sys.stderr)
-    if result.error:
-        print(f"mprun: error: {result.error}", file=sys.stderr)
-    return _quick(result.exit_code) if not ns.inline else result.exit_code
+    for error in errors:
+        print(f"mprun: error: {error}", file=sys.stderr)
+    return _quick(exit_code) if not ns.inline else exit_code
 
 
 def _run_inline(ns: argparse.Namespace) -> Any:

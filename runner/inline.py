@@ -71,11 +71,11 @@ def run_inline_pipeline(
     Raises:
         PipelineInvalid: the file is invalid (exit code 2).
     """
-    from runner import prepare_pipeline
-    from runner.compiler import compile_pipeline
+    from runner import plan_run
 
-    pipeline = prepare_pipeline(path_or_pipeline, overrides, log_level=log_level, log_format=log_format, log_file=log_file)
-    return run_inline(compile_pipeline(pipeline, limit=limit))
+    # The checks of a normal run (imports, files read and written) before any stage starts.
+    return run_inline(plan_run(path_or_pipeline, overrides, limit=limit, log_level=log_level, log_format=log_format,
+                               log_file=log_file))
 
 
 def run_inline(topo: Topology) -> RunResult:

@@ -140,6 +140,8 @@ def interpolate(data: Any, marks: Marks, environ: dict[str, str] | None = None, 
         return [interpolate(v, marks, env, (*path, i)) for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
+    if any(m.group(1) is not None for m in _REFERENCE.finditer(data)):
+        marks.interpolated.add(path)
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$${":

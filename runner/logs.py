@@ -258,6 +258,41 @@ def _repr(value: Any) -> str:
     return json.dumps(value, default=repr) if isinstance(value, str | list | dict) else repr(value)
 
 
+class LogFile(logging.FileHandler):
+    """The run's ``log_file``: when a write fails (disk full, file gone), one line on stderr, then no more tries."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="w", encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self._failed(e)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last buffered records could not be written
+            self._failed(e)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed(sys.exc_info()[1])
+
+    def _failed(self, error: BaseException | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        reason = getattr(error, "strerror", None) or error
+        sys.stderr.write(f"mprun: error: cannot write the log file {self.baseFilename}: {reason}; "
+                         "later records are not in it\n")
+
+
 class Listener(logging.handlers.QueueListener):
     """The one listener of a run; ``stop`` drains the queue but never waits forever."""
 
@@ -290,8 +325,14 @@ def start_listener(
     stderr.setFormatter(EventFormatter(fmt, colors=colors, widths=widths))
     handlers: list[logging.Handler] = [stderr]
     if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            file_handler = LogFile(log_file)
+        except OSError as e:  # checked before the run (runner.paths), yet gone since
+            from runner.errors import UsageError
+
+            msg = f"cannot write the log file {log_file}: {e.strerror or e}"
+            raise UsageError(msg) from None
         file_handler.setFormatter(EventFormatter("json"))
         handlers.append(file_handler)
     for handler in handlers:

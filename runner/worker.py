@@ -209,6 +209,7 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
         return _collect
     if name == "jsonl":
         path = Path(base_dir, str(stage.kwargs["path"]))
+        path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
         out = path.open("a", encoding="utf-8")
 
         def _jsonl(item: Any) -> Any:

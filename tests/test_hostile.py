@@ -7,6 +7,7 @@ real command under a 600 MB address-space limit with a short timeout as the hang
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -156,3 +157,158 @@ def test_a_tag_in_a_set_value_is_an_error_of_that_argument(tmp_path):
     assert result.returncode == 2
     assert result.stdout.startswith("--set stages.numbers.source=!!python/object/apply:os.system [id]: error: "
                                     "VALUE is not valid YAML: tag '!!python/object/apply:os.system'"), result.stdout
+
+
+# -- what validated but crashed the run: caught by validate and by run, before any stage starts ----------
+
+SINK = """\
+version: 1
+stages:
+  - name: numbers
+    kind: producer
+    source: {items: [1, 2, 3]}
+    output: numbers
+  - name: out
+    kind: consumer
+    processes: 1
+    input: numbers
+    function: jsonl
+    kwargs: {path: out.jsonl}
+"""
+
+
+def both(path: Path, *options: str) -> list[subprocess.CompletedProcess[str]]:
+    """``mprun validate`` and ``mprun run`` of one file."""
+    return [run_cli("validate", str(path), *options), run_cli("run", str(path), *options)]
+
+
+def assert_refused(results: list[subprocess.CompletedProcess[str]], expected: str) -> None:
+    """Each result: exit 2, ``expected`` as its first line, no traceback, and no stage process was started."""
+    for result in results:
+        out = result.stdout + result.stderr
+        assert result.returncode == 2, out
+        assert out.splitlines()[0] == expected, out
+        assert "Traceback" not in out
+        assert "process started" not in out
+
+
+def test_too_many_processes_is_refused_with_the_reason(tmp_path):
+    """``processes: 100000`` tried to start them all; now exit 2 at the value, saying why there is a bound."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("processes: 1", "processes: 100000"))
+    assert_refused(both(path), f"{path}:9:16: error: stages[1].processes: at most 256 processes per stage, got 100000: "
+                   "each process is a whole Python interpreter and holds file descriptors in the main process, so "
+                   "more exhaust memory or the open-file limit before they add speed")
+
+
+def test_a_jsonl_sink_without_a_path_is_refused(tmp_path):
+    """A ``jsonl`` sink without ``kwargs.path`` raised KeyError in the run; now exit 2 at its function."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("    kwargs: {path: out.jsonl}\n", ""))
+    assert_refused(both(path), f"{path}:11:15: error: stages[1].function: the built-in 'jsonl' needs kwargs.path")
+
+
+def test_unknown_kwargs_of_a_built_in_are_refused(tmp_path):
+    """``print`` takes no argument and ``jsonl`` only ``path``: any other is an error at its key."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("{path: out.jsonl}", "{path: out.jsonl, mode: w}"))
+    assert_refused(both(path), f"{path}:12:37: error: stages[1].kwargs.mode: the built-in 'jsonl' has no argument "
+                   "'mode'; it takes path")
+    path.write_text(SINK.replace("function: jsonl", "function: print").replace("{path: out.jsonl}", "{sep: ','}"))
+    assert_refused(both(path), f"{path}:12:19: error: stages[1].kwargs.sep: the built-in 'print' has no argument "
+                   "'sep'; it takes none")
+
+
+def test_a_jsonl_sink_creates_its_missing_folder(tmp_path):
+    """A sink path in folders that do not exist yet: they are created and the items written."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("out.jsonl", "out/a/b/out.jsonl"))
+    result = run_cli("run", str(path), "--no-summary")
+    assert result.returncode == 0, result.stderr
+    assert sorted((tmp_path / "out" / "a" / "b" / "out.jsonl").read_text().split()) == ["1", "2", "3"]
+
+
+def test_an_unwritable_jsonl_path_is_refused(tmp_path):
+    """A sink path below a file (its folder can never be made): exit 2 at the path, by validate and run."""
+    (tmp_path / "notes.txt").write_text("")
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("out.jsonl", "notes.txt/out.jsonl"))
+    assert_refused(both(path), f"{path}:12:20: error: stages[1].kwargs.path: cannot create "
+                   f"{tmp_path}/notes.txt/out.jsonl: {tmp_path}/notes.txt is not a folder")
+
+
+def test_an_unwritable_log_file_is_refused_before_the_run(tmp_path):
+    """``settings.log_file`` (validate and run) and ``--log-file`` (run) that cannot be created: exit 2 first."""
+    (tmp_path / "notes.txt").write_text("")
+    bad = f"{tmp_path}/notes.txt/run.log"
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK.replace("stages:", f"settings: {{log_file: {bad}}}\nstages:"))
+    assert_refused(both(path), f"{path}:2:22: error: settings.log_file: cannot create {bad}: {tmp_path}/notes.txt is not a folder")
+    path.write_text(SINK)
+    assert_refused([run_cli("run", str(path), "--log-file", bad)],
+                   f"--log-file {bad}: error: cannot create {bad}: {tmp_path}/notes.txt is not a folder")
+
+
+def test_an_unwritable_metrics_path_is_refused_before_the_run(tmp_path):
+    """``--metrics-json`` below a file: exit 2 before any stage starts (it used to fail after a successful run)."""
+    (tmp_path / "notes.txt").write_text("")
+    bad = f"{tmp_path}/notes.txt/m.json"
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK)
+    assert_refused([run_cli("run", str(path), "--metrics-json", bad)],
+                   f"--metrics-json {bad}: error: cannot create {bad}: {tmp_path}/notes.txt is not a folder")
+
+
+def test_writes_that_fail_at_the_end_keep_the_summary(tmp_path):
+    """Metrics and log records written to a full disk (/dev/full): the summary is printed, each failure is one line."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK)
+    result = run_cli("run", str(path), "--metrics-json", "/dev/full", "--log-file", "/dev/full")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
+    assert lines.count("mprun: error: cannot write the log file /dev/full: No space left on device; "
+                       "later records are not in it") == 1
+    assert lines[-1] == "mprun: error: cannot write --metrics-json /dev/full: No space left on device"
+    assert lines[-2].startswith("ok in ")
+
+
+SOURCE = """\
+version: 1
+stages:
+  - name: numbers
+    kind: producer
+    source: {file: {path: PATH, format: jsonl}}
+    output: numbers
+  - {name: out, kind: consumer, input: numbers, function: collect}
+"""
+
+
+def test_a_missing_file_source_is_refused_before_the_run(tmp_path):
+    """A file source that does not exist: exit 2 at its path, by validate and by run (and run --inline)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SOURCE.replace("PATH", "in.jsonl"))
+    expected = (f"{path}:5:27: error: stages[0].source.file.path: no such file: {tmp_path}/in.jsonl "
+                "(a relative path starts at the pipeline file's folder)")
+    assert_refused([*both(path), run_cli("run", "--inline", str(path))], expected)
+
+
+def test_a_file_source_from_a_variable_is_checked_by_run_only(tmp_path):
+    """``path: ${IN}``: the run's environment decides it, so validate leaves it; run refuses a missing one."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SOURCE.replace("PATH", "\"${IN}\""))
+    env = {"IN": "nowhere.jsonl"}
+    assert run_cli("validate", str(path), env=env).returncode == 0
+    result = run_cli("run", str(path), env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{path}:5:27: error: stages[0].source.file.path: no such file: "), result.stderr
+
+
+def test_a_file_source_written_by_an_earlier_stage_need_not_exist(tmp_path):
+    """A source that a jsonl sink of the same pipeline writes (read after it) is not refused."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SINK + "  - {name: again, kind: producer, after: [out], source: {file: {path: out.jsonl, "
+                    "format: jsonl}}, output: back}\n  - {name: show, kind: consumer, input: back, function: collect}\n")
+    result = run_cli("run", str(path), "--no-summary")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)) == [1, 2, 3]
