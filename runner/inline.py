@@ -31,7 +31,7 @@ from runner import logs
 from runner.queues import dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
 from runner.topology import StagePlan, Topology
-from runner.worker import make_function, resolve, run_chunk, source_items
+from runner.worker import SourceError, make_function, resolve, run_chunk, source_items
 from schemas import Pipeline
 
 
@@ -177,7 +177,8 @@ def _run_stage(
             taken.clear()
     except Exception as e:  # noqa: BLE001 - reported like a normal run's failing stage
         summary = f"{type(e).__name__}: {e}"
-        log.error("stage failed", error=summary, exception=traceback.format_exc())
+        tb = "" if isinstance(e, SourceError) else traceback.format_exc()  # bad data names its file and line
+        log.error("stage failed", error=summary, **({"exception": tb} if tb else {}))
         return f"stage {stage.name!r} (process {process}) failed: {summary}"
     finally:
         st.seconds = time.perf_counter() - started

@@ -286,8 +286,9 @@ def producer_main(spec: ProcessSpec) -> None:
         emitter.close()
     except Exception as e:  # noqa: BLE001 - reported to the supervisor, never lost
         summary = f"{type(e).__name__}: {e}"
-        log.error("source failed", error=summary, exception=traceback.format_exc())
-        ctl.send(("error", stage.name, spec.name, summary, traceback.format_exc(), ""))
+        tb = "" if isinstance(e, SourceError) else traceback.format_exc()  # bad data names its file and line
+        log.error("source failed", error=summary, **({"exception": tb} if tb else {}))
+        ctl.send(("error", stage.name, spec.name, summary, tb, ""))
         sys.exit(1)
     finally:
         ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
@@ -304,20 +305,49 @@ def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) 
         result = resolve(source["function"], base_dir)(**kwargs)
         return () if result is None else result
     spec = source["file"]
-    return _read_file(Path(base_dir, spec["path"]), spec.get("format", "lines"))
+    return _read_file(Path(base_dir, spec["path"]), spec.get("format", "lines"), spec["path"])
 
 
-def _read_file(path: Path, fmt: str) -> Iterator[Any]:
+class SourceError(ValueError):
+    """A file source holds data its format does not allow; the message starts with ``FILE:LINE:``."""
+
+
+def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
+    """The items of a file source; bad data stops it with a ``SourceError`` naming ``shown`` (the path as
+    written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer fields than the header."""
+    name, line = shown or str(path), 0
     with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as f:
-        if fmt == "csv":
-            yield from csv.DictReader(f)
-        elif fmt == "jsonl":
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-        else:
-            for line in f:
-                yield line.rstrip("\n")
+        try:
+            if fmt == "csv":
+                rows = csv.reader(f)
+                header = next(rows, None)
+                for row in rows:
+                    line = rows.line_num
+                    if not row:
+                        continue
+                    if header is not None and len(row) != len(header):
+                        msg = f"{name}:{line}: the row has {len(row)} fields, the header (line 1) has {len(header)}"
+                        raise SourceError(msg)
+                    yield dict(zip(header or (), row, strict=True))
+            elif fmt == "jsonl":
+                for line, text in enumerate(f, 1):
+                    if text.strip():
+                        try:
+                            value = json.loads(text)
+                        except json.JSONDecodeError as e:
+                            column = min(e.pos, len(text.rstrip("\r\n"))) + 1
+                            msg = f"{name}:{line}: invalid JSON: {e.msg} (column {column})"
+                            raise SourceError(msg) from None
+                        yield value
+            else:
+                for line, text in enumerate(f, 1):
+                    yield text.rstrip("\n")
+        except UnicodeDecodeError as e:
+            msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
+            raise SourceError(msg) from None
+        except csv.Error as e:
+            msg = f"{name}:{line + 1}: {e}"
+            raise SourceError(msg) from None
 
 
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:

@@ -312,3 +312,34 @@ def test_a_file_source_written_by_an_earlier_stage_need_not_exist(tmp_path):
     result = run_cli("run", str(path), "--no-summary")
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads(result.stdout)) == [1, 2, 3]
+
+
+# -- bad data in a file source names its file and line ----------------------------------------------------
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["run", "inline"])
+@pytest.mark.parametrize(("name", "fmt", "content", "expected"), [
+    ("in.jsonl", "jsonl", '{"a": 1}\n\n{"a": \n', "in.jsonl:3: invalid JSON: Expecting value (column 7)"),
+    ("in.jsonl", "jsonl", '{"a": 1}\n{"a": 2} x\n', "in.jsonl:2: invalid JSON: Extra data (column 10)"),
+    ("in.csv", "csv", "a,b\n1,2\n\n3,4,5\n", "in.csv:4: the row has 3 fields, the header (line 1) has 2"),
+    ("in.csv", "csv", "a,b\n1,2\n3\n", "in.csv:3: the row has 1 fields, the header (line 1) has 2"),
+], ids=["jsonl-truncated", "jsonl-extra", "csv-long-row", "csv-short-row"])
+def test_bad_source_data_names_the_file_and_line(tmp_path, name, fmt, content, expected, inline):
+    """Malformed JSON lines and ragged CSV rows fail the run with ``FILE:LINE: ...`` and no traceback of ours."""
+    (tmp_path / name).write_text(content)
+    path = tmp_path / "p.yaml"
+    path.write_text(SOURCE.replace("PATH", name).replace("format: jsonl", f"format: {fmt}"))
+    result = run_cli("run", str(path), "--no-summary", *(["--inline"] if inline else []))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"failed: SourceError: {expected}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_good_csv_rows_are_dicts_by_header(tmp_path):
+    """Rows with as many fields as the header become dicts; blank lines are skipped."""
+    (tmp_path / "in.csv").write_text("a,b\n1,2\n\n3,4\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(SOURCE.replace("PATH", "in.csv").replace("format: jsonl", "format: csv"))
+    result = run_cli("run", str(path), "--no-summary")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
