@@ -27,9 +27,13 @@ import datetime
 import json
 import logging
 import logging.handlers
+import multiprocessing
 import os
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -49,12 +53,134 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+_SCALARS = frozenset(_PLAIN)
+_second: list[Any] = [None, ""]  # the whole second last formatted, and its text: one strftime a second
+
+
+def _timestamp(created: float) -> str:
+    """``created`` as ``2024-01-31T12:00:01.234567Z`` (UTC), formatting the date and time once a second."""
+    whole = int(created)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((created - whole) * 1e6):06d}Z"
+
+
+class _Event(logging.LogRecord):
+    """A record carrying an event dict: what crosses to the listener. Made without ``LogRecord.__init__``
+    (which asks the system for the pid, thread and time again: ~25 us where a system call is slow); the
+    attributes no one reads are class defaults, so a pickled record holds five values."""
+
+    args = None
+    exc_info = exc_text = stack_info = None
+    pathname = filename = module = funcName = ""
+    lineno = 0
+
+    def __init__(self, name: str, levelno: int, levelname: str, msg: Any, created: float) -> None:
+        self.name, self.levelno, self.levelname, self.msg, self.created = name, levelno, levelname, msg, created
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.levelno, self.levelname, self.msg, self.created))
+
+
+class _Batch(_Event):
+    """Repeated warnings of one process, sent as one record.
+
+    ``msg``: ``{place: (name, levelno, levelname, first event, [(created, what differs from the first), ...])}``,
+    so what the repeats of a place share (stage, process, event, logger, traceback note...) crosses once.
+    """
+
+    def events(self) -> Iterator[_Event]:
+        """Every record of the batch, whole again."""
+        for name, levelno, levelname, first, rows in self.msg.values():
+            for created, changed in rows:
+                yield _Event(name, levelno, levelname, {**first, **changed}, created)
+
+
+def place(event: dict[str, Any], levelno: int) -> tuple[Any, ...]:
+    """Where a record comes from, for counting repeats: stage, level, logger, event, exception type of ``error``."""
+    error = event.get("error")
+    kind = error.partition(":")[0] if isinstance(error, str) else None
+    return (event.get("stage"), levelno, event.get("logger"), event.get("event"), kind)
+
+
+SHOWN = 5  # warnings (and errors) of one place sent (and rendered on stderr) one by one, before repeats are counted
+BATCH = 1000  # repeats a process sends as one record
+BATCH_SECONDS = 0.25  # at most this long a repeat waits to be sent
+
+
 class ContextQueueHandler(logging.handlers.QueueHandler):
-    """A ``QueueHandler`` that turns every record into an event dict carrying stage, process and pid."""
+    """A ``QueueHandler`` that turns every record into an event dict carrying stage, process and pid.
+
+    After ``SHOWN`` warnings or errors of one place (``place``), the next ones of that place are sent in
+    batches (``_Batch``: up to ``BATCH`` records, or what ``BATCH_SECONDS`` gathered) rather than one queue
+    message each: a stage that fails on every tenth item would otherwise spend most of its time logging.
+    Any other record first sends what is waiting, so a process's records keep their order; what is waiting
+    is also sent when the process ends and when the handler is replaced.
+    """
 
     def __init__(self, queue: Any, **context: Any) -> None:
         super().__init__(queue)
         self.context = context
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
+        self._count = 0  # records waiting
+        self._timer: threading.Timer | None = None
+        if multiprocessing.parent_process() is not None:  # a child: send what waits when it ends
+            from multiprocessing import util
+
+            # before the queue's own finalizer (priority 10) stops its feeder thread
+            util.Finalize(None, self.send_waiting, exitpriority=20)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(self.prepare(record))
+        except Exception:  # noqa: BLE001 - logging's own rule: a record that fails is reported, never raised
+            self.handleError(record)
+
+    def emit_event(self, name: str, levelno: int, event: dict[str, Any]) -> None:
+        """``EventLogger``'s record, without a ``LogRecord`` or the caller lookup (what ``emit`` would send)."""
+        record = self._event(name, levelno, logging.getLevelName(levelno), event, time.time())
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._send(record)
+            except Exception:  # noqa: BLE001 - as emit
+                self.handleError(record)
+
+    def _send(self, record: _Event) -> None:
+        if record.levelno >= logging.WARNING:
+            where = place(record.msg, record.levelno)
+            seen = self._seen[where] = self._seen.get(where, 0) + 1
+            if seen > SHOWN:
+                event = record.msg
+                group = self._waiting.get(where)
+                if group is None:
+                    group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                first = group[3]
+                group[4].append((record.created, {k: v for k, v in event.items() if k not in first or first[k] != v}))
+                self._count += 1
+                if self._count >= BATCH:
+                    self._send_waiting()
+                elif self._timer is None:
+                    self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+        if self._waiting:
+            self._send_waiting()
+        self.enqueue(record)
+
+    def send_waiting(self) -> None:
+        """Send the repeats waiting, if any (from the timer, at exit, when replaced)."""
+        with self.lock:  # type: ignore[union-attr]
+            self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiting:
+            waiting, self._waiting, self._count = self._waiting, {}, 0
+            self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if isinstance(record.msg, dict):  # from structlog, via ProcessorFormatter.wrap_for_formatter
@@ -63,26 +189,24 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             event = {"event": record.getMessage()}
             if record.exc_info:
                 event["exception"] = "".join(traceback.format_exception(*record.exc_info))
-        event.setdefault("level", record.levelname.lower())
-        event.setdefault("logger", record.name)
-        event.setdefault(
-            "timestamp", datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        )
+        return self._event(record.name, record.levelno, record.levelname, event, record.created)
+
+    def _event(self, name: str, levelno: int, levelname: str, event: dict[str, Any], created: float) -> _Event:
+        """The record that crosses to the listener: ``event`` with level, logger, timestamp and this process's context."""
+        event.setdefault("level", levelname.lower())
+        event.setdefault("logger", name)
+        if "timestamp" not in event:
+            event["timestamp"] = _timestamp(created)
         for key, value in self.context.items():
             event.setdefault(key, value)
         if item_id_source is not None and "item_id" not in event:
             item_id = item_id_source()
             if item_id is not None:
                 event["item_id"] = item_id
-        return logging.makeLogRecord(
-            {
-                "name": record.name,
-                "levelno": record.levelno,
-                "levelname": record.levelname,
-                "msg": _plain(event),
-                "created": record.created,
-            }
-        )
+        scalars = _SCALARS
+        if not all(type(v) in scalars for v in event.values()) or not all(type(k) is str for k in event):
+            event = _plain(event)
+        return _Event(name, levelno, levelname, event, created)
 
 
 def configure(log_queue: Any, level: str, **context: Any) -> None:
@@ -94,6 +218,8 @@ def configure(log_queue: Any, level: str, **context: Any) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
+        if isinstance(handler, ContextQueueHandler):
+            handler.send_waiting()
         root.removeHandler(handler)
     context.setdefault("pid", os.getpid())
     root.addHandler(ContextQueueHandler(log_queue, **context))
@@ -164,9 +290,15 @@ class EventLogger:
         return True
 
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        if logger.isEnabledFor(level):
             bound = sys.modules.get("structlog.contextvars")
-            self.logger.log(level, {**(bound.get_contextvars() if bound else {}), "event": event, **fields})
+            record = {**(bound.get_contextvars() if bound else {}), "event": event, **fields}
+            handler = _only_handler(logger)
+            if handler is not None:  # where logger.log would take it, ~15 us sooner (a failing stage logs a lot)
+                handler.emit_event(logger.name, level, record)
+            else:
+                logger.log(level, record)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)
@@ -179,6 +311,20 @@ class EventLogger:
 
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
+
+
+def _only_handler(logger: logging.Logger) -> ContextQueueHandler | None:
+    """The handler a record of ``logger`` reaches, when that is this process's ``ContextQueueHandler`` alone
+    (nothing on the way filters, handles or stops it); else None."""
+    node: Any = logger
+    while node is not logging.root:
+        if node.handlers or node.filters or not node.propagate or node.disabled:
+            return None
+        node = node.parent
+    handlers = node.handlers
+    if node.filters or len(handlers) != 1 or not isinstance(handlers[0], ContextQueueHandler):
+        return None
+    return handlers[0] if not handlers[0].filters and handlers[0].level == logging.NOTSET else None
 
 
 def get_logger(name: str = "mprun") -> EventLogger:
@@ -293,15 +439,86 @@ class LogFile(logging.FileHandler):
                          "later records are not in it\n")
 
 
+SUMMARY_EVERY = 1.0  # seconds between two "N more like this" lines of one place
+
+
 class Listener(logging.handlers.QueueListener):
-    """The one listener of a run; ``stop`` drains the queue but never waits forever."""
+    """The one listener of a run; ``stop`` drains the queue but never waits forever.
+
+    Repeats are summarised on stderr: a place is a stage, level, logger, event and the exception type of its
+    ``error`` (``ValueError`` of ``error="ValueError: bad 7"``); after ``SHOWN`` warnings or errors of one
+    place, stderr gets at most one ``<event>: N more like this`` line per place a second (and at the end)
+    instead of each, while the log file (``file_handlers``) still gets every record.  This keeps a stage
+    that skips 100,000 items readable and cheap: its repeats are counted, not formatted and written.
+    """
+
+    def __init__(self, queue: Any, *handlers: logging.Handler, console: logging.Handler | None = None,
+                 respect_handler_level: bool = True) -> None:
+        super().__init__(queue, *handlers, respect_handler_level=respect_handler_level)
+        self.console = console  # the handler that repeats are kept from
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._pending: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}  # place -> (repeats, last event)
+        self._summarised = 0.0  # monotonic time of the last summary lines
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if isinstance(record, _Batch):  # repeats: counted for stderr, each to the log file
+            for where, (_, _, _, first, rows) in record.msg.items():
+                self._seen[where] = self._seen.get(where, 0) + len(rows)
+                count = self._pending.get(where, (0, first))[0]
+                self._pending[where] = (count + len(rows), {**first, **rows[-1][1]})
+            files = [h for h in self.handlers if h is not self.console]
+            for event in record.events() if files else ():
+                for handler in files:
+                    if not self.respect_handler_level or event.levelno >= handler.level:
+                        handler.handle(event)
+            if time.monotonic() - self._summarised >= SUMMARY_EVERY:
+                self.summarise()
+            return
+        record = self.prepare(record)
+        event = record.msg if isinstance(record.msg, dict) else None
+        skip = None
+        if event is not None and record.levelno >= logging.WARNING and self.console is not None:
+            where = place(event, record.levelno)
+            seen = self._seen[where] = self._seen.get(where, 0) + 1
+            if seen > SHOWN:
+                skip = self.console
+                count = self._pending.get(where, (0, event))[0]
+                self._pending[where] = (count + 1, event)
+        for handler in self.handlers:
+            if handler is not skip and (not self.respect_handler_level or record.levelno >= handler.level):
+                handler.handle(record)
+        if self._pending and time.monotonic() - self._summarised >= SUMMARY_EVERY:
+            self.summarise()
+
+    def summarise(self) -> None:
+        """Write one ``<event>: N more like this`` line per place with repeats not shown yet."""
+        pending, self._pending = self._pending, {}
+        self._summarised = time.monotonic()
+        if self.console is None:
+            return
+        where = " (every one is in the log file)" if len(self.handlers) > 1 else ""
+        for (_, levelno, _, _, _), (count, last) in pending.items():
+            event = {k: last[k] for k in ("stage", "logger", "level", "error") if k in last}
+            event["event"] = f"{last.get('event')}: {count:,} more like this{where}"
+            event["timestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            if "error" in event:
+                event["last_error"] = event.pop("error")
+            record = logging.makeLogRecord({"name": "mprun", "levelno": levelno,
+                                            "levelname": logging.getLevelName(levelno), "msg": event})
+            if record.levelno >= self.console.level:
+                self.console.handle(record)
 
     def stop(self, timeout: float = 10.0) -> None:  # type: ignore[override]
         if self._thread is None:
             return
+        for handler in logging.getLogger().handlers:  # this process's repeats waiting to be sent (inline runs)
+            if isinstance(handler, ContextQueueHandler):
+                handler.send_waiting()
         self.enqueue_sentinel()
         self._thread.join(timeout)
         self._thread = None
+        if self._pending:
+            self.summarise()
 
 
 def start_listener(
@@ -337,7 +554,7 @@ def start_listener(
         handlers.append(file_handler)
     for handler in handlers:
         handler.setLevel(LEVELS[level])
-    listener = Listener(log_queue, *handlers, respect_handler_level=True)
+    listener = Listener(log_queue, *handlers, console=stderr, respect_handler_level=True)
     listener.start()
     return listener
 
