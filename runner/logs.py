@@ -54,6 +54,7 @@ def _plain(value: Any) -> Any:
 
 
 _SCALARS = frozenset(_PLAIN)
+_STR = frozenset({str})
 _second: list[Any] = [None, ""]  # the whole second last formatted, and its text: one strftime a second
 
 
@@ -203,8 +204,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             item_id = item_id_source()
             if item_id is not None:
                 event["item_id"] = item_id
-        scalars = _SCALARS
-        if not all(type(v) in scalars for v in event.values()) or not all(type(k) is str for k in event):
+        if not _SCALARS.issuperset(map(type, event.values())) or not _STR.issuperset(map(type, event)):
             event = _plain(event)
         return _Event(name, levelno, levelname, event, created)
 

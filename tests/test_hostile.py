@@ -343,3 +343,61 @@ def test_good_csv_rows_are_dicts_by_header(tmp_path):
     result = run_cli("run", str(path), "--no-summary")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
+
+
+# -- a failing stage stays readable: repeats summarised on stderr, every one in the log file -------------
+
+FAILING = """\
+version: 1
+stages:
+  - name: numbers
+    kind: producer
+    source: {range: {stop: 3000}}
+    output: numbers
+  - name: double
+    kind: pool
+    processes: 2
+    input: numbers
+    function: tasks_t:fail_every
+    on_error: skip
+    output: doubled
+  - {name: out, kind: consumer, input: doubled, function: collect}
+"""
+FAIL_EVERY = """\
+def fail_every(x):
+    if x % 10 == 0:
+        raise ValueError(f"bad item {x}")
+    return x
+"""
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["run", "inline"])
+def test_repeated_warnings_are_summarised_and_all_logged(tmp_pipeline, tmp_path, inline):
+    """300 skipped items: stderr shows the first 5 warnings and counts the rest; the log file holds all 300."""
+    path = tmp_pipeline(FAILING, FAIL_EVERY)
+    log_file = tmp_path / "run.log"
+    result = run_cli("run", str(path), "--no-summary", "--log-file", str(log_file), *(["--inline"] if inline else []))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 2700
+    shown = [line for line in result.stderr.splitlines() if " item given up " in line]
+    summaries = [line for line in result.stderr.splitlines() if "item given up: " in line]
+    assert len(shown) == 5, result.stderr
+    counts = [int(line.split("item given up: ")[1].split(" more like this")[0].replace(",", "")) for line in summaries]
+    assert sum(counts) == 295, summaries
+    assert all("(every one is in the log file)" in line and "last_error=" in line for line in summaries)
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    given_up = [r for r in logged if r["event"] == "item given up"]
+    assert sorted(int(r["item"]) for r in given_up) == list(range(0, 3000, 10))
+    assert all(r["stage"] == "double" and r["level"] == "warning" and r["error"].startswith("ValueError: bad item")
+               for r in given_up)
+
+
+def test_without_a_log_file_repeats_are_only_counted(tmp_pipeline):
+    """Without a log file the repeats are only counted: the summary line does not point to a file."""
+    path = tmp_pipeline(FAILING, FAIL_EVERY)
+    result = run_cli("run", str(path), "--no-summary")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len([line for line in lines if " item given up " in line]) == 5
+    assert len(lines) < 40, result.stderr
+    assert "more like this" in result.stderr and "log file" not in result.stderr
