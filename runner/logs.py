@@ -94,7 +94,12 @@ class _Batch(_Event):
         """Every record of the batch, whole again."""
         for name, levelno, levelname, first, rows in self.msg.values():
             for created, changed in rows:
-                yield _Event(name, levelno, levelname, {**first, **changed}, created)
+                event = {**first, **changed}
+                if "timestamp" not in changed:
+                    event["timestamp"] = _timestamp(created)
+                if event.get("item_id", "") is None:
+                    del event["item_id"]
+                yield _Event(name, levelno, levelname, event, created)
 
 
 def place(event: dict[str, Any], levelno: int) -> tuple[Any, ...]:
@@ -139,13 +144,32 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             self.handleError(record)
 
     def emit_event(self, name: str, levelno: int, event: dict[str, Any]) -> None:
-        """``EventLogger``'s record, without a ``LogRecord`` or the caller lookup (what ``emit`` would send)."""
-        record = self._event(name, levelno, logging.getLevelName(levelno), event, time.time())
+        """``EventLogger``'s record, without a ``LogRecord`` or the caller lookup (what ``emit`` would send).
+
+        A repeat waits as the fields it was given (plus its item id): its level, logger, stage, process and
+        timestamp are filled in by the listener from the first of its place and its time.
+        """
+        created = time.time()
+        levelname = logging.getLevelName(levelno)
         with self.lock:  # type: ignore[union-attr]
             try:
-                self._send(record)
+                if levelno >= logging.WARNING:
+                    error = event.get("error")
+                    where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
+                             event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
+                    group = self._waiting.get(where)
+                    if group is not None:
+                        self._seen[where] += 1
+                        item_id = item_id_source() if item_id_source is not None else None
+                        if item_id is not None or "item_id" in group[3]:
+                            event["item_id"] = item_id
+                        if not _SCALARS.issuperset(map(type, event.values())):
+                            event = _plain(event)
+                        self._wait(group, created, event)
+                        return
+                self._send(self._event(name, levelno, levelname, event, created))
             except Exception:  # noqa: BLE001 - as emit
-                self.handleError(record)
+                self.handleError(_Event(name, levelno, levelname, event, created))
 
     def _send(self, record: _Event) -> None:
         if record.levelno >= logging.WARNING:
@@ -157,18 +181,22 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                 if group is None:
                     group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
                 first = group[3]
-                group[4].append((record.created, {k: v for k, v in event.items() if k not in first or first[k] != v}))
-                self._count += 1
-                if self._count >= BATCH:
-                    self._send_waiting()
-                elif self._timer is None:
-                    self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
-                    self._timer.daemon = True
-                    self._timer.start()
+                self._wait(group, record.created, {k: v for k, v in event.items() if k not in first or first[k] != v})
                 return
         if self._waiting:
             self._send_waiting()
         self.enqueue(record)
+
+    def _wait(self, group: tuple[Any, ...], created: float, changed: dict[str, Any]) -> None:
+        """Keep a repeat to be sent in the next batch (sent now when it is full, else by the timer)."""
+        group[4].append((created, changed))
+        self._count += 1
+        if self._count >= BATCH:
+            self._send_waiting()
+        elif self._timer is None:
+            self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
+            self._timer.daemon = True
+            self._timer.start()
 
     def send_waiting(self) -> None:
         """Send the repeats waiting, if any (from the timer, at exit, when replaced)."""
