@@ -17,6 +17,10 @@ the run's ``log_level`` in every process, so a record below it is dropped where 
 it when a record is made, so a record a stage function writes while it handles an item carries that
 item's id (``"<producer stage>:<n>"``), the same in every stage the item passes.
 
+Repeats: after ``SHOWN`` warnings or errors of one place (stage, level, logger, event, exception type), a
+process sends the next ones of that place in batches (``_Batch``), and the listener writes one ``<event>: N
+more like this`` line per place a second to stderr instead of each, while the log file gets every record.
+
 Console lines (``ConsoleFormatter``) read as columns: time, level, stage, process, event, then
 ``key=value`` pairs and the traceback, if any; coloured only when stderr is a terminal.
 """
@@ -28,7 +32,9 @@ import json
 import logging
 import logging.handlers
 import multiprocessing
+import multiprocessing.queues
 import os
+import queue as queue_module
 import sys
 import threading
 import time
@@ -130,6 +136,10 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         self._seen: dict[tuple[Any, ...], int] = {}
         self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
         self._count = 0  # records waiting
+        self._pid = os.getpid()
+        # Batches on multiprocessing's queues and inline runs' queue.Queue; a queue of its own (the Ray
+        # relay, which batches what it sends) gets each record.
+        self._batching = isinstance(queue, multiprocessing.queues.Queue | queue_module.Queue)
         self._timer: threading.Timer | None = None
         if multiprocessing.parent_process() is not None:  # a child: send what waits when it ends
             from multiprocessing import util
@@ -153,7 +163,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         levelname = logging.getLevelName(levelno)
         with self.lock:  # type: ignore[union-attr]
             try:
-                if levelno >= logging.WARNING:
+                if levelno >= logging.WARNING and self._batching:
                     error = event.get("error")
                     where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
                              event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
@@ -172,7 +182,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                 self.handleError(_Event(name, levelno, levelname, event, created))
 
     def _send(self, record: _Event) -> None:
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING and self._batching:
             where = place(record.msg, record.levelno)
             seen = self._seen[where] = self._seen.get(where, 0) + 1
             if seen > SHOWN:
@@ -246,7 +256,7 @@ def configure(log_queue: Any, level: str, **context: Any) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, ContextQueueHandler):
+        if isinstance(handler, ContextQueueHandler) and handler._pid == os.getpid():  # not one inherited by fork
             handler.send_waiting()
         root.removeHandler(handler)
     context.setdefault("pid", os.getpid())
@@ -540,7 +550,7 @@ class Listener(logging.handlers.QueueListener):
         if self._thread is None:
             return
         for handler in logging.getLogger().handlers:  # this process's repeats waiting to be sent (inline runs)
-            if isinstance(handler, ContextQueueHandler):
+            if isinstance(handler, ContextQueueHandler) and handler._pid == os.getpid():
                 handler.send_waiting()
         self.enqueue_sentinel()
         self._thread.join(timeout)
