@@ -453,6 +453,18 @@ class LogFile(logging.FileHandler):
         if not self.failed:
             super().emit(record)
 
+    def handle_many(self, records: list[logging.LogRecord]) -> None:
+        """Write several records with one write and one flush (a batch of repeats), not one of each per record."""
+        records = [r for r in records if r.levelno >= self.level]
+        if self.failed or not records or self.stream is None:
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write("".join(f"{self.format(r)}\n" for r in records))
+                self.flush()
+            except Exception:  # noqa: BLE001 - as emit: reported once, as a line
+                self.handleError(records[0])
+
     def flush(self) -> None:
         try:
             super().flush()
@@ -505,8 +517,12 @@ class Listener(logging.handlers.QueueListener):
                 count = self._pending.get(where, (0, first))[0]
                 self._pending[where] = (count + len(rows), {**first, **rows[-1][1]})
             files = [h for h in self.handlers if h is not self.console]
-            for event in record.events() if files else ():
-                for handler in files:
+            events = list(record.events()) if files else []
+            for handler in files:
+                if isinstance(handler, LogFile):
+                    handler.handle_many(events)
+                    continue
+                for event in events:
                     if not self.respect_handler_level or event.levelno >= handler.level:
                         handler.handle(event)
             if time.monotonic() - self._summarised >= SUMMARY_EVERY:
