@@ -65,3 +65,11 @@ def burn(x: int, ms: float = 6.0) -> int:
 
 
 LOOPS_PER_MS = int(os.environ.get("MPRUN_BENCH_LOOPS_PER_MS", "25000"))
+
+
+def fail_every(x: int, every: int = 10) -> int:
+    """The failing-stage work: double ``x``, raising ValueError for one item in ``every`` (never when 0)."""
+    if every and x % every == 0:
+        msg = f"bad item {x}"
+        raise ValueError(msg)
+    return x * 2

@@ -97,21 +97,25 @@ def plan_run(
     """
     from runner import cache
     from runner.imports import import_problems, imports_structlog
+    from runner.paths import plan_problems, prepare_outputs
 
     _check_setting_names(settings)
     name = cache.key(path_or_pipeline, overrides, limit, settings)
     hit = cache.load(name)
     if hit is not None:
         topology, refs, _ = hit
-        if not any(import_problems(refs, topology.base_dir, topology.start_method)):
+        if not plan_problems(topology) and not any(import_problems(refs, topology.base_dir, topology.start_method)):
+            prepare_outputs(topology)
             return topology  # else the full path below reports the problem, located
     from runner.compiler import compile_pipeline
     from runner.validate import check_pipeline_environment
 
     pipeline = prepare_pipeline(path_or_pipeline, overrides, **settings)
-    refs = check_pipeline_environment(pipeline)  # a missing module is refused (exit 2) before any stage starts
+    # A missing module, file source or unwritable output is refused (exit 2) before any stage starts.
+    refs = check_pipeline_environment(pipeline, log_file_option=settings.get("log_file"))
     topology = compile_pipeline(pipeline, limit=limit)
     cache.store(name, (topology, refs, imports_structlog(refs)))
+    prepare_outputs(topology)
     return topology
 
 

@@ -10,14 +10,24 @@ Only a pipeline that validated and passed the import check is stored, so a hit s
 valid with exactly these inputs. The import check still runs on every hit (a module can disappear);
 if it finds a problem the run takes the full path, which reports it located. ``MPRUN_NO_CACHE=1``
 turns the cache off. A cache that cannot be read or written is ignored: it is only ever a shortcut.
+
+Trust: an entry is a pickle, which can run code when loaded, and it decides what the run does. So an
+entry is read only when the folder and the entry are both owned by this user (uid) and writable by no
+one else, and neither is a symlink: the folder is opened with ``O_NOFOLLOW`` and checked with ``fstat``,
+then the entry is opened through that descriptor, ``O_NOFOLLOW`` too, and checked the same way, so a
+rename between the check and the read changes nothing.  A folder that fails the check is neither read
+nor written; a foreign or corrupt entry is ignored (a debug record on the ``mprun.cache`` logger) and
+the run proceeds uncached.  The folder is created with mode 0o700.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +53,11 @@ def key(path: Any, overrides: list[str] | None, limit: int | None, settings: dic
     """The entry name for running ``path`` with these inputs; None if it is not a readable file."""
     if not isinstance(path, str | os.PathLike):
         return None
+    from runner.limits import MAX_BYTES
+
     try:
+        if Path(path).stat().st_size > MAX_BYTES:
+            return None  # refused by the loader; never read whole
         raw = Path(path).read_bytes()
         resolved = str(Path(path).resolve())
     except OSError:
@@ -63,15 +77,73 @@ def key(path: Any, overrides: list[str] | None, limit: int | None, settings: dic
     return h.hexdigest()
 
 
+def _untrusted(st: os.stat_result, kind: str) -> str | None:
+    """Why a folder or entry with this ``fstat`` must not be trusted, or None when it may be."""
+    want = stat.S_ISDIR if kind == "folder" else stat.S_ISREG
+    if not want(st.st_mode):
+        return f"the {kind} is not a {'directory' if kind == 'folder' else 'regular file'}"
+    if st.st_uid != os.getuid():
+        return f"the {kind} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"the {kind} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _open_folder(folder: Path) -> int | None:
+    """A descriptor of ``folder`` if it is trusted (this user's, writable by no one else, not a symlink)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if not isinstance(e, FileNotFoundError):
+            _note(folder, f"cannot open the folder: {e.strerror or e}")
+        return None
+    problem = _untrusted(os.fstat(fd), "folder")
+    if problem is not None:
+        os.close(fd)
+        _note(folder, problem)
+        return None
+    return fd
+
+
+def _note(where: Path, problem: str) -> None:
+    logging.getLogger("mprun.cache").debug("compiled-pipeline cache not used (%s): %s; running uncached", where, problem)
+
+
+def _read_trusted(folder: Path, entry: str) -> bytes | None:
+    """The bytes of ``folder/entry`` if both are trusted, else None (a debug record says why)."""
+    dir_fd = _open_folder(folder)
+    if dir_fd is None:
+        return None
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _note(folder / entry, f"cannot open the entry: {e.strerror or e}")
+        return None
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        problem = _untrusted(os.fstat(f.fileno()), "entry")
+        if problem is not None:
+            _note(folder / entry, problem)
+            return None
+        return f.read()
+
+
 def load(name: str | None) -> Any:
-    """The entry stored under ``name``, or None."""
+    """The entry stored under ``name``, or None (no entry, or one that is not trusted or cannot be read)."""
     folder = directory()
     if name is None or folder is None:
         return None
     if name not in _loaded:
         try:
-            _loaded[name] = pickle.loads((folder / f"{name}.pickle").read_bytes())
-        except Exception:  # noqa: BLE001 - missing, truncated or from another version: a miss
+            raw = _read_trusted(folder, f"{name}.pickle")
+            if raw is None:
+                return None
+            _loaded[name] = pickle.loads(raw)
+        except Exception as e:  # noqa: BLE001 - truncated or from another version: a miss
+            _note(folder / f"{name}.pickle", f"unreadable entry ({type(e).__name__})")
             return None
     return _loaded[name]
 
@@ -85,6 +157,10 @@ def store(name: str | None, entry: Any) -> None:
 
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dir_fd = _open_folder(folder)
+        if dir_fd is None:  # a folder someone else could write: never store there either
+            return
+        os.close(dir_fd)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:

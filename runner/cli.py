@@ -201,7 +201,11 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     thread; the functions to check come from the file's plan in ``runner.cache`` (else from its YAML, in a
     thread), and the check's result is used only if the run's plan names the same functions.
     """
+    from runner.limits import MAX_BYTES
+
     try:
+        if Path(ns.file).stat().st_size > MAX_BYTES:
+            return  # refused at its line by the loader
         text = Path(ns.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
@@ -225,9 +229,11 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     def start() -> None:
         import yaml
 
+        from runner.safeyaml import BoundedLoader
+
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
+            data = yaml.load(text, Loader=BoundedLoader)
+        except yaml.YAMLError:  # reported, located, by the loader
             return
         prefetch([ref for _, ref in references(data)], str(Path(ns.file).resolve().parent), method)
 
@@ -249,10 +255,13 @@ def _start_forkserver(preload: list[str]) -> None:
 
 def _start_forkserver_for(files: list[str], overrides: list[str]) -> None:
     """``validate`` and ``test``: the forkserver first, if a file uses it (each file's import check does)."""
+    from runner.limits import MAX_BYTES
     from runner.topology import FORKSERVER_PRELOAD
 
     for file in files:
         try:
+            if Path(file).stat().st_size > MAX_BYTES:
+                continue  # refused at its line by the loader
             text = Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
@@ -276,6 +285,12 @@ def _guess_start_method(text: str, start_method: str | None, overrides: list[str
 def _run(ns: argparse.Namespace) -> int:
     settings = {"start_method": ns.start_method, "log_level": ns.log_level, "log_format": ns.log_format,
                 "log_file": ns.log_file, "backend": ns.backend}
+    if ns.log_level == "debug":  # why the compiled-pipeline cache was not used, if it was not (runner.cache)
+        import logging
+
+        note = logging.getLogger("mprun.cache")
+        note.addHandler(logging.StreamHandler(sys.stderr))
+        note.setLevel(logging.DEBUG)
     _warm_up(ns, settings)
     from runner import run_pipeline
     from runner.errors import UsageError
@@ -286,6 +301,14 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.inline and ns.progress:
         msg = "--inline runs one stage after another in this process (for pdb): --progress does not apply"
         raise UsageError(msg)
+    if ns.metrics_json:
+        from runner.paths import cannot_write
+
+        why = cannot_write(Path(ns.metrics_json))
+        if why is not None:
+            from runner.diagnostics import Diagnostic
+
+            raise PipelineInvalid([Diagnostic(f"--metrics-json {ns.metrics_json}", None, None, "", why)])
     if ns.inline:
         result = _run_inline(ns)
     else:
@@ -295,20 +318,27 @@ def _run(ns: argparse.Namespace) -> int:
     for items in result.collected.values():
         print(json.dumps(items, default=repr))
     sys.stdout.flush()
+    exit_code, errors = result.exit_code, [result.error] if result.error else []
     if ns.metrics_json:
         from runner.metrics import write_metrics
 
-        write_metrics(result, ns.metrics_json)
+        try:
+            write_metrics(result, ns.metrics_json)
+        except OSError as e:  # checked before the run, yet gone since: the summary still comes first
+            errors.append(f"cannot write --metrics-json {ns.metrics_json}: {e.strerror or e}")
+            exit_code = exit_code or 1
     if result.log_format == "json":
         record = summary_record(result, full=not ns.no_summary)
         if record is not None:
             print(json.dumps(record, default=repr), file=sys.stderr)
+        for error in errors[1 if result.error else 0 :]:  # the run's own error is in the record
+            print(json.dumps({"level": "error", "logger": "mprun", "event": "run failed", "error": error}), file=sys.stderr)
     else:
         if not ns.no_summary:
             print(summary_table(result), file=sys.stderr)
-        if result.error:
-            print(f"mprun: error: {result.error}", file=sys.stderr)
-    return _quick(result.exit_code) if not ns.inline else result.exit_code
+        for error in errors:
+            print(f"mprun: error: {error}", file=sys.stderr)
+    return _quick(exit_code) if not ns.inline else exit_code
 
 
 def _run_inline(ns: argparse.Namespace) -> Any:

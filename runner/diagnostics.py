@@ -56,7 +56,8 @@ class Marks:
     """Where each node of a document starts, by path: ``values``, ``keys`` of mappings, ``origins`` of overrides.
 
     ``problems`` collects what the loader found before validation (duplicate keys, unset variables);
-    ``bad`` holds the paths of those values, so validation errors at the same place are not repeated.
+    ``bad`` holds the paths of those values, so validation errors at the same place are not repeated;
+    ``interpolated`` the paths of strings that held a ``${VAR}`` reference.
     """
 
     filename: str
@@ -66,6 +67,7 @@ class Marks:
     origins: dict[PathKey, str] = field(default_factory=dict)
     problems: list[Diagnostic] = field(default_factory=list)
     bad: set[PathKey] = field(default_factory=set)
+    interpolated: set[PathKey] = field(default_factory=set)
 
     def locate(self, path: PathKey, *, key: bool = False) -> tuple[int, int]:
         """The 1-based (line, col) of ``path``, or of its nearest located ancestor.

@@ -31,7 +31,7 @@ from runner import logs
 from runner.queues import dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
 from runner.topology import StagePlan, Topology
-from runner.worker import PROGRESS_SLOTS, make_function, resolve, run_chunk, source_items
+from runner.worker import PROGRESS_SLOTS, SourceError, make_function, resolve, run_chunk, source_items
 from schemas import Pipeline
 
 
@@ -71,11 +71,11 @@ def run_inline_pipeline(
     Raises:
         PipelineInvalid: the file is invalid (exit code 2).
     """
-    from runner import prepare_pipeline
-    from runner.compiler import compile_pipeline
+    from runner import plan_run
 
-    pipeline = prepare_pipeline(path_or_pipeline, overrides, log_level=log_level, log_format=log_format, log_file=log_file)
-    return run_inline(compile_pipeline(pipeline, limit=limit))
+    # The checks of a normal run (imports, files read and written) before any stage starts.
+    return run_inline(plan_run(path_or_pipeline, overrides, limit=limit, log_level=log_level, log_format=log_format,
+                               log_file=log_file))
 
 
 def run_inline(topo: Topology) -> RunResult:
@@ -179,7 +179,8 @@ def _run_stage(
             taken.clear()
     except Exception as e:  # noqa: BLE001 - reported like a normal run's failing stage
         summary = f"{type(e).__name__}: {e}"
-        log.error("stage failed", error=summary, exception=traceback.format_exc())
+        tb = "" if isinstance(e, SourceError) else traceback.format_exc()  # bad data names its file and line
+        log.error("stage failed", error=summary, **({"exception": tb} if tb else {}))
         return f"stage {stage.name!r} (process {process}) failed: {summary}"
     finally:
         st.seconds = time.perf_counter() - started

@@ -4,9 +4,10 @@
          --apply --set overrides--> --interpolate ${VAR}--> --Pydantic--> Pipeline --topology checks--> ok
     every step adds located problems; all of them are raised together as one ``PipelineInvalid``
 
-Only ``yaml.SafeLoader`` is used: the node tree is composed safely, then converted to Python data while
-the start mark of each node is recorded by its path (``("stages", 1, "processes")``).  Duplicate keys,
-which PyYAML silently accepts (the last one wins), are reported.
+Only ``yaml.SafeLoader`` is used, through ``runner.safeyaml.BoundedLoader``: the node tree is composed
+safely, within limits (file size, nesting depth, values behind aliases; core tags only), then converted
+to Python data while the start mark of each node is recorded by its path (``("stages", 1, "processes")``).
+Duplicate keys, which PyYAML silently accepts (the last one wins), are reported.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pydantic import ValidationError
 from runner import diagnostics
 from runner.diagnostics import Diagnostic, Marks, PathKey
 from runner.errors import PipelineInvalid
+from runner.limits import MAX_BYTES
+from runner.safeyaml import BoundedLoader, LimitExceeded, too_large, too_large_message
 from schemas import Pipeline, QueueSpec, topology_problems
 
 __all__ = ["Marks", "PathKey", "check", "interpolate", "load_pipeline", "parse_yaml", "read_document"]
@@ -43,10 +46,13 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, Marks]:
         PipelineInvalid: a syntax error, located where the parser stopped.
     """
     marks = Marks(filename)
-    loader = yaml.SafeLoader(text)
+    loader = BoundedLoader(text)
     try:
         node = loader.get_single_node()
         data = _convert(loader, node, (), marks) if node is not None else None
+    except LimitExceeded as e:
+        mark = e.problem_mark
+        raise PipelineInvalid([Diagnostic(filename, mark.line + 1, mark.column + 1, e.field, str(e.problem))]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -61,7 +67,7 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, Marks]:
     return data, marks
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, marks: Marks) -> Any:
+def _convert(loader: BoundedLoader, node: yaml.Node, path: PathKey, marks: Marks) -> Any:
     marks.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         marks.containers.add(path)
@@ -98,9 +104,14 @@ def read_document(path: str | Path) -> tuple[Any, Marks]:
     """
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # never more than the limit in memory
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise PipelineInvalid([Diagnostic(name, 1, 1, "(file)", f"cannot read the file: {e.strerror or e}")]) from None
+    where = too_large(raw)
+    if where is not None:
+        raise PipelineInvalid([Diagnostic(name, *where, "(file)", too_large_message(max(size, len(raw))))])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -133,6 +144,8 @@ def interpolate(
         return [interpolate(v, marks, env, (*path, i), root) for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
+    if any(m.group(1) is not None for m in _REFERENCE.finditer(data)):
+        marks.interpolated.add(path)
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$${":

@@ -17,6 +17,10 @@ the run's ``log_level`` in every process, so a record below it is dropped where 
 it when a record is made, so a record a stage function writes while it handles an item carries that
 item's id (``"<producer stage>:<n>"``), the same in every stage the item passes.
 
+Repeats: after ``SHOWN`` warnings or errors of one place (stage, level, logger, event, exception type), a
+process sends the next ones of that place in batches (``_Batch``), and the listener writes one ``<event>: N
+more like this`` line per place a second to stderr instead of each, while the log file gets every record.
+
 Console lines (``ConsoleFormatter``) read as columns: time, level, stage, process, event, then
 ``key=value`` pairs and the traceback, if any; coloured only when stderr is a terminal.
 """
@@ -27,9 +31,15 @@ import datetime
 import json
 import logging
 import logging.handlers
+import multiprocessing
+import multiprocessing.queues
 import os
+import queue as queue_module
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from typing import Any, Self
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -84,12 +94,167 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+_SCALARS = frozenset(_PLAIN)
+_STR = frozenset({str})
+_second: list[Any] = [None, ""]  # the whole second last formatted, and its text: one strftime a second
+
+
+def _timestamp(created: float) -> str:
+    """``created`` as ``2024-01-31T12:00:01.234567Z`` (UTC), formatting the date and time once a second."""
+    whole = int(created)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((created - whole) * 1e6):06d}Z"
+
+
+class _Event(logging.LogRecord):
+    """A record carrying an event dict: what crosses to the listener. Made without ``LogRecord.__init__``
+    (which asks the system for the pid, thread and time again: ~25 us where a system call is slow); the
+    attributes no one reads are class defaults, so a pickled record holds five values."""
+
+    args = None
+    exc_info = exc_text = stack_info = None
+    pathname = filename = module = funcName = ""
+    lineno = 0
+
+    def __init__(self, name: str, levelno: int, levelname: str, msg: Any, created: float) -> None:
+        self.name, self.levelno, self.levelname, self.msg, self.created = name, levelno, levelname, msg, created
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.levelno, self.levelname, self.msg, self.created))
+
+
+class _Batch(_Event):
+    """Repeated warnings of one process, sent as one record.
+
+    ``msg``: ``{place: (name, levelno, levelname, first event, [(created, what differs from the first), ...])}``,
+    so what the repeats of a place share (stage, process, event, logger, traceback note...) crosses once.
+    """
+
+    def events(self) -> Iterator[_Event]:
+        """Every record of the batch, whole again."""
+        for name, levelno, levelname, first, rows in self.msg.values():
+            for created, changed in rows:
+                event = {**first, **changed}
+                if "timestamp" not in changed:
+                    event["timestamp"] = _timestamp(created)
+                if event.get("item_id", "") is None:
+                    del event["item_id"]
+                yield _Event(name, levelno, levelname, event, created)
+
+
+def place(event: dict[str, Any], levelno: int) -> tuple[Any, ...]:
+    """Where a record comes from, for counting repeats: stage, level, logger, event, exception type of ``error``."""
+    error = event.get("error")
+    kind = error.partition(":")[0] if isinstance(error, str) else None
+    return (event.get("stage"), levelno, event.get("logger"), event.get("event"), kind)
+
+
+SHOWN = 5  # warnings (and errors) of one place sent (and rendered on stderr) one by one, before repeats are counted
+BATCH = 1000  # repeats a process sends as one record
+BATCH_SECONDS = 0.25  # at most this long a repeat waits to be sent
+
+
 class ContextQueueHandler(logging.handlers.QueueHandler):
-    """A ``QueueHandler`` that turns every record into an event dict carrying stage, process and pid."""
+    """A ``QueueHandler`` that turns every record into an event dict carrying stage, process and pid.
+
+    After ``SHOWN`` warnings or errors of one place (``place``), the next ones of that place are sent in
+    batches (``_Batch``: up to ``BATCH`` records, or what ``BATCH_SECONDS`` gathered) rather than one queue
+    message each: a stage that fails on every tenth item would otherwise spend most of its time logging.
+    Any other record first sends what is waiting, so a process's records keep their order; what is waiting
+    is also sent when the process ends and when the handler is replaced.
+    """
 
     def __init__(self, queue: Any, **context: Any) -> None:
         super().__init__(queue)
         self.context = context
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
+        self._count = 0  # records waiting
+        self._pid = os.getpid()
+        # Batches on multiprocessing's queues and inline runs' queue.Queue; a queue of its own (the Ray
+        # relay, which batches what it sends) gets each record.
+        self._batching = isinstance(queue, multiprocessing.queues.Queue | queue_module.Queue)
+        self._timer: threading.Timer | None = None
+        if multiprocessing.parent_process() is not None:  # a child: send what waits when it ends
+            from multiprocessing import util
+
+            # before the queue's own finalizer (priority 10) stops its feeder thread
+            util.Finalize(None, self.send_waiting, exitpriority=20)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(self.prepare(record))
+        except Exception:  # noqa: BLE001 - logging's own rule: a record that fails is reported, never raised
+            self.handleError(record)
+
+    def emit_event(self, name: str, levelno: int, event: dict[str, Any]) -> None:
+        """``EventLogger``'s record, without a ``LogRecord`` or the caller lookup (what ``emit`` would send).
+
+        A repeat waits as the fields it was given (plus its item id): its level, logger, stage, process and
+        timestamp are filled in by the listener from the first of its place and its time.
+        """
+        created = time.time()
+        levelname = logging.getLevelName(levelno)
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                if levelno >= logging.WARNING and self._batching:
+                    error = event.get("error")
+                    where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
+                             event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
+                    group = self._waiting.get(where)
+                    if group is not None:
+                        self._seen[where] += 1
+                        item_id = item_id_source() if item_id_source is not None else None
+                        if item_id is not None or "item_id" in group[3]:
+                            event["item_id"] = item_id
+                        if not _SCALARS.issuperset(map(type, event.values())):
+                            event = _plain(event)
+                        self._wait(group, created, event)
+                        return
+                self._send(self._event(name, levelno, levelname, event, created))
+            except Exception:  # noqa: BLE001 - as emit
+                self.handleError(_Event(name, levelno, levelname, event, created))
+
+    def _send(self, record: _Event) -> None:
+        if record.levelno >= logging.WARNING and self._batching:
+            where = place(record.msg, record.levelno)
+            seen = self._seen[where] = self._seen.get(where, 0) + 1
+            if seen > SHOWN:
+                event = record.msg
+                group = self._waiting.get(where)
+                if group is None:
+                    group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                first = group[3]
+                self._wait(group, record.created, {k: v for k, v in event.items() if k not in first or first[k] != v})
+                return
+        if self._waiting:
+            self._send_waiting()
+        self.enqueue(record)
+
+    def _wait(self, group: tuple[Any, ...], created: float, changed: dict[str, Any]) -> None:
+        """Keep a repeat to be sent in the next batch (sent now when it is full, else by the timer)."""
+        group[4].append((created, changed))
+        self._count += 1
+        if self._count >= BATCH:
+            self._send_waiting()
+        elif self._timer is None:
+            self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def send_waiting(self) -> None:
+        """Send the repeats waiting, if any (from the timer, at exit, when replaced)."""
+        with self.lock:  # type: ignore[union-attr]
+            self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiting:
+            waiting, self._waiting, self._count = self._waiting, {}, 0
+            self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if isinstance(record.msg, dict):  # from structlog, via ProcessorFormatter.wrap_for_formatter
@@ -98,26 +263,23 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             event = {"event": record.getMessage()}
             if record.exc_info:
                 event["exception"] = "".join(traceback.format_exception(*record.exc_info))
-        event.setdefault("level", record.levelname.lower())
-        event.setdefault("logger", record.name)
-        event.setdefault(
-            "timestamp", datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        )
+        return self._event(record.name, record.levelno, record.levelname, event, record.created)
+
+    def _event(self, name: str, levelno: int, levelname: str, event: dict[str, Any], created: float) -> _Event:
+        """The record that crosses to the listener: ``event`` with level, logger, timestamp and this process's context."""
+        event.setdefault("level", levelname.lower())
+        event.setdefault("logger", name)
+        if "timestamp" not in event:
+            event["timestamp"] = _timestamp(created)
         for key, value in self.context.items():
             event.setdefault(key, value)
         if item_id_source is not None and "item_id" not in event:
             item_id = item_id_source()
             if item_id is not None:
                 event["item_id"] = item_id
-        return logging.makeLogRecord(
-            {
-                "name": record.name,
-                "levelno": record.levelno,
-                "levelname": record.levelname,
-                "msg": _plain(event),
-                "created": record.created,
-            }
-        )
+        if not _SCALARS.issuperset(map(type, event.values())) or not _STR.issuperset(map(type, event)):
+            event = _plain(event)
+        return _Event(name, levelno, levelname, event, created)
 
 
 def configure(log_queue: Any, level: str, **context: Any) -> None:
@@ -129,6 +291,8 @@ def configure(log_queue: Any, level: str, **context: Any) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
+        if isinstance(handler, ContextQueueHandler) and handler._pid == os.getpid():  # not one inherited by fork
+            handler.send_waiting()
         root.removeHandler(handler)
     context.setdefault("pid", os.getpid())
     root.addHandler(ContextQueueHandler(log_queue, **context))
@@ -199,9 +363,15 @@ class EventLogger:
         return True
 
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        if logger.isEnabledFor(level):
             bound = sys.modules.get("structlog.contextvars")
-            self.logger.log(level, {**(bound.get_contextvars() if bound else {}), "event": event, **fields})
+            record = {**(bound.get_contextvars() if bound else {}), "event": event, **fields}
+            handler = _only_handler(logger)
+            if handler is not None:  # where logger.log would take it, ~15 us sooner (a failing stage logs a lot)
+                handler.emit_event(logger.name, level, record)
+            else:
+                logger.log(level, record)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)
@@ -214,6 +384,20 @@ class EventLogger:
 
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
+
+
+def _only_handler(logger: logging.Logger) -> ContextQueueHandler | None:
+    """The handler a record of ``logger`` reaches, when that is this process's ``ContextQueueHandler`` alone
+    (nothing on the way filters, handles or stops it); else None."""
+    node: Any = logger
+    while node is not logging.root:
+        if node.handlers or node.filters or not node.propagate or node.disabled:
+            return None
+        node = node.parent
+    handlers = node.handlers
+    if node.filters or len(handlers) != 1 or not isinstance(handlers[0], ContextQueueHandler):
+        return None
+    return handlers[0] if not handlers[0].filters and handlers[0].level == logging.NOTSET else None
 
 
 def get_logger(name: str = "mprun") -> EventLogger:
@@ -293,15 +477,137 @@ def _repr(value: Any) -> str:
     return json.dumps(value, default=repr) if isinstance(value, str | list | dict) else repr(value)
 
 
+class LogFile(logging.FileHandler):
+    """The run's ``log_file``: when a write fails (disk full, file gone), one line on stderr, then no more tries."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="w", encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handle_many(self, records: list[logging.LogRecord]) -> None:
+        """Write several records with one write and one flush (a batch of repeats), not one of each per record."""
+        records = [r for r in records if r.levelno >= self.level]
+        if self.failed or not records or self.stream is None:
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write("".join(f"{self.format(r)}\n" for r in records))
+                self.flush()
+            except Exception:  # noqa: BLE001 - as emit: reported once, as a line
+                self.handleError(records[0])
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self._failed(e)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last buffered records could not be written
+            self._failed(e)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed(sys.exc_info()[1])
+
+    def _failed(self, error: BaseException | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        reason = getattr(error, "strerror", None) or error
+        sys.stderr.write(f"mprun: error: cannot write the log file {self.baseFilename}: {reason}; "
+                         "later records are not in it\n")
+
+
+SUMMARY_EVERY = 1.0  # seconds between two "N more like this" lines of one place
+
+
 class Listener(logging.handlers.QueueListener):
-    """The one listener of a run; ``stop`` drains the queue but never waits forever."""
+    """The one listener of a run; ``stop`` drains the queue but never waits forever.
+
+    Repeats are summarised on stderr: a place is a stage, level, logger, event and the exception type of its
+    ``error`` (``ValueError`` of ``error="ValueError: bad 7"``); after ``SHOWN`` warnings or errors of one
+    place, stderr gets at most one ``<event>: N more like this`` line per place a second (and at the end)
+    instead of each, while the log file (``file_handlers``) still gets every record.  This keeps a stage
+    that skips 100,000 items readable and cheap: its repeats are counted, not formatted and written.
+    """
+
+    def __init__(self, queue: Any, *handlers: logging.Handler, console: logging.Handler | None = None,
+                 respect_handler_level: bool = True) -> None:
+        super().__init__(queue, *handlers, respect_handler_level=respect_handler_level)
+        self.console = console  # the handler that repeats are kept from
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._pending: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}  # place -> (repeats, last event)
+        self._summarised = 0.0  # monotonic time of the last summary lines
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if isinstance(record, _Batch):  # repeats: counted for stderr, each to the log file
+            for where, (_, _, _, first, rows) in record.msg.items():
+                self._seen[where] = self._seen.get(where, 0) + len(rows)
+                count = self._pending.get(where, (0, first))[0]
+                self._pending[where] = (count + len(rows), {**first, **rows[-1][1]})
+            files = [h for h in self.handlers if h is not self.console]
+            events = list(record.events()) if files else []
+            for handler in files:
+                if isinstance(handler, LogFile):
+                    handler.handle_many(events)
+                    continue
+                for event in events:
+                    if not self.respect_handler_level or event.levelno >= handler.level:
+                        handler.handle(event)
+            if time.monotonic() - self._summarised >= SUMMARY_EVERY:
+                self.summarise()
+            return
+        record = self.prepare(record)
+        event = record.msg if isinstance(record.msg, dict) else None
+        skip = None
+        if event is not None and record.levelno >= logging.WARNING and self.console is not None:
+            where = place(event, record.levelno)
+            seen = self._seen[where] = self._seen.get(where, 0) + 1
+            if seen > SHOWN:
+                skip = self.console
+                count = self._pending.get(where, (0, event))[0]
+                self._pending[where] = (count + 1, event)
+        for handler in self.handlers:
+            if handler is not skip and (not self.respect_handler_level or record.levelno >= handler.level):
+                handler.handle(record)
+        if self._pending and time.monotonic() - self._summarised >= SUMMARY_EVERY:
+            self.summarise()
+
+    def summarise(self) -> None:
+        """Write one ``<event>: N more like this`` line per place with repeats not shown yet."""
+        pending, self._pending = self._pending, {}
+        self._summarised = time.monotonic()
+        if self.console is None:
+            return
+        where = " (every one is in the log file)" if len(self.handlers) > 1 else ""
+        for (_, levelno, _, _, _), (count, last) in pending.items():
+            event = {k: last[k] for k in ("stage", "logger", "level", "error") if k in last}
+            event["event"] = f"{last.get('event')}: {count:,} more like this{where}"
+            event["timestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            if "error" in event:
+                event["last_error"] = event.pop("error")
+            record = logging.makeLogRecord({"name": "mprun", "levelno": levelno,
+                                            "levelname": logging.getLevelName(levelno), "msg": event})
+            if record.levelno >= self.console.level:
+                self.console.handle(record)
 
     def stop(self, timeout: float = 10.0) -> None:  # type: ignore[override]
         if self._thread is None:
             return
+        for handler in logging.getLogger().handlers:  # this process's repeats waiting to be sent (inline runs)
+            if isinstance(handler, ContextQueueHandler) and handler._pid == os.getpid():
+                handler.send_waiting()
         self.enqueue_sentinel()
         self._thread.join(timeout)
         self._thread = None
+        if self._pending:
+            self.summarise()
 
 
 def start_listener(
@@ -325,13 +631,19 @@ def start_listener(
     stderr.setFormatter(EventFormatter(fmt, colors=colors, widths=widths))
     handlers: list[logging.Handler] = [stderr]
     if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            file_handler = LogFile(log_file)
+        except OSError as e:  # checked before the run (runner.paths), yet gone since
+            from runner.errors import UsageError
+
+            msg = f"cannot write the log file {log_file}: {e.strerror or e}"
+            raise UsageError(msg) from None
         file_handler.setFormatter(EventFormatter("json"))
         handlers.append(file_handler)
     for handler in handlers:
         handler.setLevel(LEVELS[level])
-    listener = Listener(log_queue, *handlers, respect_handler_level=True)
+    listener = Listener(log_queue, *handlers, console=stderr, respect_handler_level=True)
     listener.start()
     return listener
 

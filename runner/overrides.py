@@ -16,6 +16,7 @@ import yaml
 
 from runner.diagnostics import Diagnostic, Marks, PathKey, suggest
 from runner.errors import PipelineInvalid
+from runner.safeyaml import BoundedLoader
 
 
 class _BadPath(ValueError):
@@ -38,7 +39,7 @@ def apply_overrides(data: Any, overrides: list[str], marks: Marks) -> Any:
             problems.append(Diagnostic(label, None, None, "", "expected PATH=VALUE, e.g. stages.doubler.processes=2"))
             continue
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=BoundedLoader)
         except yaml.YAMLError as e:
             problems.append(Diagnostic(label, None, None, "", f"VALUE is not valid YAML: {_first_line(e)}"))
             continue

@@ -1,4 +1,4 @@
-"""Code that runs IN THE MAIN process: start the topology, watch it, end streams, shut it down.
+r"""Code that runs IN THE MAIN process: start the topology, watch it, end streams, shut it down.
 
     producer processes --FifoChannel / LifoChannel--> StageRunner thread (here) --task pipe--> worker processes
                                                              ^                 <--result pipe--

@@ -5,7 +5,9 @@
       -> topology (queues read but never written or the reverse, unknown `after` stages, dead-letter
          queues nobody reads, duplicate names, cycles)
       -> environment: every module:attribute (function, init, source.function) imported in ONE fresh
-         process started with the pipeline's start method, the pipeline's folder first on sys.path
+         process started with the pipeline's start method, the pipeline's folder first on sys.path;
+         the files the run reads (file sources) exist, the files it writes (jsonl sinks, log_file) can
+         be created (``path_problems``; ``validate`` leaves out paths that came from a ``${VAR}``)
 
 A syntax error stops the file there; the other tiers are reported together.  The environment check
 runs in a child because importing user code in the main process would run it before the fork and
@@ -21,8 +23,9 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-from runner.diagnostics import Diagnostic, Marks, render
+from runner.diagnostics import Diagnostic, Marks, PathKey, render
 from runner.imports import import_problems, references
+from runner.paths import file_problems
 
 
 def environment_problems(data: Any, marks: Marks, base_dir: str, start_method: str) -> list[Diagnostic]:
@@ -58,24 +61,65 @@ def validate_file(path: str, overrides: list[str] | None = None) -> list[Diagnos
         pipeline._marks = marks
         problems += case_problems(pipeline)
     if not any(p.path == "(root)" for p in problems):
-        problems += environment_problems(data, marks, str(Path(path).resolve().parent), _start_method(data))
+        base_dir = str(Path(path).resolve().parent)
+        problems += environment_problems(data, marks, base_dir, _start_method(data))
+        problems += path_problems(data, marks, base_dir, literal_only=True)
     return render(problems)
 
 
-def check_pipeline_environment(pipeline: Any) -> list[str]:
-    """Before a run: refuse a pipeline whose functions a fresh worker could not import; its references if none.
+def check_pipeline_environment(pipeline: Any, log_file_option: str | None = None) -> list[str]:
+    """Before a run: refuse a pipeline whose functions a fresh worker could not import, or whose files
+    cannot be read or written; its references if none.
+
+    Args:
+        log_file_option: the ``--log-file`` given (it replaced ``settings.log_file``), to locate a problem at it.
 
     Raises:
-        PipelineInvalid: one located line per reference that cannot be imported.
+        PipelineInvalid: one located line per problem.
     """
     from runner.errors import PipelineInvalid
 
     marks = pipeline._marks or Marks(pipeline.name or "<pipeline>")
-    data = pipeline.model_dump(include={"stages", "tests"})
+    data = pipeline.model_dump(include={"stages", "tests", "settings"})
     problems = environment_problems(data, marks, pipeline.base_dir, pipeline.settings.start_method)
+    problems += path_problems(data, marks, pipeline.base_dir, log_file_option=log_file_option)
     if problems:
         raise PipelineInvalid(render(problems))
     return [ref for _, ref in references(data)]
+
+
+def path_problems(
+    data: Any, marks: Marks, base_dir: str, *, literal_only: bool = False, log_file_option: str | None = None
+) -> list[Diagnostic]:
+    """The files of a document a run would read or write and cannot (``runner.paths``), located.
+
+    ``literal_only``: leave out paths that came from a ``${VAR}`` (``validate``: the run's environment
+    decides them).  ``log_file_option``: the ``--log-file`` given, which replaces ``settings.log_file``.
+    """
+    if not isinstance(data, dict):
+        return []
+
+    def path_at(node: Any, loc: PathKey, *keys: str) -> list[tuple[PathKey, str]]:
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        loc = (*loc, *keys)
+        return [(loc, node)] if isinstance(node, str) and node and not (literal_only and loc in marks.interpolated) else []
+
+    log_file = path_at(data, (), "settings", "log_file")
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    sinks = [p for i, s in enumerate(stages) if isinstance(s, dict) and s.get("function") == "jsonl"
+             for p in path_at(s, ("stages", i), "kwargs", "path")]
+    sources = [p for i, s in enumerate(stages) for p in path_at(s, ("stages", i), "source", "file", "path")]
+    tests = data.get("tests") if isinstance(data.get("tests"), list) else []
+    for i, case in enumerate(tests):
+        cases = case.get("sources") if isinstance(case, dict) else None
+        for name in cases if isinstance(cases, dict) else {}:
+            sources += path_at(cases, ("tests", i, "sources"), name, "file", "path")
+    if log_file_option:
+        log_file = [(("--log-file",), log_file_option)]
+    found = file_problems(base_dir, log_file[0] if log_file else None, sinks, sources)
+    return [Diagnostic(f"--log-file {log_file_option}", None, None, "", why) if loc == ("--log-file",)
+            else marks.error(loc, why) for loc, why in found]
 
 
 def as_dict(problem: str, file: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr
 
-from schemas.stages import NAME_PATTERN, Consumer, Model, Pool, Producer, Source, Stage
+from schemas.stages import BUILTIN_KWARGS, NAME_PATTERN, Consumer, Model, Pool, Producer, Source, Stage
 
 DEFAULT_MAXSIZE = 10_000
 DEFAULT_MAX_BYTES = 32 << 20  # 32 MiB (runner.topology.MAX_BYTES)
@@ -171,11 +171,36 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
             problems.append((("queues", name), f"queue {name!r} is declared but no stage uses it"))
         if not _valid_name(name):
             problems.append((("queues", name), f"queue name {name!r} must match {NAME_PATTERN}"))
+    problems += _builtin_problems(pipeline)
     problems += _test_problems(pipeline, writers)
     cycle = _find_cycle(pipeline, writers)
     if cycle:
         i = seen[cycle[0]]
         problems.append((("stages", i, "name"), "cycle that can never end: " + " -> ".join([*cycle, cycle[0]])))
+    return problems
+
+
+def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], str]]:
+    """Keyword arguments a built-in function does not take, or needs and is not given (``jsonl`` without ``path``)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for i, stage in enumerate(pipeline.stages):
+        function = getattr(stage, "function", None)
+        if function not in BUILTIN_KWARGS:
+            continue
+        known, needed = BUILTIN_KWARGS[function]
+        kwargs = getattr(stage, "kwargs", None)
+        if not isinstance(kwargs, dict):
+            continue
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        for key in kwargs:
+            if key not in known:
+                problems.append((("stages", i, "kwargs", key), f"the built-in {function!r} has no argument {key!r}; {takes}"))
+        for key in needed:
+            if key not in kwargs:
+                problems.append((("stages", i, "function"), f"the built-in {function!r} needs kwargs.{key}"))
+        path = kwargs.get("path")
+        if "path" in known and "path" in kwargs and (not isinstance(path, str) or not path):
+            problems.append((("stages", i, "kwargs", "path"), f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"))
     return problems
 
 

@@ -13,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$"
 BUILTINS = ("print", "collect", "jsonl", "identity")
+# The keyword arguments each built-in takes, and which of them it needs.
+BUILTIN_KWARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "print": ((), ()), "collect": ((), ()), "identity": ((), ()), "jsonl": (("path",), ("path",)),
+}
+# Processes of one stage. Each is a whole interpreter (~15-30 MB) and holds two descriptors in the main
+# process (its pipe and its sentinel), whose default limit is 1,024 open files: hundreds of processes
+# exhaust memory or descriptors long before they add speed on any machine mprun targets.
+MAX_PROCESSES = 256
 
 
 class Model(BaseModel):
@@ -76,7 +84,10 @@ class StageBase(Model):
     model_config = ConfigDict(defer_build=True)
 
     name: str = Field(pattern=NAME_PATTERN, description="Unique stage name; processes are named <name>-<i>.")
-    processes: int = Field(1, ge=1, description="How many processes run this stage.")
+    processes: int = Field(
+        1, ge=1, json_schema_extra={"maximum": MAX_PROCESSES},
+        description=f"How many processes run this stage (at most {MAX_PROCESSES}).",
+    )
     process_names: list[str] | None = Field(None, description="Explicit process names, one per process.")
     output: Outputs = Field(
         None, description="Queue name or list of queue names; every item goes to each. Absent: the stage is a sink."
@@ -85,6 +96,16 @@ class StageBase(Model):
     after: list[str] = Field(
         default_factory=list, description="Stages that must have finished before this stage starts."
     )
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_bounded(cls, value: int) -> int:
+        if value > MAX_PROCESSES:
+            msg = (f"at most {MAX_PROCESSES} processes per stage, got {value}: each process is a whole Python "
+                   "interpreter and holds file descriptors in the main process, so more exhaust memory or the "
+                   "open-file limit before they add speed")
+            raise ValueError(msg)
+        return value
 
     @model_validator(mode="after")
     def _names_match_processes(self) -> StageBase:

@@ -118,3 +118,102 @@ def test_an_unreadable_entry_is_a_miss(tmp_pipeline, cache_dir):
     entry.write_bytes(entry.read_bytes()[:10])
     assert _plan_in_fresh_process(path) == ["2", "True", "True"]
     assert _plan_in_fresh_process(path) == ["2", "False", "False"]
+
+
+# -- trust: a cache entry is only read from a folder and a file that are this user's alone ----------------
+
+PAYLOAD = """
+import os, pickle, sys
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+open(sys.argv[1], "wb").write(pickle.dumps(Planted()))
+"""
+
+
+def _plant(entry, marker) -> None:
+    """Overwrite ``entry`` with a pickle that creates ``marker`` when it is loaded."""
+    subprocess.run([sys.executable, "-c", PAYLOAD, str(entry), str(marker)], check=True, timeout=30)
+
+
+def _cached_run(path, cache_dir, *options: str):
+    """Run ``path`` once through the CLI so the cache holds its entry; return that entry."""
+    assert run_cli(str(path), "--no-summary", *options).returncode == 0
+    (entry,) = cache_dir.glob("*.pickle")
+    return entry
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another uid needs root")
+def test_an_entry_owned_by_another_user_is_never_loaded(tmp_pipeline, cache_dir, tmp_path):
+    """A planted pickle owned by uid 65534 in the user's own cache folder does not run; the run proceeds uncached."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    entry = _cached_run(path, cache_dir, "--log-level", "debug")
+    marker = tmp_path / "planted-code-ran"
+    _plant(entry, marker)
+    os.chown(entry, 65534, 65534)
+    result = run_cli(str(path), "--no-summary", "--log-level", "debug")
+    assert not marker.exists()
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)) == [0, 2, 4, 6]
+    assert "owned by uid 65534" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another uid needs root")
+def test_a_folder_owned_by_another_user_is_neither_read_nor_written(tmp_pipeline, cache_dir, tmp_path):
+    """A cache folder made in advance by another user (uid 65534): its entries are not loaded, nothing is stored there."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    entry = _cached_run(path, cache_dir)
+    marker = tmp_path / "planted-code-ran"
+    _plant(entry, marker)
+    os.chown(cache_dir, 65534, 65534)
+    result = run_cli(str(path), "--no-summary")
+    assert not marker.exists()
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)) == [0, 2, 4, 6]
+    entry.unlink()
+    assert run_cli(str(path), "--no-summary").returncode == 0
+    assert not list(cache_dir.glob("*.pickle"))
+
+
+def test_a_folder_or_entry_writable_by_others_is_not_trusted(tmp_pipeline, cache_dir, tmp_path):
+    """Group- or world-writable: the folder (then the entry) is ignored, the planted code does not run."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    entry = _cached_run(path, cache_dir)
+    marker = tmp_path / "planted-code-ran"
+    _plant(entry, marker)
+    os.chmod(entry, 0o666)
+    assert run_cli(str(path), "--no-summary").returncode == 0
+    assert not marker.exists()
+    os.chmod(entry, 0o600)
+    os.chmod(cache_dir, 0o777)
+    assert run_cli(str(path), "--no-summary").returncode == 0
+    assert not marker.exists()
+
+
+def test_a_symlinked_entry_or_folder_is_not_followed(tmp_pipeline, cache_dir, tmp_path):
+    """An entry that is a symlink (to a file the user owns, even) is not read; nor is a cache folder that is one."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    entry = _cached_run(path, cache_dir)
+    marker = tmp_path / "planted-code-ran"
+    elsewhere = tmp_path / "elsewhere.pickle"
+    _plant(elsewhere, marker)
+    entry.unlink()
+    entry.symlink_to(elsewhere)
+    assert run_cli(str(path), "--no-summary").returncode == 0
+    assert not marker.exists()
+    real = tmp_path / "real-cache"
+    cache_dir.rename(real)
+    (real / entry.name).unlink()
+    _plant(real / entry.name, marker)
+    cache_dir.symlink_to(real)
+    assert run_cli(str(path), "--no-summary").returncode == 0
+    assert not marker.exists()
+
+
+def test_the_folder_is_created_private(tmp_pipeline, cache_dir):
+    """A new cache folder is made with mode 0o700, and its entries are readable and writable by the user alone."""
+    path = tmp_pipeline(PIPELINE, TASKS)
+    entry = _cached_run(path, cache_dir)
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+    assert entry.stat().st_mode & 0o077 == 0

@@ -297,3 +297,34 @@ stages:
     retried = [r for r in found["retrying"] + found["item given up"] if r["process"] == "again"]
     assert len(retried) == 8
     assert sorted(r["error"].split(":")[0] for r in retried if "exception" in r) == ["KeyError", "ValueError"]
+
+
+def test_repeats_of_a_place_cross_in_batches_in_order(monkeypatch):
+    """After 5 warnings of one place, a process holds the next ones and sends them in one record, before any
+    later record of its own; the listener's side gets each back whole, with its own fields and time."""
+    import logging
+    import queue
+
+    from runner import logs
+
+    q: queue.Queue = queue.Queue()
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        logs.configure(q, "info", stage="double", process="double-1")
+        monkeypatch.setattr(logs, "item_id_source", lambda: "numbers:7")
+        log = logs.get_logger("mprun")
+        for i in range(12):
+            log.warning("item given up", error=f"ValueError: bad {i}", item=str(i))
+        log.info("process exited", exitcode=0)
+        sent = [q.get_nowait() for _ in range(q.qsize())]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert [type(r).__name__ for r in sent] == ["_Event"] * 5 + ["_Batch", "_Event"]
+    events = [r.msg for r in sent[:5]] + [e.msg for e in sent[5].events()] + [sent[6].msg]
+    assert [e.get("item") for e in events] == [str(i) for i in range(12)] + [None]
+    assert all(e["stage"] == "double" and e["process"] == "double-1" and e["item_id"] == "numbers:7" for e in events)
+    assert [e["error"] for e in events[5:12]] == [f"ValueError: bad {i}" for i in range(5, 12)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", e["timestamp"]) for e in events)
+    assert events[-1]["event"] == "process exited"

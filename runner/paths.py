@@ -1,0 +1,84 @@
+"""The files a run reads and writes, checked before any stage starts; free of pydantic (a cache hit uses it).
+
+    log file (relative to the working directory)      must be creatable: cannot_write
+    jsonl sinks' kwargs.path (relative to base_dir)    must be creatable: cannot_write; folders made by prepare_outputs
+    file sources' path (relative to base_dir)          must exist and be readable: cannot_read, unless a jsonl
+                                                       sink of the run writes it; ``-`` and glob patterns not checked
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+Where = Any  # whatever the caller locates a problem with (a field path)
+
+
+def cannot_write(target: Path) -> str | None:
+    """Why a run could not write the file ``target`` (creating the folders it lacks), or None if it can."""
+    if target.is_dir():
+        return f"{target} is a folder, not a file"
+    if target.exists():
+        return None if os.access(target, os.W_OK) else f"cannot write {target}: permission denied"
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot create {target}: {folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create {target}: the folder {folder} is not writable"
+    return None
+
+
+def cannot_read(source: Path) -> str | None:
+    """Why a run could not read the file ``source``, or None if it can."""
+    if source.is_dir():
+        return f"{source} is a folder, not a file"
+    if not source.exists():
+        return f"no such file: {source} (a relative path starts at the pipeline file's folder)"
+    if not os.access(source, os.R_OK):
+        return f"cannot read {source}: permission denied"
+    return None
+
+
+def file_problems(
+    base_dir: str, log_file: tuple[Where, str] | None, sinks: list[tuple[Where, str]], sources: list[tuple[Where, str]]
+) -> list[tuple[Where, str]]:
+    """``(where, why)`` for each file of a run that cannot be written (log file, sinks) or read (sources)."""
+    found: list[tuple[Where, str]] = []
+    if log_file is not None:
+        why = cannot_write(Path(log_file[1]))
+        if why is not None:
+            found.append((log_file[0], why))
+    written = {os.path.normpath(Path(base_dir, path)) for _, path in sinks}
+    for where, path in sinks:
+        why = cannot_write(Path(base_dir, path))
+        if why is not None:
+            found.append((where, why))
+    for where, path in sources:
+        if path == "-" or glob.has_magic(path) or os.path.normpath(Path(base_dir, path)) in written:
+            continue
+        why = cannot_read(Path(base_dir, path))
+        if why is not None:
+            found.append((where, why))
+    return found
+
+
+def plan_problems(topology: Any) -> list[tuple[Where, str]]:
+    """``file_problems`` of a compiled plan (a cache hit: the files may have changed since it was stored)."""
+    stages = topology.stages
+    return file_problems(
+        topology.base_dir,
+        ("log_file", topology.log_file) if topology.log_file else None,
+        [(s.name, str(s.kwargs["path"])) for s in stages if s.function == "jsonl"],
+        [(s.name, s.source["file"]["path"]) for s in stages if s.source and "file" in s.source],
+    )
+
+
+def prepare_outputs(topology: Any) -> None:
+    """Create the folders the ``jsonl`` sinks of a plan write into (checked creatable before)."""
+    for stage in topology.stages:
+        if stage.function == "jsonl":
+            Path(topology.base_dir, str(stage.kwargs["path"])).parent.mkdir(parents=True, exist_ok=True)
