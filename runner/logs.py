@@ -42,6 +42,8 @@ import traceback
 from collections.abc import Iterator
 from typing import Any, Self
 
+from runner import wire
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -172,9 +174,9 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
         self._count = 0  # records waiting
         self._pid = os.getpid()
-        # Batches on multiprocessing's queues and inline runs' queue.Queue; a queue of its own (the Ray
-        # relay, which batches what it sends) gets each record.
-        self._batching = isinstance(queue, multiprocessing.queues.Queue | queue_module.Queue)
+        # Batches on a run's record pipe, multiprocessing's queues and inline runs' queue.Queue; a queue of its
+        # own (the Ray relay, which batches what it sends) gets each record.
+        self._batching = isinstance(queue, wire.RecordPipe | multiprocessing.queues.Queue | queue_module.Queue)
         self._timer: threading.Timer | None = None
         if multiprocessing.parent_process() is not None:  # a child: send what waits when it ends
             from multiprocessing import util

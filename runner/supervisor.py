@@ -213,7 +213,7 @@ class Supervisor:
         """Start, supervise and shut down the whole topology."""
         t0 = time.perf_counter()
         # Records from every process of the run (log records made plain data); read by the listener.
-        self.log_queue = self.ctx.Queue()
+        self.log_queue = wire.RecordPipe(self.ctx)
         display = None
         if self.progress:
             import sys

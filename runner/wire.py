@@ -128,3 +128,97 @@ class Poller:
             self._registered = wanted
         ms = None if timeout is None else math.ceil(timeout * 1000)
         return [self._registered[fd][1] for fd, _ in self._poll.poll(ms)]
+
+
+_FRAGMENT = struct.Struct("!iIBH")  # writer pid, record number, last fragment?, payload length
+_PIPE_BUF = select.PIPE_BUF  # a write of at most this many bytes to a pipe is never split or interleaved
+
+
+class RecordPipe:
+    """A pipe that every process of a run writes log records into and one listener reads; a writer that
+    dies in the middle of a record (SIGKILL, a crash) cannot wedge it.
+
+    ``multiprocessing.Queue`` takes a lock shared by all its writers around each message and writes a large
+    message in several pieces: a writer killed while it holds the lock, or halfway through a message, blocks
+    every other writer for ever and leaves the reader waiting for the rest of a message that never comes
+    (the records of the whole run lost, and its end delayed by the listener's timeout). Here a record is
+    pickled and cut into fragments of at most ``PIPE_BUF`` bytes with a small header (writer pid, record
+    number, last?), each written with one ``write``, which a pipe keeps whole and never interleaves with
+    another writer's; no lock is shared between processes. The reader reassembles each writer's fragments
+    and drops a record whose writer went on to another one (or died) before finishing it.
+
+    The interface is the part of ``queue.Queue`` that ``logging.handlers.QueueHandler`` and ``QueueListener``
+    use: ``put_nowait`` in every process (a blocking write: the listener keeps reading), ``get`` in the
+    listener's thread. Pickled into children with their process spec, like any ``Connection``.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        widen(self._writer)
+        self._setup()
+
+    def _setup(self) -> None:
+        import threading
+
+        self._pid = os.getpid()
+        self._lock = threading.RLock()  # the fragments of one record stay together within this process
+        self._number = 0
+        self._inbox = bytearray()
+        self._parts: dict[int, tuple[int, list[bytes]]] = {}  # writer pid -> (record number, fragments so far)
+        self._ready: deque[Any] = deque()
+
+    def __getstate__(self) -> tuple[Any, Any]:
+        return self._reader, self._writer
+
+    def __setstate__(self, state: tuple[Any, Any]) -> None:
+        self._reader, self._writer = state
+        self._setup()
+
+    def put_nowait(self, record: Any) -> None:
+        """Send one record (``None``: the listener's end marker)."""
+        from multiprocessing.reduction import ForkingPickler
+
+        if self._pid != os.getpid():  # forked with another process's state
+            self._setup()
+        data = bytes(ForkingPickler.dumps(record, 5))
+        room = _PIPE_BUF - _FRAGMENT.size
+        with self._lock:
+            self._number = (self._number + 1) & 0xFFFFFFFF
+            fd = self._writer.fileno()
+            for start in range(0, max(len(data), 1), room):
+                piece = data[start : start + room]
+                os.write(fd, _FRAGMENT.pack(self._pid, self._number, start + room >= len(data), len(piece)) + piece)
+
+    put = put_nowait
+
+    def get(self, block: bool = True) -> Any:
+        """The next whole record (blocking); ``None`` once a writer sent the end marker."""
+        import pickle
+
+        while not self._ready:
+            self._inbox += os.read(self._reader.fileno(), 1 << 16)
+            view, at = memoryview(self._inbox), 0
+            while len(view) - at >= _FRAGMENT.size:
+                pid, number, last, n = _FRAGMENT.unpack_from(view, at)
+                if len(view) - at - _FRAGMENT.size < n:
+                    break
+                piece = bytes(view[at + _FRAGMENT.size : at + _FRAGMENT.size + n])
+                at += _FRAGMENT.size + n
+                held = self._parts.get(pid)
+                parts = held[1] if held is not None and held[0] == number else []
+                parts.append(piece)
+                if last:
+                    self._parts.pop(pid, None)
+                    self._ready.append(pickle.loads(b"".join(parts)))
+                else:
+                    self._parts[pid] = (number, parts)
+            view.release()
+            del self._inbox[:at]
+        return self._ready.popleft()
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to do: no feeder thread (``multiprocessing.Queue``'s interface)."""
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()

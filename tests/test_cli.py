@@ -21,7 +21,7 @@ def test_python_m_runner_works_like_mprun():
     """`python -m runner FILE` runs the pipeline (spawned children included) and `validate` checks, as `mprun` does."""
     command = [sys.executable, "-m", "runner"]
     ran = subprocess.run([*command, str(PIPELINES / "doubler.yaml"), "--no-summary", "--start-method", "spawn",
-                          "--set", "stages.doubler.function=collect"],
+                          "--set", "stages.doubler.function=collect", "--set", "stages.doubler.kwargs={}"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert ran.returncode == 0, ran.stderr
     assert sorted(json.loads(ran.stdout.splitlines()[-1])) == [5, 10, 15, 20, 25]

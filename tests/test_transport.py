@@ -193,3 +193,40 @@ def test_outbox_never_blocks_and_frames_as_connection_does():
     assert got == [big, small]
     outbox.close()
     r.close()
+
+
+def _die_halfway_through_a_record(pipe: wire.RecordPipe) -> None:
+    real = os.write
+    calls = []
+
+    def write(fd: int, data: bytes) -> int:
+        calls.append(real(fd, data))
+        if len(calls) == 2:  # two fragments of a record of ~25 written: gone, as under SIGKILL
+            os._exit(9)
+        return calls[-1]
+
+    os.write = write
+    pipe.put_nowait("x" * 100_000)
+
+
+def test_a_log_writer_dying_mid_record_wedges_nothing():
+    """The run's record pipe: a process that dies halfway through writing a large record (a worker SIGKILLed
+    while it logs a traceback) leaves no lock held and no half message in the way: the records of every other
+    process still arrive, whole. (multiprocessing.Queue lost every later record and stalled each such run by
+    the listener's 10 s timeout.)"""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    pipe = wire.RecordPipe(ctx)
+    child = ctx.Process(target=_die_halfway_through_a_record, args=(pipe,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 9
+    big = {"record": "y" * 50_000}
+    pipe.put_nowait({"after": 1})
+    pipe.put_nowait(big)
+    pipe.put_nowait(None)
+    assert pipe.get() == {"after": 1}
+    assert pipe.get() == big
+    assert pipe.get() is None
+    pipe.close()
