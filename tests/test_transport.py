@@ -143,17 +143,17 @@ def cpu_load():
 def test_megabyte_items_under_cpu_load(tmp_path, cpu_load, round_):
     """1 MiB items through a 2-process pool whose function builds a new 1 MiB result, with the CPU busy,
     three times (it once hung 4 runs of 6): every item arrives once."""
-    path = _write(tmp_path, MiB, 60, "pool", 1, "user", "forkserver")
+    path = _write(tmp_path, MiB, 40, "pool", 1, "user", "forkserver")
     result = run_cli(str(path), "--no-progress", "--no-summary", timeout=90, env={"OUT": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(_indices(tmp_path, "user", "")) == list(range(60))
+    assert sorted(_indices(tmp_path, "user", "")) == list(range(40))
 
 
 def test_memory_is_bounded_in_bytes(tmp_path):
-    """600 items of 1 MiB through a 2-process pool with default settings: no process of the run (the main
+    """400 items of 1 MiB through a 2-process pool with default settings: no process of the run (the main
     process, producer, workers, sink) goes above 320 MiB resident (it once reached 3.8 GiB in one process).
     Measured as the largest peak RSS among the run's processes, from a fresh parent process."""
-    path = _write(tmp_path, MiB, 600, "pool", 1, "user", "forkserver")
+    path = _write(tmp_path, MiB, 400, "pool", 1, "user", "forkserver")
     mprun = Path(sys.executable).with_name("mprun")
     probe = (
         "import resource, subprocess, sys\n"
@@ -166,7 +166,7 @@ def test_memory_is_bounded_in_bytes(tmp_path):
     code, peak_kib = map(int, done.stdout.split())
     assert code == 0, done.stderr
     assert peak_kib < 320 * 1024, f"a process of the run reached {peak_kib / 1024:.0f} MiB"
-    assert sorted(_indices(tmp_path, "user", "")) == list(range(600))
+    assert sorted(_indices(tmp_path, "user", "")) == list(range(400))
 
 
 def test_outbox_never_blocks_and_frames_as_connection_does():
