@@ -345,6 +345,8 @@ class Supervisor:
         return rows
 
     def _setup(self) -> None:
+        if self.topo.start_method == "fork":
+            worker.prepare_fork()
         for plan in self.topo.queues.values():
             if plan.type == "lifo":
                 from runner.lifo import LifoChannel, StackManager

@@ -173,14 +173,33 @@ def die_with_parent(parent_pid: int) -> None:
     process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
     main process backs it up where the parent is neither."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() == 1:  # the parent ended before the line above
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+
+
+_prctl: Any = None
+
+
+def _libc_prctl() -> Any:
+    """libc's ``prctl``, looked up once (``prepare_fork`` does it in the parent: a child forked from a process
+    whose other threads may hold the dynamic loader's lock must not ``dlopen``)."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
+def prepare_fork() -> None:
+    """Before a ``fork`` start: look ``prctl`` up here, in the parent, so that a forked child never needs the
+    dynamic loader, whose lock another thread of this process may hold at the moment of the fork."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc_prctl()
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -91,3 +91,9 @@ def tmp_pipeline(tmp_path):
         return path
 
     return write
+
+
+def pytest_collection_modifyitems(config, items):
+    """Ray tests last: a process that has been a Ray driver keeps gRPC threads, and the `fork` start method
+    of the local tests would then fork from it (what mprun refuses while Ray is connected)."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
