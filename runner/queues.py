@@ -124,11 +124,12 @@ class Cancelled(Exception):
     """A put that waited for room was given up: the run is stopping."""
 
 
+STOP_SIGNAL = signal.SIGUSR1  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
 STOPPED = 143  # the exit code of a child that stopped when the main process asked it to
 
 
 class Stopped(SystemExit):
-    """The main process asked this child to stop (``worker.STOP_SIGNAL``)."""
+    """The main process asked this child to stop (``STOP_SIGNAL``)."""
 
 
 _locked = 0  # cross-process locks the threads of this process hold now (see stop_now)
@@ -162,7 +163,7 @@ def _shared_lock(lock: Any) -> Iterator[None]:
     if _stop_asked and not _locked:
         if threading.current_thread() is threading.main_thread():
             raise Stopped(STOPPED)
-        os.kill(os.getpid(), signal.SIGUSR1)  # the stop is the main thread's: ask again (worker.STOP_SIGNAL)
+        os.kill(os.getpid(), STOP_SIGNAL)  # the stop is the main thread's: ask again
 
 
 class ManagerGone(Exception):

@@ -155,7 +155,7 @@ class Control:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-STOP_SIGNAL = signal.SIGUSR1  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
+STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
 PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
 
