@@ -428,11 +428,6 @@ class Emitter:
                 return
             seen = -1
 
-    @property
-    def buffered(self) -> int:
-        """Items emitted and not sent yet."""
-        return len(self._buffer)
-
     def abandon(self) -> None:
         """The run is stopping: a put that waits for room (now or later) gives up with ``Cancelled``."""
         self._cancel.set()
