@@ -1144,9 +1144,7 @@ def died_message(stage: str, process: str, code: int | None) -> str:
 
 
 def _manager_init(parent_pid: int) -> None:
-    worker.ignore_stop_signals()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    worker.die_with_parent(parent_pid)
+    worker.leave_signals_to_parent(parent_pid)
 
 
 def _install_signals(sup: Supervisor, sig_w: int) -> dict[int, Any] | None:

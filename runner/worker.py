@@ -160,11 +160,15 @@ PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
 
 
-def ignore_stop_signals() -> None:
-    """Leave SIGINT and SIGTERM to the main process: a terminal's Ctrl-C, ``timeout``, a CI runner or
-    ``docker stop`` send them to the whole process group, and one signal must stop the run once."""
+def leave_signals_to_parent(parent_pid: int) -> None:
+    """First thing in every child of a run (workers, producers, the LIFO manager): ignore SIGINT and SIGTERM,
+    which a terminal's Ctrl-C, ``timeout``, a CI runner or ``docker stop`` send to the whole process group
+    and which must stop the run once, through the main process; then unblock them (the main process starts
+    children with them blocked, so that such a signal cannot end one before this), and die with the parent."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    die_with_parent(parent_pid)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -224,12 +228,8 @@ def bootstrap(
     """First thing in every child: signals, parent watch, import path, name, logging, item ids."""
     global _id_names
     _id_names = id_names
-    ignore_stop_signals()
     signal.signal(STOP_SIGNAL, queues.stop_now)  # unwind: finally blocks run, queue threads flush the logs
-    # The main process started us with SIGINT and SIGTERM blocked (so that a signal to the process group
-    # cannot end us before the line above): from now on they are ignored.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    die_with_parent(parent_pid)
+    leave_signals_to_parent(parent_pid)
     if base_dir not in sys.path:
         sys.path.insert(0, base_dir)
     multiprocessing.current_process().name = process
