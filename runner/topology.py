@@ -64,6 +64,18 @@ class StagePlan:
     retry_backoff: float = 0.1
     dead_letter: str | None = None
     restart: bool = True
+    # Stages for real work (SPEC 1b)
+    batch: int | None = None  # items per call, passed as a list (None: one item per call)
+    batch_timeout: float = 0.1  # seconds a partial batch waits for more items before it is passed on
+    concurrency: int = 1  # calls at once in each process (threads, or one asyncio loop for async functions)
+    # Named routes (`output:` given as a mapping): route name -> output queue. Empty: every output goes to
+    # every queue of `outputs`. With routes, `outputs` holds the distinct queues of the routes, in order.
+    routes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def self_fed(self) -> bool:
+        """The stage writes to its own input queue (a work queue or stack it feeds itself)."""
+        return bool(self.inputs) and self.inputs[0] in self.outputs
 
     @property
     def processes(self) -> int:
