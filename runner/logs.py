@@ -656,3 +656,21 @@ def close_handlers(listener: Listener) -> None:
         handler.flush()
         if isinstance(handler, logging.FileHandler):
             handler.close()
+def logging_state() -> tuple[list[Any], int]:
+    """The root logger's handlers and level, to restore after a run."""
+    import logging
+
+    root = logging.getLogger()
+    return list(root.handlers), root.level
+
+
+def restore_logging(state: tuple[list[Any], int]) -> None:
+    """Put back the root logger's handlers and level."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in state[0]:
+        root.addHandler(handler)
+    root.setLevel(state[1])

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import logs, queues
+from runner.messages import Decision, ProducerDone, ProducerFailed
 from runner.queues import Emitter, Ids
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
@@ -146,7 +147,7 @@ class Control:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ProducerDone | ProducerFailed) -> None:
         with self._lock:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
@@ -348,10 +349,10 @@ def producer_main(spec: ProcessSpec) -> None:
         # bad data names its file and line; a lost LIFO manager is named by the supervisor
         tb = "" if isinstance(e, SourceError | queues.ManagerGone) else traceback.format_exc()
         log.error("source failed", error=summary, **({"exception": tb} if tb else {}))
-        ctl.send(("error", stage.name, spec.name, summary, tb, ""))
+        ctl.send(ProducerFailed(stage.name, spec.name, summary, tb))
         sys.exit(1)
     finally:
-        ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
+        ctl.send(ProducerDone(stage.name, spec.name, emitter.sent, time.perf_counter() - started))
 
 
 def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) -> Iterable[Any]:
@@ -599,7 +600,7 @@ def _without_unpicklable(
     return result
 
 
-def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
+def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> Decision:
     """What the stage's error policy does with an item that has failed ``attempts`` times:
     ``"retry"``, ``"fail"`` (the run stops), ``"dead_letter"`` or ``"skip"``.
 
@@ -608,10 +609,10 @@ def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
     put it).  ``retryable=False``: a failure that would repeat (an unpicklable result).
     """
     if stage.on_error == "retry" and retryable and attempts <= stage.retries:
-        return "retry"
+        return Decision.RETRY
     if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
-        return "fail"
-    return "dead_letter" if stage.dead_letter else "skip"
+        return Decision.FAIL
+    return Decision.DEAD_LETTER if stage.dead_letter else Decision.SKIP
 
 
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
