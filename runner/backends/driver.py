@@ -14,12 +14,15 @@ producer has sent so far and stop the producers (``runner.backends.local.driver`
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from runner import logs
 from runner.backends.scheduler import Schedule
+from runner.errors import RunFailed
 from runner.queues import Emitter
 from runner.results import RunResult, new_stats, queue_accounts
 from runner.topology import StagePlan, Topology
@@ -110,6 +113,17 @@ class Driver:
         self.stop_producers()
         for runner in self.runners.values():
             runner.stop()
+
+    @contextlib.contextmanager
+    def ending(self) -> Iterator[None]:
+        """Around a run's loop: a second signal or a failure ends it, as the run's failure."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.signal_received = self.signal_received or signal.SIGINT
+            self.failure = self.failure or "stopped by SIGINT (second signal: stopped at once)"
+        except RunFailed as e:
+            self.failure = self.failure or str(e)
 
     def check_runners(self) -> None:
         """The first error of a stage runner becomes the run's failure."""

@@ -58,11 +58,6 @@ if TYPE_CHECKING:
     from runner.queues import Channel
 
 
-class _Signalled(Exception):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-
 @dataclass
 class _Producer:
     stage: str
@@ -110,16 +105,10 @@ class Supervisor(Driver):
         previous = install_signals(self, sig_w)
         monitor = None
         try:
-            self._setup()
-            monitor = self.start_monitor(display)
-            self._loop(sig_r)
-        except _Signalled as e:
-            self.failure = self.failure or f"stopped by {signal.Signals(e.signum).name}"
-        except KeyboardInterrupt:
-            self.signal_received = self.signal_received or signal.SIGINT
-            self.failure = self.failure or "stopped by SIGINT (second signal: stopped at once)"
-        except RunFailed as e:
-            self.failure = str(e)
+            with self.ending():
+                self._setup()
+                monitor = self.start_monitor(display)
+                self._loop(sig_r)
         finally:
             restore_signals(previous)
             self._shutdown()
@@ -173,7 +162,7 @@ class Supervisor(Driver):
             if self.schedule.stopping and not self.schedule.time_left():
                 self.log.warning("shutdown timeout passed: killing what is left", timeout=self.topo.shutdown_timeout)
                 self._kill_all()
-                raise _Signalled(self.signal_received)
+                raise RunFailed(f"stopped by {signal.Signals(self.signal_received).name}")
             for r in ready:
                 if r == sig_r:
                     os.read(sig_r, 64)

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from runner import wire, worker
 from runner.backends.local.children import KILL_GRACE, died_message, exit_code_of, start_child, stop_child
-from runner.queues import Cancelled, Emitter, FifoChannel, IdRuns
+from runner.backends.stage import StageFailed, StageRunnerCore
+from runner.messages import Decision
+from runner.queues import Emitter, FifoChannel, IdRuns
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
 if TYPE_CHECKING:
@@ -70,10 +72,6 @@ class Bell:
             os.close(self._w)
 
 
-class StageFailed(Exception):
-    """A stage cannot go on; the message names the stage and says why."""
-
-
 @dataclass
 class _Task:
     """A chunk handed to a worker, as the runner keeps it in case the worker dies holding it."""
@@ -110,7 +108,7 @@ class _Worker:
     kill_at: float | None = None
 
 
-class StageRunner:
+class StageRunner(StageRunnerCore):
     """A consumer or pool stage, run from one thread of the main process.
 
     Reads the input queue (a fetcher thread gets one batch at a time, on demand), hands chunks to idle
@@ -127,12 +125,11 @@ class StageRunner:
     """
 
     def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
-        self.sup, self.plan = sup, plan
-        self.stats = sup.stats[plan.name]
-        self.input = sup.channels[plan.inputs[0]]
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        self.emitter = Emitter(outputs, on_batch=collect, ids=bool(outputs))  # a sink passes no ids on
-        self.dead_emitter = Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None
+        super().__init__(sup, plan, Emitter(outputs, on_batch=collect, ids=bool(outputs)),  # a sink passes no ids on
+                         Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None)
+        self.sup: Supervisor = sup
+        self.input = sup.channels[plan.inputs[0]]
         self.lock = sup.locks.get(plan.lock) if plan.lock else None
         self.workers: list[_Worker] = []
         self.buffer: list[Any] = []  # items waiting for a worker (sliced, never walked item by item here)
@@ -144,27 +141,13 @@ class StageRunner:
         self.packed_bytes = 0
         self.item_bytes = 0.0  # pickled bytes of an item, as the last batch read measured (0: not known yet)
         self.again: deque[_Task] = deque()  # chunks of dead workers, to hand out again
-        # Outputs of chunks waiting for their turn (ordered): seq -> pieces (outputs, ids, packed); `ready`:
-        # the chunks whose last piece has come.
-        self.results: dict[int, list[tuple[list[Any], Any, Any]]] = {}
-        self.ready: set[int] = set()
-        self.next_seq = 0
-        self.next_out = 0
-        self.emitted = 0  # outputs of the stage's calls (sent on, or left behind by a stop)
         self.fetched: deque[tuple[Any, Any] | None] = deque()
         self.want = threading.Event()
         self.bell = Bell()  # the fetcher, stop() and abort() ring it
         self.poller = wire.Poller()
-        self.input_done = False
         self.fetching = False
-        self.stopping = False
-        self.aborted = False
         self.kill = False  # abort with SIGKILL at once (the shutdown timeout has passed)
-        self.finished = False
-        self.quiet = False  # a self-fed stage: nothing in flight, waiting or buffered (see idle)
-        self.error: str | None = None
         self.fetch_error: str | None = None
-        self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
     def start(self) -> None:
         for name in self.plan.process_names:
@@ -215,98 +198,48 @@ class StageRunner:
             if batch is None:
                 return
 
-    def stop(self) -> None:
-        """The run is stopping: hand out nothing more, let the chunks in flight finish, then end."""
-        self.stopping = True
-        self._abandon()
-        self.bell.ring()
-
     def abort(self, *, kill: bool = False) -> None:
-        """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown; ``kill``: SIGKILL
-        its workers at once)."""
+        """Stop the stage now (``kill``: SIGKILL its workers at once: the shutdown timeout has passed)."""
         self.kill = self.kill or kill
-        self.aborted = True
-        self._abandon()
+        super().abort()
+
+    def _wake(self) -> None:
         self.bell.ring()
 
     def in_hand(self) -> int:
         """Items finished in chunks still in workers' hands (``progress[0]``: the index of the item in hand)."""
         return sum(int(w.progress[0]) for w in list(self.workers) if w.tasks)
 
-    def idle(self) -> bool:
-        """A self-fed stage has nothing in flight or waiting, and all it emitted is in its queues."""
-        return self.quiet
+    def unhanded(self) -> int:
+        return self.waiting + sum(t.n - t.settled for t in self.again)
 
-    def _settle_quiet(self, busy: bool) -> None:
-        """A self-fed stage that has just run out of work says so (the driver may then end its input)."""
-        quiet = not busy and not self.waiting and not self.again
-        if quiet and not self.quiet:
-            self.emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
-            self.quiet = True
-            self.sup.ring()
-        elif not quiet:
-            self.quiet = False
-
-    def _abandon(self) -> None:
-        for emitter in (self.emitter, self.dead_emitter):
-            if emitter is not None:
-                emitter.abandon()
+    def _ended(self) -> None:
+        self.bell.close()
 
     # -- the runner thread -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-            if not self.aborted and not self.stopping:
-                self.emitter.close()
-                if self.dead_emitter is not None:
-                    self.dead_emitter.close()
-        except StageFailed as e:
-            self.error = str(e)
-        except Cancelled:  # a put that waited for room, given up as the run stops: counted as left behind
-            pass
-        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result: reported, never lost
-            if not (self.stopping or self.aborted):
-                self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
-        finally:
-            self._stop_workers()
-            for emitter in (self.emitter, self.dead_emitter):
-                if emitter is not None:
-                    emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
-            if self.stopping:  # read, never handed out: they count as still in the input queue
-                self.stats.items_in -= self.waiting + sum(t.n - t.settled for t in self.again)
-            self.stats.items_out = self.emitted
-            self.finished = True
-            self.bell.close()
-            self.sup.ring()
+    def _busy(self) -> bool:
+        return any(w.tasks for w in self.workers)
 
-    def _loop(self) -> None:
-        while not self.aborted:
-            if not self.stopping:
-                self._dispatch()
-            busy = any(w.tasks for w in self.workers)
-            if not busy and (self.stopping or (self.input_done and not self.waiting and not self.again)):
-                return
-            if self.plan.self_fed:
-                self._settle_quiet(busy)
-            if not (self.stopping or self.input_done or self.fetching) and self._wants_input():
-                self.fetching = True
-                self.want.set()
-            reads: list[Any] = [self.bell.r]
-            writes = []
-            for w in self.workers:
-                reads += [w.results, w.process.sentinel]
-                if w.outbox.pending:
-                    writes.append(w.outbox)
-            for ready in self.poller.wait(reads, writes, self._next_deadline()):
-                if ready == self.bell.r:
-                    self._take_fetched()
-                elif isinstance(ready, wire.Outbox):
-                    with contextlib.suppress(OSError):  # a dead worker: its sentinel says so
-                        ready.flush()
-                else:
-                    self._worker_ready(ready)
-            self._enforce_timeouts()
+    def _wait(self) -> None:
+        if not (self.stopping or self.input_done or self.fetching) and self._wants_input():
+            self.fetching = True
+            self.want.set()
+        reads: list[Any] = [self.bell.r]
+        writes = []
+        for w in self.workers:
+            reads += [w.results, w.process.sentinel]
+            if w.outbox.pending:
+                writes.append(w.outbox)
+        for ready in self.poller.wait(reads, writes, self._next_deadline()):
+            if ready == self.bell.r:
+                self._take_fetched()
+            elif isinstance(ready, wire.Outbox):
+                with contextlib.suppress(OSError):  # a dead worker: its sentinel says so
+                    ready.flush()
+            else:
+                self._worker_ready(ready)
+        self._enforce_timeouts()
 
     def _wants_input(self) -> bool:
         """Fewer than ``2 * MAX_BATCH`` items and ``FETCH_BYTES`` (or a chunk per worker) wait for a worker."""
@@ -325,7 +258,6 @@ class StageRunner:
                 continue
             if self.stopping:  # never counted as taken: it stays in the count of the input queue
                 continue
-            self.quiet = False  # before the count: the driver must never see it quiet with this batch taken
             self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
             if self.packed is not None:
                 n, data = batch
@@ -333,12 +265,12 @@ class StageRunner:
                 self.packed_items += n
                 self.packed_bytes += len(data)
                 self.item_bytes = len(data) / n
-                self.stats.items_in += n
+                self._taking(n)
             else:
                 items = batch[0]
                 if items:
                     self.item_bytes = len(pickle.dumps(items[0], pickle.HIGHEST_PROTOCOL))
-                self.stats.items_in += len(items)
+                self._taking(len(items))
                 self._buffer(*batch)
 
     def _dispatch(self) -> None:
@@ -440,65 +372,17 @@ class StageRunner:
             pass
 
     def _result(self, w: _Worker, res: worker.ChunkResult) -> None:
-        st = self.stats
-        st.skipped += res.skipped
-        st.retried += res.retried
-        st.failed += res.failed
-        st.busy_seconds += res.busy
-        st.latency.add(res.latency)
-        if res.error is not None:
-            summary, tb, item = res.error
-            on = f" on item {item}" if item else ""
-            self.sup.log.error("stage failed", stage=self.plan.name, process=w.name, error=summary, item=item, exception=tb)
-            msg = f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}"
-            raise StageFailed(msg)
-        st.delivered += res.done - res.skipped - len(res.dead)
+        self._count(w.name, res)
         if res.partial:
             w.tasks[0].settled += res.done
         else:
             w.tasks.popleft()
             w.retiring = res.retire
-        for letter, item_id in zip(res.dead, res.dead_ids, strict=True):
-            self._dead_letter(letter, item_id)
         self._emit(res.seq, [(res.outputs, res.ids, res.packed)], final=not res.partial)
-
-    def _emit(self, seq: int, pieces: list[tuple[list[Any], Any, Any]], *, final: bool = True) -> None:
-        """Send a chunk's outputs on (in input order for ``ordered: true``, once its ``final`` piece is in)."""
-        if not self.plan.ordered:
-            for piece in pieces:
-                self._send_on(*piece)
-            return
-        self.results.setdefault(seq, []).extend(pieces)
-        if final:
-            self.ready.add(seq)
-        while self.next_out in self.ready:
-            self.ready.discard(self.next_out)
-            for piece in self.results.pop(self.next_out):
-                self._send_on(*piece)
-            self.next_out += 1
-
-    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None) -> None:
-        """Emit outputs (``packed``: as output queue messages made by the worker). While the run stops they are
-        counted and left behind."""
-        self.emitted += sum(n for n, _ in packed) if packed else len(outputs)
-        if self.stopping and self.plan.outputs:
-            return
-        for n, data in packed or ():
-            if not self.emitter.emit_packed(n, data):
-                self.emitter.emit_many(*pickle.loads(data))
-        if outputs:
-            self.emitter.emit_many(outputs, ids)
-
-    def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
-        assert self.dead_emitter is not None
-        self.stats.dead_lettered += 1
-        if not self.stopping:
-            self.dead_emitter.emit_many([letter], [item_id])
 
     def _exited(self, w: _Worker) -> None:
         code = exit_code_of(w.process)
-        self.sup.exit_codes[w.name] = code
-        self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid, exitcode=code)
+        self.exited(w.name, code, pid=w.process.pid)
         self.workers.remove(w)
         w.outbox.close()
         w.results.close()
@@ -517,12 +401,9 @@ class StageRunner:
             self.again.extendleft(reversed(w.tasks))
         if not w.timed_out and not self.plan.restart:
             raise StageFailed(f"{died_message(self.plan.name, w.name, code)}; restart: false, so the run stops")
-        self.stats.restarts += 1
-        self.sup.restarts[w.name] = self.sup.restarts.get(w.name, 0) + 1
-        if self.stopping:  # nothing more will be handed out: no successor
-            return
-        self.sup.log.warning("worker replaced", stage=self.plan.name, process=w.name, reason=reason)
-        self.workers.append(self._spawn(w.name, w.progress))
+        self.replaced(w.name, reason)
+        if not self.stopping:  # else nothing more will be handed out: no successor
+            self.workers.append(self._spawn(w.name, w.progress))
 
     def _recover(self, w: _Worker, reason: str) -> None:
         """Settle the chunk a dead worker held: exactly once where that can be known.
@@ -555,21 +436,10 @@ class StageRunner:
             self.sup.log.warning("calling again items whose outputs died with their worker", stage=plan.name,
                                  process=w.name, items=len(redo),
                                  first_item_id=worker.item_id_text(ids[redo[0]], self.sup.id_names))
-        item, attempts, item_id = items[index], tries[index] + 1, ids[index]
-        st.failed += 1
-        decided = worker.verdict(plan, attempts)
+        attempts = tries[index] + 1
         keep = [*redo, *range(index + 1, len(items))]
-        if decided == "retry":
-            st.retried += 1
+        if self.give_up(w.name, items[index], attempts, ids[index], reason) == Decision.RETRY:
             keep.insert(len(redo), index)
-        elif decided == "fail":
-            raise StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
-        elif decided == "dead_letter":
-            self._dead_letter(worker.give_up_letter(plan, item, reason, attempts), item_id)
-        else:
-            st.skipped += 1
-        self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
-                             item_id=worker.item_id_text(item_id, self.sup.id_names), attempts=attempts, reason=reason)
         if keep:
             again_tries = [attempts if i == index else tries[i] for i in keep]
             self.again.appendleft(_Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep)))
@@ -621,7 +491,5 @@ class StageRunner:
                 w.process.join(KILL_GRACE)
             w.outbox.close()
             w.results.close()
-            self.sup.exit_codes[w.name] = w.process.exitcode
-            self.sup.log.info("process exited", stage=self.plan.name, process=w.name, pid=w.process.pid,
-                              exitcode=w.process.exitcode)
+            self.exited(w.name, w.process.exitcode, pid=w.process.pid)
         self.workers.clear()

@@ -59,7 +59,9 @@ from runner.backends.ray.actors import (
     _slots,
     _WorkerActor,
 )
+from runner.backends.stage import StageFailed, StageRunnerCore
 from runner.errors import RunFailed, UsageError
+from runner.messages import Decision
 from runner.queues import Emitter
 from runner.results import RunResult
 from runner.topology import BATCH_BYTES, StagePlan, Topology
@@ -79,10 +81,6 @@ class RunnerEnded(NamedTuple):
 
 class Failed(NamedTuple):
     error: str
-
-
-class _StageFailed(Exception):
-    """A stage cannot go on; the message names the stage and says why."""
 
 
 def died_message(stage: str, process: str) -> str:
@@ -137,16 +135,12 @@ class RaySupervisor(Driver):
         previous = None
         monitor = None
         try:
-            owned = self._connect()
-            previous = _install_signals(self)
-            self._setup()
-            monitor = self.start_monitor(display)
-            self._loop()
-        except KeyboardInterrupt:
-            self.signal_received = self.signal_received or signal.SIGINT
-            self.failure = self.failure or "stopped by SIGINT (second signal: stopped at once)"
-        except RunFailed as e:
-            self.failure = str(e)
+            with self.ending():
+                owned = self._connect()
+                previous = _install_signals(self)
+                self._setup()
+                monitor = self.start_monitor(display)
+                self._loop()
         finally:
             _restore_signals(previous)
             try:
@@ -419,34 +413,29 @@ class _Worker:
     where: dict[str, Any] = field(default_factory=dict)  # its pid and node, once started
 
 
-class StageRunner:
-    """A consumer or pool stage, run from one thread of the driver (see the module docstring)."""
+class StageRunner(StageRunnerCore):
+    """A consumer or pool stage, run from one thread of the driver (see the module docstring).
+
+    What it does with results, dead workers' items and a stop is ``StageRunnerCore``'s, as on the local
+    backend; here: fetching by reference from the hub and calling the worker actors. A worker that dies
+    holding a chunk says nothing of how far it got: unless a timeout told which item was in hand, the
+    chunk runs again one item at a time, to find the item that kills it.
+    """
 
     def __init__(self, sup: RaySupervisor, plan: StagePlan) -> None:
-        self.sup, self.plan = sup, plan
-        self.stats = sup.stats[plan.name]
-        self.input = sup.channels[plan.inputs[0]]
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        self.emitter = Emitter([sup.channels[q] for q in plan.outputs], on_batch=collect)  # type: ignore[misc]
-        self.dead_emitter = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None  # type: ignore[list-item]
+        emitter = Emitter([sup.channels[q] for q in plan.outputs], on_batch=collect)  # type: ignore[misc]
+        dead = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None  # type: ignore[list-item]
+        super().__init__(sup, plan, emitter, dead)
+        self.sup: RaySupervisor = sup
+        self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
         self.buffer: deque[tuple[Any, int]] = deque()  # (item, failed attempts so far), waiting for a worker
         self.again: deque[_Task] = deque()  # chunks of dead workers, to hand out again
-        self.results: dict[int, list[Any]] = {}  # outputs of finished chunks waiting for their turn (ordered)
-        self.next_seq = 0
-        self.next_out = 0
         self.per_item: float | None = None  # seconds one item takes a worker (moving average), for chunk sizes
         self.item_bytes = 0  # pickled bytes of an item, sampled from the last batch read (chunks of ~BATCH_BYTES)
         self.fetch: Any = None  # the ref of the input get in flight
-        self.input_done = False
-        self.stopping = False
-        self.aborted = False
-        self.finished = False
-        self.quiet = False  # a self-fed stage: nothing in flight, waiting or buffered (see idle)
-        self.left = 0  # outputs counted while the run stops, never sent (left behind, like what is queued)
-        self.error: str | None = None
         self.wake: Any = None
-        self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
     def start(self) -> None:
         self.wake = self.sup.hub.wait_flag.remote(self.plan.name)
@@ -458,80 +447,36 @@ class StageRunner:
         actor = _WorkerActor.options(scheduling_strategy=SPREAD).remote(self.sup.spec(self.plan, name))
         self.workers.append(_Worker(name, actor, actor.start.remote()))
 
-    def abort(self) -> None:
-        """Stop the stage now (a failure elsewhere, a daemon stage at the end, a shutdown)."""
-        self.aborted = True
-        self.sup.hub.set_flag.remote(self.plan.name)
-
-    def stop(self) -> None:
-        """The run is stopping: hand out nothing more, let the chunks in flight finish, then end."""
-        self.stopping = True
+    def _wake(self) -> None:
         self.sup.hub.set_flag.remote(self.plan.name)
 
     def in_hand(self) -> int:
-        """Items finished in chunks still with workers: not known on Ray until the chunk returns."""
+        """Not known on Ray until the chunk returns."""
         return 0
 
-    def idle(self) -> bool:
-        """A self-fed stage has nothing in flight or waiting, and all it emitted is in its queues."""
-        return self.quiet
-
-    def _settle_quiet(self, busy: bool) -> None:
-        quiet = not busy and not self.buffer and not self.again
-        if quiet and not self.quiet:
-            self.emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
-            self.quiet = True
-            self.sup.ring()
-        elif not quiet:
-            self.quiet = False
+    def unhanded(self) -> int:
+        return len(self.buffer) + sum(len(t.chunk) - (t.pos or 0) for t in self.again)
 
     # -- the runner thread -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-            if not (self.aborted or self.stopping):
-                self.emitter.close()
-                if self.dead_emitter is not None:
-                    self.dead_emitter.close()
-        except _StageFailed as e:
-            self.error = str(e)
-        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result: reported, never lost
-            self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
-        finally:
-            self._stop_workers()
-            for emitter in (self.emitter, self.dead_emitter):
-                if emitter is not None:  # closed already after a normal end; else it must not call Ray later
-                    emitter.stop(KILL_GRACE)
-            if self.stopping:  # read, never handed out: they count as still in the input queue
-                self.stats.items_in -= len(self.buffer) + sum(len(t.chunk) - (t.pos or 0) for t in self.again)
-            self.stats.items_out = self.emitter.sent + self.left
-            self.finished = True
-            self.sup.ring()
+    def _busy(self) -> bool:
+        return any(w.task for w in self.workers)
 
-    def _loop(self) -> None:
-        while not self.aborted:
-            if not self.stopping:
-                self._dispatch()
-            busy = any(w.task for w in self.workers)
-            if not busy and (self.stopping or (self.input_done and not self.buffer and not self.again)):
-                return
-            if self.plan.self_fed:
-                self._settle_quiet(busy)
-            if not (self.input_done or self.stopping) and self.fetch is None and len(self.buffer) < RAY_BATCH:
-                self.fetch = self.input.get_ref()
-            refs = ([self.wake] if self.wake is not None else []) + ([self.fetch] if self.fetch is not None else [])
-            refs += [w.ready for w in self.workers if w.ready is not None]
-            refs += [w.ref for w in self.workers if w.ref is not None]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self._next_deadline())
-            for ref in ready:
-                if ref == self.fetch:
-                    self._take_fetched()
-                elif ref == self.wake:
-                    self.wake = None  # set once, for stop or abort: both are flags of this runner now
-                else:
-                    self._worker_ready(ref)
-            self._enforce_timeouts()
+    def _wait(self) -> None:
+        if not (self.input_done or self.stopping) and self.fetch is None and len(self.buffer) < RAY_BATCH:
+            self.fetch = self.input.get_ref()
+        refs = ([self.wake] if self.wake is not None else []) + ([self.fetch] if self.fetch is not None else [])
+        refs += [w.ready for w in self.workers if w.ready is not None]
+        refs += [w.ref for w in self.workers if w.ref is not None]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=self._next_deadline())
+        for ref in ready:
+            if ref == self.fetch:
+                self._take_fetched()
+            elif ref == self.wake:
+                self.wake = None  # set once, for stop or abort: both are flags of this runner now
+            else:
+                self._worker_ready(ref)
+        self._enforce_timeouts()
 
     def _take_fetched(self) -> None:
         batch = ray.get(self.fetch)
@@ -539,8 +484,7 @@ class StageRunner:
         if batch is None:
             self.input_done = True
         elif not self.stopping:
-            self.quiet = False  # before the count: the driver must never see it quiet with this batch taken
-            self.stats.items_in += len(batch)
+            self._taking(len(batch))
             self.buffer.extend((item, 0) for item in batch)
             if batch:  # chunks of about BATCH_BYTES, as the local backend cuts them
                 self.item_bytes = len(pickle.dumps(batch[0], pickle.HIGHEST_PROTOCOL))
@@ -583,28 +527,24 @@ class StageRunner:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             first = (str(cause).strip().splitlines() or [""])[0]
             msg = f"stage {self.plan.name!r} (process {w.name}) failed: {type(cause).__name__}: {first}"
-            raise _StageFailed(msg) from None
+            raise StageFailed(msg) from None
         if ref == w.ready:
             w.ready = None
             error, w.where = value
             if error is not None:
-                raise _StageFailed(f"stage {self.plan.name!r} (process {w.name}) failed: {error}")
+                raise StageFailed(f"stage {self.plan.name!r} (process {w.name}) failed: {error}")
             return
         w.ref = None
         self._result(w, value)
         if w.timed_out is not None and w in self.workers:  # it finished just before being killed: replace it
             self.workers.remove(w)
-            self.sup.exit_codes[w.name] = None
-            self.sup.log.info("process exited", stage=self.plan.name, process=w.name, exitcode=None, **w.where)
-            self.stats.restarts += 1
+            self.exited(w.name, None, **w.where)
+            self.replaced(w.name, f"call timed out after {self.plan.timeout:g}s")
             self._spawn(w.name)
 
     def _result(self, w: _Worker, res: worker.ChunkResult) -> None:
         if res.error is not None:
-            summary, tb, item = res.error
-            on = f" on item {item}" if item else ""
-            self.sup.log.error("stage failed", stage=self.plan.name, process=w.name, error=summary, item=item, exception=tb)
-            raise _StageFailed(f"stage {self.plan.name!r} (process {w.name}) failed{on}: {summary}")
+            self._count(w.name, res)  # raises StageFailed
         task = w.task
         assert task is not None
         retire = res.retire
@@ -632,58 +572,27 @@ class StageRunner:
 
     def _finish(self, seq: int, res: worker.ChunkResult) -> None:
         """Count a finished chunk, send its dead letters and emit its outputs."""
-        st = self.stats
-        st.skipped += res.skipped
-        st.retried += res.retried
-        st.failed += res.failed
-        st.busy_seconds += res.busy
-        st.delivered += res.done - res.skipped - len(res.dead)
-        for letter in res.dead:
-            self._dead_letter(letter)
-        self._emit(seq, res.outputs)
+        self._count(self.plan.name, res)
+        self._emit(seq, [(res.outputs, None, None)])
 
     def _retire(self, w: _Worker) -> None:
         """maxtasksperchild: replace the worker with a fresh one of the same name."""
         _stop_actor(w.actor)
         self.workers.remove(w)
-        self.sup.exit_codes[w.name] = 0
-        self.sup.log.info("process exited", stage=self.plan.name, process=w.name, exitcode=0, **w.where)
+        self.exited(w.name, 0, **w.where)
         self._spawn(w.name)
-
-    def _emit(self, seq: int, outputs: list[Any]) -> None:
-        """Send a chunk's outputs on (in input order for ``ordered: true``)."""
-        if not self.plan.ordered:
-            self._send_on(outputs)
-            return
-        self.results[seq] = outputs
-        while self.next_out in self.results:
-            self._send_on(self.results.pop(self.next_out))
-            self.next_out += 1
-
-    def _send_on(self, outputs: list[Any]) -> None:
-        """Emit outputs; while the run stops they are counted and left behind."""
-        if self.stopping and self.plan.outputs:
-            self.left += len(outputs)
-        else:
-            self.emitter.emit_many(outputs)
-
-    def _dead_letter(self, letter: dict[str, Any]) -> None:
-        assert self.dead_emitter is not None
-        self.stats.dead_lettered += 1
-        self.dead_emitter.emit(letter)
 
     def _exited(self, w: _Worker) -> None:
         """A worker actor died (or was killed for a timeout): policy for its item, then a replacement."""
         self.workers.remove(w)
-        self.sup.exit_codes[w.name] = None
         if self.plan.lock:
             self.sup.hub.release_held.remote(w.name)
         timed_out = w.timed_out is not None
         died = died_message(self.plan.name, w.name)
         if w.ready is not None:  # it never started: a replacement would die the same way
-            raise _StageFailed(f"{died}, while starting (its init, or importing its function?)")
+            raise StageFailed(f"{died}, while starting (its init, or importing its function?)")
         reason = f"call timed out after {self.plan.timeout:g}s (worker {w.name} replaced)" if timed_out else died
-        self.sup.log.info("process exited", stage=self.plan.name, process=w.name, exitcode=None, reason=reason, **w.where)
+        self.exited(w.name, None, reason=reason, **w.where)
         task = w.task
         if task is not None:
             if task.pos is not None:
@@ -697,7 +606,7 @@ class StageRunner:
             elif self.plan.on_error == "fail":
                 first = worker.short_repr(task.chunk[0][0])
                 msg = f"stage {self.plan.name!r} (process {w.name}) failed holding {len(task.chunk)} items from {first}: {died}"
-                raise _StageFailed(msg)
+                raise StageFailed(msg)
             elif self.plan.restart:
                 # Which item killed it is unknown: run the chunk again one item at a time, to find out.
                 self.stats.failed += 1
@@ -706,10 +615,10 @@ class StageRunner:
                 self.sup.log.warning("chunk in a dead worker: run again one item at a time", stage=self.plan.name,
                                      process=w.name, items=len(task.chunk))
         if not timed_out and not self.plan.restart:
-            raise _StageFailed(f"{died}; restart: false, so the run stops")
-        self.stats.restarts += 1
-        self.sup.log.warning("worker replaced", stage=self.plan.name, process=w.name, reason=reason)
-        self._spawn(w.name)
+            raise StageFailed(f"{died}; restart: false, so the run stops")
+        self.replaced(w.name, reason)
+        if not self.stopping:
+            self._spawn(w.name)
 
     def _recover(self, w: _Worker, task: _Task, index: int, reason: str) -> None:
         """Apply the error policy to the item a dead worker held; hand the rest of its chunk out again.
@@ -720,22 +629,10 @@ class StageRunner:
         chunk = list(task.chunk)
         item, attempts = chunk[index]
         attempts += 1
-        self.stats.failed += 1
-        plan = self.plan
-        decided = worker.verdict(plan, attempts)
-        if decided == "retry":
-            self.stats.retried += 1
+        if self.give_up(w.name, item, attempts, None, reason) == Decision.RETRY:
             chunk[index] = (item, attempts)
-        elif decided == "fail":
-            raise _StageFailed(f"stage {plan.name!r} (process {w.name}) failed on item {worker.short_repr(item)}: {reason}")
         else:
             del chunk[index]
-            if decided == "dead_letter":
-                self._dead_letter(worker.give_up_letter(plan, item, reason, attempts))
-            else:
-                self.stats.skipped += 1
-        self.sup.log.warning("item in a dead worker", stage=plan.name, process=w.name, item=worker.short_repr(item),
-                             attempts=attempts, reason=reason)
         task.chunk = chunk
         if task.pos is not None and task.pos >= len(chunk):
             self._finish(task.seq, task.acc or worker.ChunkResult(task.seq, [], []))
@@ -774,9 +671,7 @@ class StageRunner:
                 with contextlib.suppress(Exception):
                     _, w.where = ray.get(w.ready, timeout=START_TIMEOUT)
             _stop_actor(w.actor)
-            code = 0 if not self.aborted and w.task is None else None
-            self.sup.exit_codes[w.name] = code
-            self.sup.log.info("process exited", stage=self.plan.name, process=w.name, exitcode=code, **w.where)
+            self.exited(w.name, 0 if not self.aborted and w.task is None else None, **w.where)
         self.workers.clear()
 
 
