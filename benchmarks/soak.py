@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import wait_gone
+from tests.conftest import wait_gone  # noqa: E402 - importable once ROOT is on the path
 
 MPRUN = str(Path(sys.executable).with_name("mprun"))
 

@@ -13,6 +13,7 @@ preloads it then (``cli._warm_up``), and not otherwise, since importing it costs
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import multiprocessing
@@ -142,10 +143,9 @@ def _checker(conn: Any, base_dir: str, refs: list[str], parent_pid: int) -> None
     sys.stdout = sys.stderr
     sys.path.insert(0, base_dir)
     problems = [check_reference(ref) for ref in refs]
-    try:
+    # nobody may wait for the answer any more (the file turned out invalid): nothing to say then
+    with contextlib.suppress(OSError):
         conn.send((problems, "structlog" in sys.modules))
-    except OSError:  # nobody waits for the answer any more (the file turned out invalid): nothing to say
-        pass
     conn.close()
 
 

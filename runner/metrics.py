@@ -70,8 +70,8 @@ class Latency:
 
     def add(self, samples: Iterable[float]) -> None:
         """Count some samples (a chunk's: a handful, never one per item)."""
-        for s in samples:
-            s = max(s, _FLOOR)
+        for sample in samples:
+            s = max(sample, _FLOOR)
             self.buckets[math.floor(math.log2(s) * BUCKETS_PER_DOUBLING)] += 1
             self.count += 1
             self.total += s

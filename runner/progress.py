@@ -148,7 +148,7 @@ class LiveDisplay:
             self._history.popleft()
         then, old = self._history[0]
         if now - then <= 0:
-            return {name: None for name in counts}
+            return dict.fromkeys(counts)
         return {name: (count - old.get(name, 0)) / (now - then) for name, count in counts.items()}
 
     def render(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -192,7 +192,7 @@ class LiveDisplay:
             title += _overall(ahead)
         lines = [self._c(_BOLD, f"mprun {self.title}") + title]
         for n, row in enumerate(table):
-            cells = [c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            cells = [c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))]
             if n == 0:
                 lines.append(self._c(_DIM, "  ".join(cells).rstrip()))
                 continue

@@ -171,7 +171,7 @@ def _show(items: list[Any]) -> str:
 def compare(queue: str, expected: list[Any], got: list[Any], *, ordered: bool) -> list[str]:
     """What differs between the expected and the actual items of ``queue``; empty when they match."""
     if ordered:
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=False)):
             if _canon(e) != _canon(g):
                 return [f"queue {queue!r}: first difference at position {i}: expected {_show([e])}, got {_show([g])}"]
         if len(expected) > len(got):

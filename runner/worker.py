@@ -176,10 +176,8 @@ def die_with_parent(parent_pid: int) -> None:
     of this process, so it works while the process holds the GIL in native code. The parent is the main
     process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
     main process backs it up where the parent is neither."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() == 1:  # the parent ended before the line above
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -400,7 +398,7 @@ def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
                             raise SourceError(msg) from None
                         yield value
             else:
-                for line, text in enumerate(f, 1):
+                for line, text in enumerate(f, 1):  # noqa: B007 - `line` is read by the except below
                     yield text.rstrip("\n")
         except UnicodeDecodeError as e:
             msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
@@ -572,7 +570,7 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept, kept_ids = [], []
-    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends], strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
     for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
         try:

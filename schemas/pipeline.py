@@ -144,7 +144,7 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         for q in stage.inputs:
             readers.setdefault(q, []).append(stage.name)
     for i, stage in enumerate(pipeline.stages):
-        for j, q in enumerate(stage.inputs):
+        for q in stage.inputs:
             if q not in writers:
                 problems.append((("stages", i, "input"), f"queue {q!r} has readers but no stage writes to it"))
         for j, q in enumerate(stage.outputs):

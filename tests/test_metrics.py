@@ -143,7 +143,7 @@ stages:
     seen = f"{data}\n{result.stderr}"  # what a failure shows
     assert sorted(restarts.values()) == [0, 0, 1], seen
     assert data["stages"]["work"]["restarts"] == 1 and data["stages"]["work"]["failed"] == 1, seen
-    assert data["processes"] == {name: 0 for name in restarts}, seen  # the replacement ended normally
+    assert data["processes"] == dict.fromkeys(restarts, 0), seen  # the replacement ended normally
     summary = [line for line in result.stderr.splitlines() if line.startswith("work")]
     assert summary[0].split()[8] == "1", seen  # the restarts column of the summary
 

@@ -47,7 +47,7 @@ def test_shipped_pipelines_pass():
     """Every shipped pipeline carries at least one case, and `mprun test pipelines/*.yaml` passes them all."""
     files = sorted(PIPELINES.glob("*.yaml"))
     cases = [len(yaml.safe_load(f.read_text()).get("tests", [])) for f in files]
-    assert all(n >= 1 for n in cases), dict(zip([f.name for f in files], cases))
+    assert all(n >= 1 for n in cases), dict(zip([f.name for f in files], cases, strict=True))
     result = run_cli("test", *[f"pipelines/{f.name}" for f in files])
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -282,7 +282,7 @@ def test_cases_never_touch_real_outputs(tmp_pipeline, tmp_path):
 def test_bad_set_and_run_sinks_are_located_errors(tmp_pipeline):
     """A `set` path that leads nowhere or a value the schema refuses, and `run_sinks` naming a stage that is not a
     user sink, are errors at their line, from `validate` and `test` alike (exit 2, nothing runs)."""
-    head = SINKS.split("tests:")[0]
+    head = SINKS.split("tests:", maxsplit=1)[0]
     text = head + """\
 tests:
   - name: bad
