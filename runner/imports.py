@@ -200,7 +200,7 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
         return []
     if start_method == "fork" and ray_connected():
         start_method = "forkserver"  # the check only needs a process that imports them afresh
-    ctx = multiprocessing.get_context(start_method)
+    ctx: Any = multiprocessing.get_context(start_method)  # typeshed: a BaseContext has no Process
     if start_method == "forkserver":
         # The same preload as the supervisor's: the server started here is the one the run then reuses.
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ _INNER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)(.*))?", re.DOTALL)
 
 
 def interpolate(
-    data: Any, marks: Marks, environ: dict[str, str] | None = None, path: PathKey = (), root: Any = None
+    data: Any, marks: Marks, environ: Mapping[str, str] | None = None, path: PathKey = (), root: Any = None
 ) -> Any:
     """Replace ``${VAR}`` references in every string value from the environment.
 
@@ -194,7 +195,7 @@ def _typed(text: str, root: Any, path: PathKey) -> Any:
     return value if diagnostics.field_accepts(root, path, value) else text
 
 
-def _structural(err: dict[str, Any]) -> bool:
+def _structural(err: Mapping[str, Any]) -> bool:
     """Whether a schema error touches what the topology is built from (then it is not checked)."""
     loc = [p for p in err["loc"] if p not in ("producer", "consumer", "pool")]
     if not loc or loc[0] != "stages":

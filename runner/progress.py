@@ -222,7 +222,7 @@ class LiveDisplay:
                 fraction = min(r["items_out"] / total, 1.0) if total else (1.0 if total == 0 else None)
             else:
                 ups = [fractions.get(w, 1.0 if by_name.get(w, {}).get("state") == "done" else None) for w in writers]
-                upstream = min(ups) if ups and None not in ups else None
+                upstream = min(u for u in ups if u is not None) if ups and None not in ups else None
                 put = r["items_in"] + r["depth"]
                 expected = put / upstream if upstream else None
                 fraction = min(r["finished"] / expected, 1.0) if expected else (None if upstream is None else 0.0)

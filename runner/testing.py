@@ -107,7 +107,8 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
             continue
         if stage.get("name") in case.sources:
             stage["source"] = case.sources[stage["name"]].model_dump()
-        function, kwargs = stage.get("function"), stage.get("kwargs") if isinstance(stage.get("kwargs"), dict) else {}
+        function, kwargs = stage.get("function"), stage.get("kwargs")
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
         if function in FILE_SINKS and index not in given and str(kwargs.get("path", "-")) != "-":
             stage["kwargs"] = {**kwargs, "path": str(Path(scratch, f"{index}-{Path(str(kwargs['path'])).name}"))}
         elif ":" in str(function or "") and not stage.get("output") and stage.get("name") not in case.run_sinks:
@@ -130,8 +131,8 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
         where = format_path(tuple(p for p in err["loc"] if p not in ("producer", "consumer", "pool")))
         raise CaseInvalid(("set",), f"{where}: {err['msg']}") from None
     if case.set_:
-        for where, message in topology_problems(new):
-            raise CaseInvalid(("set",), f"{format_path(where)}: {message}")
+        for loc, message in topology_problems(new):
+            raise CaseInvalid(("set",), f"{format_path(loc)}: {message}")
     new._base_dir = pipeline.base_dir
     return new, taps
 
@@ -324,7 +325,7 @@ def run_tests(
                 report.bare.append(file)
                 say(f"no tests in {file}")
             for case in pipeline.tests:
-                start, began = cap.mark(), time.perf_counter()
+                mark, began = cap.mark(), time.perf_counter()
                 result = run_case(pipeline, case)
                 entry = {"file": file, "name": case.name, "passed": result.passed,
                          "seconds": round(time.perf_counter() - began, 3), "details": result.details, "output": []}
@@ -336,7 +337,7 @@ def run_tests(
                 say(f"FAIL {file}::{case.name}")
                 for line in result.details:
                     say(f"    {line}")
-                output = cap.since(start).splitlines()
+                output = cap.since(mark).splitlines()
                 entry["output"] = output
                 if output:
                     shown = output[-OUTPUT_TAIL:]

@@ -682,7 +682,7 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -770,7 +770,7 @@ def _with_policy(
             except FunctionFailed as e:
                 del outputs[mark:]
                 failure = e
-        e, failure = failure, None
+        error, failure = failure, None
         attempts += 1
         result.failed += 1
         progress[1] = 0
@@ -779,16 +779,16 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **error.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
-            result.error = (e.summary, e.tb, e.item)
+            result.error = (error.summary, error.tb, error.item)
             return True
         if decided == "dead_letter":
-            result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+            result.dead.append(give_up_letter(stage, item, error.summary, attempts))
         else:
             result.skipped += 1
             progress[3] = result.skipped
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **error.traceback_fields(log))
         return False
