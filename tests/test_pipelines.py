@@ -41,7 +41,7 @@ def test_doubler_cli_prints_summary():
     assert "ok in" in result.stderr
 
 
-def test_named_processes(capfd):
+def test_named_processes_are_stage_dash_index_or_given_names(capfd):
     """Processes are named <stage>-<i>, and process_names gives one process the name Test."""
     assert run_pipeline(PIPELINES / "named_processes.yaml", start_method="spawn").exit_code == 0
     out = lines(capfd.readouterr().out)
@@ -82,7 +82,7 @@ def test_pool_map_in_order(method):
     assert result.collected == {"results": [10, 20, 40]}
 
 
-def test_apply_async_cli():
+def test_apply_async_cli_prints_the_collected_result():
     """One item, 25, through a pool: the CLI prints the collected [50] on stdout."""
     result = run_cli("pipelines/apply_async.yaml", "--no-summary")
     assert result.returncode == 0, result.stderr
@@ -104,7 +104,7 @@ def test_queue_sentinel_without_sentinel(capfd):
 
 
 @pytest.mark.parametrize("method", START_METHODS)
-def test_lifo_order(method):
+def test_lifo_pipeline_yields_last_in_first_out(method):
     """Through the manager-served LIFO queue, items come out last-in first-out: third, second, first."""
     result = run_pipeline(PIPELINES / "lifo.yaml", start_method=method)
     assert result.exit_code == 0

@@ -55,7 +55,7 @@ def test_shipped_pipelines_pass():
     assert len([line for line in lines if line.startswith("PASS pipelines/")]) == sum(cases)
 
 
-def test_passing_and_failing_cases(tmp_pipeline):
+def test_a_case_matches_as_a_multiset_and_a_wrong_one_names_the_difference(tmp_pipeline):
     """A case passes when the multiset matches in any order; a wrong one fails naming missing and unexpected items."""
     path = tmp_pipeline(
         HEAD
@@ -103,7 +103,7 @@ def test_output_of_stages_is_captured(tmp_pipeline):
     assert result.stderr == ""
 
 
-def test_ordered_cases(tmp_pipeline):
+def test_ordered_case_reports_the_first_difference_or_the_missing_tail(tmp_pipeline):
     """`ordered: true` compares position by position: the first difference, or what is missing at the end."""
     path = tmp_pipeline(
         HEAD
@@ -211,7 +211,7 @@ def test_unknown_key_in_a_case_is_a_located_error(tmp_pipeline):
     assert errors[-1] == "0 passed, 0 failed"
 
 
-def test_invalid_file_among_good_ones(tmp_pipeline, tmp_path):
+def test_an_invalid_file_exits_2_while_other_files_cases_run(tmp_pipeline, tmp_path):
     """An invalid file gives exit 2 while the cases of the other files still run; a file without tests says so."""
     good = tmp_pipeline(HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n", TASKS)
     bare = tmp_pipeline(HEAD, name="bare.yaml")
