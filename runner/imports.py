@@ -205,7 +205,9 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
         # The same preload as the supervisor's: the server started here is the one the run then reuses.
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True)
+    child = ctx.Process(
+        target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True
+    )
     child.start()
     writer.close()
     try:
@@ -217,7 +219,8 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
                 pass
         else:
             child.terminate()
-            return [f"cannot import {refs[0]!r}: importing did not finish within {CHECK_TIMEOUT:.0f}s"] + [None] * (len(refs) - 1)
+            late = f"cannot import {refs[0]!r}: importing did not finish within {CHECK_TIMEOUT:.0f}s"
+            return [late] + [None] * (len(refs) - 1)
     finally:
         child.join(CHECK_TIMEOUT)
         if child.is_alive():

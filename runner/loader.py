@@ -86,7 +86,8 @@ def _convert(loader: BoundedLoader, node: yaml.Node, path: PathKey, marks: Marks
                 first = marks.keys[(*path, key)][0]
                 line, col = where
                 problem = f"duplicate key {key!r} (first at line {first}; the last one would win)"
-                marks.problems.append(Diagnostic(marks.filename, line, col, diagnostics.format_path((*path, key)), problem))
+                field = diagnostics.format_path((*path, key))
+                marks.problems.append(Diagnostic(marks.filename, line, col, field, problem))
                 marks.bad.add((*path, key))
             marks.keys[(*path, key)] = where
             result[key] = _convert(loader, value_node, (*path, key), marks)
@@ -153,14 +154,18 @@ def interpolate(
             return "${"
         inner = _INNER.fullmatch(match.group(1))
         if inner is None:
-            problem(f"invalid variable reference {match.group(0)!r}: expected ${{NAME}}, ${{NAME:-default}} or ${{NAME:?message}}")
+            problem(
+                f"invalid variable reference {match.group(0)!r}: "
+                "expected ${NAME}, ${NAME:-default} or ${NAME:?message}"
+            )
             return match.group(0)
         name, op, arg = inner.groups()
         value = env.get(name)
         if op == ":-":
             return value if value else arg
         if op == ":?" and not value:
-            problem(f"environment variable {name!r} is {'empty' if value == '' else 'not set'}: {arg or 'it is required'}")
+            state = "empty" if value == "" else "not set"
+            problem(f"environment variable {name!r} is {state}: {arg or 'it is required'}")
             return match.group(0)
         if value is None:
             problem(f"environment variable {name!r} is not set (set it, or write ${{{name}:-default}})")
@@ -229,7 +234,8 @@ def check(data: Any, marks: Marks) -> tuple[Pipeline | None, list[Diagnostic]]:
     """
     problems = list(marks.problems)
     if data is None:
-        problems.append(Diagnostic(marks.filename, 1, 1, "(root)", "the file is empty; a pipeline needs at least 'stages'"))
+        empty = "the file is empty; a pipeline needs at least 'stages'"
+        problems.append(Diagnostic(marks.filename, 1, 1, "(root)", empty))
         return None, diagnostics.render(problems)
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__} value"

@@ -269,7 +269,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         return self._event(record.name, record.levelno, record.levelname, event, record.created)
 
     def _event(self, name: str, levelno: int, levelname: str, event: dict[str, Any], created: float) -> _Event:
-        """The record that crosses to the listener: ``event`` with level, logger, timestamp and this process's context."""
+        """The record that crosses to the listener: ``event`` with level, logger, timestamp, this process's context."""
         event.setdefault("level", levelname.lower())
         event.setdefault("logger", name)
         if "timestamp" not in event:

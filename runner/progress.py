@@ -181,7 +181,8 @@ class LiveDisplay:
                 *(("-",) * 4 if producer else (f"{r['failed']:,}", f"{r['skipped']:,}", f"{r['dead_lettered']:,}",
                                                 f"{r['restarts']:,}")),
                 *((_percent(ahead.get(r["stage"], (None, None))[0]),
-                   "-" if r["state"] == "done" else _duration(ahead.get(r["stage"], (None, None))[1])) if ahead else ()),
+                   "-" if r["state"] == "done" else _duration(ahead.get(r["stage"], (None, None))[1]))
+                  if ahead else ()),
                 f"{r['queue']} {r['depth']:,}" if r["queue"] else "",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -192,7 +193,10 @@ class LiveDisplay:
             title += _overall(ahead)
         lines = [self._c(_BOLD, f"mprun {self.title}") + title]
         for n, row in enumerate(table):
-            cells = [c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))]
+            cells = [
+                c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=False))
+            ]
             if n == 0:
                 lines.append(self._c(_DIM, "  ".join(cells).rstrip()))
                 continue
@@ -205,7 +209,9 @@ class LiveDisplay:
         return lines
 
 
-    def _ahead(self, rows: list[dict[str, Any]], rates: dict[str, float | None]) -> dict[str, tuple[float | None, float | None]]:
+    def _ahead(
+        self, rows: list[dict[str, Any]], rates: dict[str, float | None]
+    ) -> dict[str, tuple[float | None, float | None]]:
         """Per stage: the fraction done (None: unknown) and the seconds left at its recent rate (None: unknown)."""
         by_name = {r["stage"]: r for r in rows}
         fractions: dict[str, float | None] = {}

@@ -121,7 +121,9 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
         if stage.get("dead_letter") in dead:
             stage["dead_letter"] = dead[stage["dead_letter"]]
     for queue, via in dead.items():
-        stages.append({"name": via, "kind": "consumer", "input": via, "function": "identity", "output": [queue, taps[queue]]})
+        stages.append(
+            {"name": via, "kind": "consumer", "input": via, "function": "identity", "output": [queue, taps[queue]]}
+        )
     for tap in taps.values():
         stages.append({"name": tap, "kind": "consumer", "input": tap, "function": "collect"})
     try:
@@ -175,10 +177,11 @@ def compare(queue: str, expected: list[Any], got: list[Any], *, ordered: bool) -
         for i, (e, g) in enumerate(zip(expected, got, strict=False)):
             if _canon(e) != _canon(g):
                 return [f"queue {queue!r}: first difference at position {i}: expected {_show([e])}, got {_show([g])}"]
+        counts = f"queue {queue!r}: {len(got)} items, expected {len(expected)}"
         if len(expected) > len(got):
-            return [f"queue {queue!r}: {len(got)} items, expected {len(expected)}; missing at the end: {_show(expected[len(got):])}"]
+            return [f"{counts}; missing at the end: {_show(expected[len(got):])}"]
         if len(got) > len(expected):
-            return [f"queue {queue!r}: {len(got)} items, expected {len(expected)}; unexpected at the end: {_show(got[len(expected):])}"]
+            return [f"{counts}; unexpected at the end: {_show(got[len(expected):])}"]
         return []
     want = Counter(_canon(i) for i in expected)
     have = Counter(_canon(i) for i in got)
@@ -366,7 +369,7 @@ _XML_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def write_junit(report: Report, path: str) -> None:
-    """Write ``report`` as JUnit XML: a ``testsuite`` per file, a ``testcase`` per case, ``failure`` with the difference.
+    """Write ``report`` as JUnit XML: a ``testsuite`` per file, a ``testcase`` per case, a ``failure`` each.
 
     Raises:
         UsageError: the file cannot be written.

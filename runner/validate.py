@@ -103,7 +103,8 @@ def path_problems(
         for key in keys:
             node = node.get(key) if isinstance(node, dict) else None
         loc = (*loc, *keys)
-        return [(loc, node)] if isinstance(node, str) and node and not (literal_only and loc in marks.interpolated) else []
+        given = isinstance(node, str) and node and not (literal_only and loc in marks.interpolated)
+        return [(loc, node)] if given else []
 
     log_file = path_at(data, (), "settings", "log_file")
     stages = data.get("stages")

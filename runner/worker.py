@@ -95,7 +95,9 @@ class FunctionFailed(Exception):
     the call, and a stage that skips many items logs the traceback of each place once.
     """
 
-    def __init__(self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None) -> None:
+    def __init__(
+        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
+    ) -> None:
         super().__init__(summary)
         self.summary, self._tb, self.item, self.where = summary, tb, item, where
 
@@ -416,7 +418,8 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     if spec.limit is not None:
         items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
     if stage.processes > 1:
-        items = items[spec.index :: stage.processes] if in_memory else itertools.islice(items, spec.index, None, stage.processes)
+        step = stage.processes
+        items = items[spec.index :: step] if in_memory else itertools.islice(items, spec.index, None, step)
     if in_memory:  # nothing to wait for between items: hand them over in slices, not one call each
         for start in range(0, len(items), MAX_BATCH):
             emitter.emit_many(items[start : start + MAX_BATCH])
@@ -570,7 +573,8 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept, kept_ids = [], []
-    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends], strict=False) for _ in range(end - start)]
+    starts = [0, *result.ends]
+    sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
     for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
         try:
@@ -618,7 +622,13 @@ def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> di
 
 
 def run_chunk(
-    fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    chunk: list[tuple[Any, int]],
+    lock: Any,
+    progress: Any,
+    log: Any,
 ) -> ChunkResult:
     """``run_items`` for a chunk of ``(item, failed attempts so far)`` pairs."""
     tries = [attempts for _, attempts in chunk]
@@ -779,7 +789,8 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **error.traceback_fields(log))
+            tb = error.traceback_fields(log)
+            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
@@ -790,5 +801,6 @@ def _with_policy(
         else:
             result.skipped += 1
             progress[3] = result.skipped
-        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **error.traceback_fields(log))
+        tb = error.traceback_fields(log)
+        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
         return False
