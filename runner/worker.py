@@ -96,7 +96,9 @@ class FunctionFailed(Exception):
     the call, and a stage that skips many items logs the traceback of each place once.
     """
 
-    def __init__(self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None) -> None:
+    def __init__(
+        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
+    ) -> None:
         super().__init__(summary)
         self.summary, self._tb, self.item, self.where = summary, tb, item, where
 
@@ -177,10 +179,8 @@ def die_with_parent(parent_pid: int) -> None:
     of this process, so it works while the process holds the GIL in native code. The parent is the main
     process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
     main process backs it up where the parent is neither."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() == 1:  # the parent ended before the line above
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -401,7 +401,7 @@ def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
                             raise SourceError(msg) from None
                         yield value
             else:
-                for line, text in enumerate(f, 1):
+                for line, text in enumerate(f, 1):  # noqa: B007 - `line` is read by the except below
                     yield text.rstrip("\n")
         except UnicodeDecodeError as e:
             msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
@@ -419,7 +419,8 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     if spec.limit is not None:
         items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
     if stage.processes > 1:
-        items = items[spec.index :: stage.processes] if in_memory else itertools.islice(items, spec.index, None, stage.processes)
+        step = stage.processes
+        items = items[spec.index :: step] if in_memory else itertools.islice(items, spec.index, None, step)
     if in_memory:  # nothing to wait for between items: hand them over in slices, not one call each
         for start in range(0, len(items), MAX_BATCH):
             emitter.emit_many(items[start : start + MAX_BATCH])
@@ -573,7 +574,8 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept, kept_ids = [], []
-    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    starts = [0, *result.ends]
+    sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
     for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
         try:
@@ -621,7 +623,13 @@ def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> di
 
 
 def run_chunk(
-    fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    chunk: list[tuple[Any, int]],
+    lock: Any,
+    progress: Any,
+    log: Any,
 ) -> ChunkResult:
     """``run_items`` for a chunk of ``(item, failed attempts so far)`` pairs."""
     tries = [attempts for _, attempts in chunk]
@@ -685,7 +693,7 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -773,7 +781,7 @@ def _with_policy(
             except FunctionFailed as e:
                 del outputs[mark:]
                 failure = e
-        e, failure = failure, None
+        error, failure = failure, None
         attempts += 1
         result.failed += 1
         progress[1] = 0
@@ -782,16 +790,18 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+            tb = error.traceback_fields(log)
+            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
-            result.error = (e.summary, e.tb, e.item)
+            result.error = (error.summary, error.tb, error.item)
             return True
         if decided == "dead_letter":
-            result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+            result.dead.append(give_up_letter(stage, item, error.summary, attempts))
         else:
             result.skipped += 1
             progress[3] = result.skipped
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+        tb = error.traceback_fields(log)
+        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
         return False

@@ -355,7 +355,7 @@ stages:
     assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
 
 
-def test_lock_names_and_daemon(tmp_pipeline, ray_run, tmp_path):
+def test_ray_lock_keeps_every_increment_names_processes_and_daemon_never_holds(tmp_pipeline, ray_run, tmp_path):
     """A lock serializes calls across worker actors (no lost increment); process_names name them; a daemon
     monitor never holds the run open."""
     counter = tmp_path / "counter"

@@ -316,7 +316,7 @@ def test_second_sigint_stops_at_once(tmp_pipeline, marks, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
 
-    wait_for(lambda: (marks / "started").exists())
+    wait_for((marks / "started").exists)
     proc.send_signal(signal.SIGINT)
     # Two signals sent back to back may be delivered as one: send the second once the first was seen.
     wait_for(lambda: log_file.exists() and "stopping" in log_file.read_text())
