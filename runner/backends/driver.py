@@ -229,7 +229,7 @@ class Driver:
                     display.refresh(self.snapshot())
                 else:
                     self.sample_queues()
-            except Exception:  # noqa: BLE001, S112 - a racing read while the run ends: the next tick redoes it
+            except Exception:  # noqa: BLE001 - a racing read while the run ends: the next tick redoes it
                 continue
 
 

@@ -230,7 +230,8 @@ class StageRunnerCore:
         if decided == Decision.RETRY:
             st.retried += 1
         elif decided == Decision.FAIL:
-            raise StageFailed(f"stage {plan.name!r} (process {process}) failed on item {worker.short_repr(item)}: {reason}")
+            on = worker.short_repr(item)
+            raise StageFailed(f"stage {plan.name!r} (process {process}) failed on item {on}: {reason}")
         elif decided == Decision.DEAD_LETTER:
             self._dead_letter(worker.give_up_letter(plan, item, reason, attempts), item_id)
         else:

@@ -188,9 +188,10 @@ class StageRunner(StageRunnerCore):
             self.want.wait()
             self.want.clear()
             try:
-                batch = self.input.get_ids() if self.packed is None else self.input.get_packed()
+                batch = self.input.get_packed() if isinstance(self.input, FifoChannel) else self.input.get_ids()
             except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
-                self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
+                self.fetch_error = (f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: "
+                                    f"{type(e).__name__}: {e}")
                 self.bell.ring()
                 return
             self.fetched.append(batch)
@@ -244,7 +245,8 @@ class StageRunner(StageRunnerCore):
     def _wants_input(self) -> bool:
         """Fewer than ``2 * MAX_BATCH`` items and ``FETCH_BYTES`` (or a chunk per worker) wait for a worker."""
         waiting_bytes = self.packed_bytes + len(self.buffer) * self.item_bytes
-        return self.waiting < 2 * MAX_BATCH and waiting_bytes < max(FETCH_BYTES, 2 * DEPTH * len(self.workers) * BATCH_BYTES)
+        room = max(FETCH_BYTES, 2 * DEPTH * len(self.workers) * BATCH_BYTES)
+        return self.waiting < 2 * MAX_BATCH and waiting_bytes < room
 
     def _take_fetched(self) -> None:
         self.bell.clear()
@@ -442,7 +444,8 @@ class StageRunner(StageRunnerCore):
             keep.insert(len(redo), index)
         if keep:
             again_tries = [attempts if i == index else tries[i] for i in keep]
-            self.again.appendleft(_Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep)))
+            again = _Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep))
+            self.again.appendleft(again)
         else:
             self._emit(task.seq, [], final=True)
 

@@ -42,6 +42,7 @@ import runner
 import schemas
 from runner import logs, worker
 from runner.backends.driver import Driver, make_display
+from runner.backends.ray import actors
 from runner.backends.ray.actors import (
     CHUNK_SECONDS,
     CONNECT_TIMEOUT,
@@ -54,10 +55,7 @@ from runner.backends.ray.actors import (
     ActorSpec,
     RayChannel,
     RayLock,
-    _Hub,
-    _ProducerActor,
     _slots,
-    _WorkerActor,
 )
 from runner.backends.stage import StageFailed, StageRunnerCore
 from runner.errors import RunFailed, UsageError
@@ -65,6 +63,11 @@ from runner.messages import Decision
 from runner.queues import Emitter
 from runner.results import RunResult
 from runner.topology import BATCH_BYTES, StagePlan, Topology
+
+# The actor classes (Ray's type stubs know how to call remote functions, not actor classes).
+_Hub: Any = actors._Hub
+_ProducerActor: Any = actors._ProducerActor
+_WorkerActor: Any = actors._WorkerActor
 
 
 class Signal(NamedTuple):
@@ -605,7 +608,8 @@ class StageRunner(StageRunnerCore):
                 self._recover(w, task, index, reason)
             elif self.plan.on_error == "fail":
                 first = worker.short_repr(task.chunk[0][0])
-                msg = f"stage {self.plan.name!r} (process {w.name}) failed holding {len(task.chunk)} items from {first}: {died}"
+                msg = (f"stage {self.plan.name!r} (process {w.name}) failed holding {len(task.chunk)} items "
+                       f"from {first}: {died}")
                 raise StageFailed(msg)
             elif self.plan.restart:
                 # Which item killed it is unknown: run the chunk again one item at a time, to find out.
