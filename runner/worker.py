@@ -476,6 +476,9 @@ class ChunkResult:
     # messages follow as frames of their own (see _result_frames).
     packed: list[tuple[int, bytes]] | None = None
     partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
+    # A stage with routes: for each output, the index in stage.outputs of the queue it goes to (None: a list
+    # `output`, every output to every queue).
+    targets: list[int] | None = None
 
 
 def worker_main(spec: WorkerSpec) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from runner import worker
@@ -33,6 +34,10 @@ from runner.topology import StagePlan
 
 KILL_GRACE = 2.0  # seconds a worker gets to stop when asked before it is killed
 
+# What a worker answered for (part of) a chunk, as the runner passes it on: outputs, their ids, the
+# outputs packed as queue messages by the worker ((n, bytes) each), and the queue of each output (routes).
+Piece = tuple[list[Any], Any, "list[tuple[int, bytes]] | None", "list[int] | None"]
+
 
 class StageFailed(Exception):
     """A stage cannot go on; the message names the stage and says why."""
@@ -41,13 +46,20 @@ class StageFailed(Exception):
 class StageRunnerCore:
     """The part of a stage runner that is the same on every backend (see the module docstring)."""
 
-    def __init__(self, sup: Any, plan: StagePlan, emitter: Emitter, dead_emitter: Emitter | None) -> None:
+    def __init__(self, sup: Any, plan: StagePlan, emitter: Callable[[list[Any]], Emitter], outputs: list[Any],
+                 dead_emitter: Emitter | None) -> None:
+        """``emitter(channels)``: the backend's Emitter of outputs into those channels; ``outputs``: the channels
+        of ``plan.outputs``."""
         self.sup, self.plan = sup, plan
         self.stats: StageStats = sup.stats[plan.name]
-        self.emitter, self.dead_emitter = emitter, dead_emitter
+        # A list `output`: one emitter sends every output to every queue. Routes: one emitter per queue.
+        self.emitter = emitter([] if plan.routes else outputs)
+        self.routed = [emitter([channel]) for channel in outputs] if plan.routes else []
+        self.dead_emitter = dead_emitter
+        self.emitters = [e for e in (self.emitter, *self.routed, self.dead_emitter) if e is not None]
         # Outputs of chunks waiting for their turn (ordered): seq -> pieces (outputs, ids, packed); `ready`:
         # the chunks whose last piece has come.
-        self.results: dict[int, list[tuple[list[Any], Any, Any]]] = {}
+        self.results: dict[int, list[Piece]] = {}
         self.ready: set[int] = set()
         self.next_seq = 0
         self.next_out = 0
@@ -112,9 +124,14 @@ class StageRunnerCore:
         return self.quiet
 
     def _abandon(self) -> None:
-        for emitter in (self.emitter, self.dead_emitter):
-            if emitter is not None:
-                emitter.abandon()
+        for emitter in self.emitters:
+            emitter.abandon()
+
+    def sent_to(self, queue: str) -> int:
+        """Outputs sent into ``queue`` so far (dead letters aside)."""
+        if self.routed:
+            return self.routed[self.plan.outputs.index(queue)].sent
+        return self.emitter.sent
 
     # -- the runner thread -----------------------------------------------------------------------------
 
@@ -133,9 +150,8 @@ class StageRunnerCore:
         try:
             self._loop()
             if not self.aborted and not self.stopping:
-                self.emitter.close()
-                if self.dead_emitter is not None:
-                    self.dead_emitter.close()
+                for emitter in self.emitters:
+                    emitter.close()
         except StageFailed as e:
             self.error = str(e)
         except Cancelled:  # a put that waited for room, given up as the run stops: counted as left behind
@@ -145,9 +161,8 @@ class StageRunnerCore:
                 self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
         finally:
             self._stop_workers()
-            for emitter in (self.emitter, self.dead_emitter):
-                if emitter is not None:
-                    emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
+            for emitter in self.emitters:
+                emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
             if self.stopping:  # read, never handed out: they count as still in the input queue
                 self.stats.items_in -= self.unhanded()
             self.stats.items_out = self.emitted
@@ -159,7 +174,8 @@ class StageRunnerCore:
         """A self-fed stage that has just run out of work says so (the driver may then end its input)."""
         quiet = not busy and not waiting
         if quiet and not self.quiet:
-            self.emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
+            for emitter in (self.emitter, *self.routed):
+                emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
             self.quiet = True
             self.sup.ring()
         elif not quiet:
@@ -188,7 +204,7 @@ class StageRunnerCore:
         for letter, item_id in zip(res.dead, res.dead_ids or [None] * len(res.dead), strict=True):
             self._dead_letter(letter, item_id)
 
-    def _emit(self, seq: int, pieces: list[tuple[list[Any], Any, Any]], *, final: bool = True) -> None:
+    def _emit(self, seq: int, pieces: list[Piece], *, final: bool = True) -> None:
         """Send a chunk's outputs on (in input order for ``ordered: true``, once its ``final`` piece is in)."""
         if not self.plan.ordered:
             for piece in pieces:
@@ -203,10 +219,14 @@ class StageRunnerCore:
                 self._send_on(*piece)
             self.next_out += 1
 
-    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None) -> None:
-        """Emit outputs (``packed``: as output queue messages made by the worker). While the run stops they are
-        counted and left behind."""
+    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None,
+                 targets: list[int] | None = None) -> None:
+        """Emit outputs (``packed``: as output queue messages made by the worker; ``targets``: the queue of each,
+        for a stage with routes). While the run stops they are counted and left behind."""
         self.emitted += sum(n for n, _ in packed) if packed else len(outputs)
+        if targets is not None:
+            self._send_routed(outputs, ids, targets)
+            return
         if self.stopping and self.plan.outputs:
             return
         for n, data in packed or ():
@@ -214,6 +234,21 @@ class StageRunnerCore:
                 self.emitter.emit_many(*pickle.loads(data))
         if outputs:
             self.emitter.emit_many(outputs, ids)
+
+    def _send_routed(self, outputs: list[Any], ids: Any, targets: list[int]) -> None:
+        """Each output to the queue of its route (counted per queue, even when a stop leaves them behind)."""
+        groups: dict[int, tuple[list[Any], list[Any]]] = {}
+        for out, target, item_id in zip(outputs, targets, ids if ids is not None else [None] * len(outputs),
+                                        strict=True):
+            group = groups.setdefault(target, ([], []))
+            group[0].append(out)
+            group[1].append(item_id)
+        routed = self.stats.routed
+        for target, (outs, out_ids) in groups.items():
+            queue = self.plan.outputs[target]
+            routed[queue] = routed.get(queue, 0) + len(outs)
+            if not self.stopping:
+                self.routed[target].emit_many(outs, out_ids)
 
     def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
         assert self.dead_emitter is not None

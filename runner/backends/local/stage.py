@@ -126,7 +126,11 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        super().__init__(sup, plan, Emitter(outputs, on_batch=collect, ids=bool(outputs)),  # a sink passes no ids on
+
+        def emitter(channels: list[Channel]) -> Emitter:
+            return Emitter(channels, on_batch=collect, ids=bool(channels))  # a sink passes no ids on
+
+        super().__init__(sup, plan, emitter, outputs,
                          Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None)
         self.sup: Supervisor = sup
         self.input = sup.channels[plan.inputs[0]]
@@ -380,7 +384,7 @@ class StageRunner(StageRunnerCore):
         else:
             w.tasks.popleft()
             w.retiring = res.retire
-        self._emit(res.seq, [(res.outputs, res.ids, res.packed)], final=not res.partial)
+        self._emit(res.seq, [(res.outputs, res.ids, res.packed, res.targets)], final=not res.partial)
 
     def _exited(self, w: _Worker) -> None:
         code = exit_code_of(w.process)

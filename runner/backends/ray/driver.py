@@ -427,9 +427,12 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: RaySupervisor, plan: StagePlan) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        emitter = Emitter([sup.channels[q] for q in plan.outputs], on_batch=collect)  # type: ignore[misc]
+
+        def emitter(channels: list[RayChannel]) -> Emitter:
+            return Emitter(channels, on_batch=collect)  # type: ignore[arg-type]
+
         dead = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None  # type: ignore[list-item]
-        super().__init__(sup, plan, emitter, dead)
+        super().__init__(sup, plan, emitter, [sup.channels[q] for q in plan.outputs], dead)
         self.sup: RaySupervisor = sup
         self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
@@ -576,7 +579,7 @@ class StageRunner(StageRunnerCore):
     def _finish(self, seq: int, res: worker.ChunkResult) -> None:
         """Count a finished chunk, send its dead letters and emit its outputs."""
         self._count(self.plan.name, res)
-        self._emit(seq, [(res.outputs, None, None)])
+        self._emit(seq, [(res.outputs, None, None, res.targets)])
 
     def _retire(self, w: _Worker) -> None:
         """maxtasksperchild: replace the worker with a fresh one of the same name."""
