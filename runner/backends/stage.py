@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ class StageRunnerCore:
         self.aborted = False
         self.finished = False
         self.quiet = False  # a self-fed stage: nothing in flight, waiting or buffered (see idle)
+        self.waiting_since = 0.0  # when the first of the items now waiting for a worker arrived (time.monotonic)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
@@ -184,7 +186,23 @@ class StageRunnerCore:
     def _taking(self, n: int) -> None:
         """Count ``n`` items taken from the input queue."""
         self.quiet = False  # before the count: the driver must never see it quiet with this batch taken
+        if not self.unhanded():
+            self.waiting_since = time.monotonic()
         self.stats.items_in += n
+
+    def _holding(self, waiting: int) -> float | None:
+        """A ``batch`` stage holds fewer than ``batch`` waiting items while more input may come, for at most
+        ``batch_timeout`` from when the first of them arrived: the seconds left, or None (hand them out)."""
+        plan = self.plan
+        if not plan.batch or not waiting or waiting >= plan.batch or self.input_done or self.stopping:
+            return None
+        left = self.waiting_since + plan.batch_timeout - time.monotonic()
+        return left if left > 0 else None
+
+    def _whole_batches(self, size: int) -> int:
+        """A chunk of ``size`` items cut to whole batches of a ``batch`` stage (at least one batch)."""
+        batch = self.plan.batch
+        return size if not batch else max(batch, size - size % batch)
 
     def _count(self, process: str, res: worker.ChunkResult) -> None:
         """Count a (partial) result per item; a result with an error fails the stage."""

@@ -298,9 +298,9 @@ class StageRunner(StageRunnerCore):
         """The next chunk to hand out: a dead worker's first, then what waits (None: nothing)."""
         if self.again:
             return self.again.popleft()
-        if not self.waiting:
+        if not self.waiting or self._holding(self.waiting) is not None:
             return None
-        size = self.plan.chunksize or self._chunk_size()
+        size = self._whole_batches(self.plan.chunksize or self._chunk_size())
         # Once the time per item is known and while more input comes, a batch that is not too much
         # work for one worker goes whole (the others get the next ones); the first items are split.
         known = self.stats.busy_seconds > 0 and not self.input_done
@@ -457,6 +457,9 @@ class StageRunner(StageRunnerCore):
         """Seconds until the runner must look at its workers again without being woken (None: never)."""
         now = time.monotonic()
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
+        held = self._holding(self.waiting)
+        if held is not None:
+            deadlines.append(now + held)
         if self.plan.timeout:
             for w in self.workers:
                 if w.tasks:

@@ -502,8 +502,8 @@ class StageRunner(StageRunnerCore):
             if w.task is None:
                 if self.again:
                     w.task = self.again.popleft()
-                elif self.buffer:
-                    size = min(self._chunk_size(), len(self.buffer))
+                elif self.buffer and self._holding(len(self.buffer)) is None:
+                    size = min(self._whole_batches(self._chunk_size()), len(self.buffer))
                     w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(size)])
                     self.next_seq += 1
                 else:
@@ -650,6 +650,9 @@ class StageRunner(StageRunnerCore):
 
     def _next_deadline(self) -> float | None:
         checks = [w.check_at for w in self.workers if w.ref is not None and w.check_at is not None]
+        held = self._holding(len(self.buffer))
+        if held is not None:
+            checks.append(time.monotonic() + held)
         return None if not checks else max(0.0, min(checks) - time.monotonic())
 
     def _enforce_timeouts(self) -> None:
