@@ -416,7 +416,8 @@ class _ProducerActor:
             emitter.close()
         except Exception as e:  # noqa: BLE001 - reported to the driver, never lost
             error = f"{type(e).__name__}: {e}"
-            self.log.error("source failed", error=error, exception=traceback.format_exc())
+            tb = "" if isinstance(e, worker.SourceError) else traceback.format_exc()  # bad data: its file and line
+            self.log.error("source failed", error=error, **({"exception": tb} if tb else {}))
         finally:
             _flush(self.relay)
         return emitter.sent, time.perf_counter() - started, error, _where()
