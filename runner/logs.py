@@ -46,6 +46,8 @@ from runner import wire
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset(_PLAIN)
+_NUMBERS = frozenset({int, float, bool, type(None)})
 
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
@@ -67,6 +69,8 @@ class Shown(str):
 
 def shown(value: Any, text: str, width: int = 200) -> str:
     """``text`` (the repr of ``value``), as a ``Shown`` when ``value`` is plain data whose JSON fits ``width``."""
+    if type(value) in _NUMBERS and width >= 24:  # its JSON is no longer than its repr (or "Infinity")
+        return Shown(text, value)
     if not _json_like(value):  # holds something JSON has no form for: the repr says more
         return text
     plain = _plain(value)
@@ -85,18 +89,17 @@ def _json_like(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     """A value that pickles and renders as JSON: containers of plain values kept, the rest as repr."""
-    if isinstance(value, Shown):
-        return _plain(value.value)
+    if type(value) is Shown:
+        return value.value  # plain already (``shown``)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [v if type(v) in _SCALARS else _plain(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {k if type(k) is str else str(k): v if type(v) in _SCALARS else _plain(v) for k, v in value.items()}
     return repr(value)
 
 
-_SCALARS = frozenset(_PLAIN)
 _STR = frozenset({str})
 _second: list[Any] = [None, ""]  # the whole second last formatted, and its text: one strftime a second
 

@@ -84,7 +84,9 @@ def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
     n = len(ends)
     if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
         return ids[:n]  # one output per item: the same ids (a range stays a range)
-    counts = map(int.__sub__, ends, [0, *ends[:-1]])
+    counts = list(map(int.__sub__, ends, [0, *ends[:-1]]))
+    if max(counts) == 1:  # one output or none per item (some failed, or were filtered out)
+        return list(itertools.compress(ids, counts))
     return list(itertools.chain.from_iterable(map(itertools.repeat, ids, counts)))
 
 
@@ -666,6 +668,7 @@ def run_items(
     t0 = clock()
     progress[3] = progress[4] = progress[5] = 0
     simple = lock is None and tries is None and not timed  # the common case: a tight loop
+    skipping = stage.on_error == "skip" and not stage.dead_letter  # a failed item is given up on at once
     # While every item so far gave exactly one output (regular) or none (silent: a sink), `ends` is implicit
     # and filled in later; the first item that breaks the pattern makes it explicit.
     regular = silent = True
@@ -685,6 +688,15 @@ def run_items(
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
                 failure = FunctionFailed.of(e, item)
+                if skipping:  # what _with_policy would do, without leaving the loop
+                    if regular or silent:
+                        ends.extend(_implicit_ends(regular, index))
+                        regular = silent = False
+                    result.failed += 1
+                    progress[4] = result.failed
+                    _skip(failure, 1, result, progress, log)
+                    ends.append(len(outputs))
+                    continue
             else:
                 if out is None:
                     if silent:
@@ -789,8 +801,18 @@ def _with_policy(
             return True
         if decided == "dead_letter":
             result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+            _given_up(e, attempts, log)
         else:
-            result.skipped += 1
-            progress[3] = result.skipped
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+            _skip(e, attempts, result, progress, log)
         return False
+
+
+def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, log: Any) -> None:
+    """Count an item skipped after ``attempts`` failures (the last one ``e``) and say so."""
+    result.skipped += 1
+    progress[3] = result.skipped
+    _given_up(e, attempts, log)
+
+
+def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
+    log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
