@@ -47,7 +47,7 @@ from runner import wire
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
 _SCALARS = frozenset(_PLAIN)
-_NUMBERS = frozenset({int, float, bool, type(None)})
+NUMBERS = frozenset({int, float, bool, type(None)})  # JSON holds them as their repr
 
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
@@ -69,7 +69,7 @@ class Shown(str):
 
 def shown(value: Any, text: str, width: int = 200) -> str:
     """``text`` (the repr of ``value``), as a ``Shown`` when ``value`` is plain data whose JSON fits ``width``."""
-    if type(value) in _NUMBERS and width >= 24:  # its JSON is no longer than its repr (or "Infinity")
+    if type(value) in NUMBERS and width >= 24:  # its JSON is no longer than its repr (or "Infinity")
         return Shown(text, value)
     if not _json_like(value):  # holds something JSON has no form for: the repr says more
         return text
@@ -200,7 +200,6 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         timestamp are filled in by the listener from the first of its place and its time.
         """
         created = time.time()
-        levelname = logging.getLevelName(levelno)
         with self.lock:  # type: ignore[union-attr]
             try:
                 if levelno >= logging.WARNING and self._batching:
@@ -208,8 +207,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                     where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
                              event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
                     group = self._waiting.get(where)
-                    if group is not None:
-                        self._seen[where] += 1
+                    if group is not None:  # a repeat (its place is past SHOWN: _seen counts no further)
                         item_id = item_id_source() if item_id_source is not None else None
                         if item_id is not None or "item_id" in group[3]:
                             event["item_id"] = item_id
@@ -217,9 +215,9 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                             event = _plain(event)
                         self._wait(group, created, event)
                         return
-                self._send(self._event(name, levelno, levelname, event, created))
+                self._send(self._event(name, levelno, logging.getLevelName(levelno), event, created))
             except Exception:  # noqa: BLE001 - as emit
-                self.handleError(_Event(name, levelno, levelname, event, created))
+                self.handleError(_Event(name, levelno, logging.getLevelName(levelno), event, created))
 
     def _send(self, record: _Event) -> None:
         if record.levelno >= logging.WARNING and self._batching:
@@ -233,7 +231,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                 first = group[3]
                 self._wait(group, record.created, {k: v for k, v in event.items() if k not in first or first[k] != v})
                 return
-        if self._waiting:
+        if self._count:
             self._send_waiting()
         self.enqueue(record)
 
@@ -243,22 +241,30 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         self._count += 1
         if self._count >= BATCH:
             self._send_waiting()
-        elif self._timer is None:
-            self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
+        elif self._timer is None:  # left running when a full batch is sent: at most one thread start a period
+            self._timer = threading.Timer(BATCH_SECONDS, self._time_up)
             self._timer.daemon = True
             self._timer.start()
 
-    def send_waiting(self) -> None:
-        """Send the repeats waiting, if any (from the timer, at exit, when replaced)."""
+    def _time_up(self) -> None:
         with self.lock:  # type: ignore[union-attr]
+            self._timer = None
+            self._send_waiting()
+
+    def send_waiting(self) -> None:
+        """Send the repeats waiting, if any (at exit, when replaced)."""
+        with self.lock:  # type: ignore[union-attr]
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._send_waiting()
 
     def _send_waiting(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._waiting:
-            waiting, self._waiting, self._count = self._waiting, {}, 0
+        """Send what waits; each place keeps its group (emptied), so its next repeat waits at once again."""
+        if self._count:
+            waiting = {where: group for where, group in self._waiting.items() if group[4]}
+            self._waiting = {where: (*group[:4], []) for where, group in self._waiting.items()}
+            self._count = 0
             self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:

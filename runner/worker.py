@@ -94,12 +94,28 @@ class FunctionFailed(Exception):
     """A stage function raised; carries the child-side traceback text, the item, and where it was raised.
 
     The traceback is formatted only when it is read (``tb``): formatting one costs ~150 us, far more than
-    the call, and a stage that skips many items logs the traceback of each place once.
+    the call, and a stage that skips many items logs the traceback of each place once.  The item's text
+    too (``item``): a warning holds a number as itself (``shown``), which is what its text would become.
     """
 
-    def __init__(self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None) -> None:
+    def __init__(self, summary: str, tb: str | BaseException, item: str | None, where: tuple[str, str, int] | None = None,
+                 value: Any = None) -> None:
         super().__init__(summary)
-        self.summary, self._tb, self.item, self.where = summary, tb, item, where
+        self.summary, self._tb, self._item, self.where, self.value = summary, tb, item, where, value
+
+    @property
+    def item(self) -> str:
+        """The item as text (``short_repr``)."""
+        if self._item is None:
+            self._item = short_repr(self.value)
+        return self._item
+
+    @property
+    def shown(self) -> Any:
+        """The item as a log record holds it once made plain data (``logs._plain`` of ``item``)."""
+        if self._item is None and type(self.value) in logs.NUMBERS and len(repr(self.value)) <= SHORT:
+            return self.value
+        return self.item
 
     @property
     def tb(self) -> str:
@@ -116,7 +132,7 @@ class FunctionFailed(Exception):
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = (type(e).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
-        return cls(f"{type(e).__name__}: {e}", e, short_repr(item), where)
+        return cls(f"{type(e).__name__}: {e}", e, None, where, item)
 
     def traceback_fields(self, log: Any) -> dict[str, str]:
         """The traceback for a warning about this failure: the first from each place in this process;
@@ -124,7 +140,10 @@ class FunctionFailed(Exception):
         return {"exception": self.tb} if log.first(self.where) else {"traceback": "as earlier in this process"}
 
 
-def short_repr(value: Any, width: int = 200) -> str:
+SHORT = 200  # characters of an item's repr in messages
+
+
+def short_repr(value: Any, width: int = SHORT) -> str:
     """``repr`` cut to ``width`` characters; a log record shows plain data as its JSON value (``logs.Shown``)."""
     text = repr(value)
     return logs.shown(value, text, width) if len(text) <= width else text[: width - 3] + "..."
@@ -793,7 +812,7 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+            log.warning("retrying", error=e.summary, item=e.shown, attempt=attempts, **e.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
@@ -815,4 +834,4 @@ def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, 
 
 
 def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
-    log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+    log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, **e.traceback_fields(log))
