@@ -173,6 +173,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
     def __init__(self, queue: Any, **context: Any) -> None:
         super().__init__(queue)
         self.context = context
+        self._stage = context.get("stage")
         self._seen: dict[tuple[Any, ...], int] = {}
         self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
         self._count = 0  # records waiting
@@ -204,8 +205,8 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             try:
                 if levelno >= logging.WARNING and self._batching:
                     error = event.get("error")
-                    where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
-                             event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
+                    where = (event.get("stage", self._stage), levelno, event.get("logger", name), event.get("event"),
+                             error.partition(":")[0] if type(error) is str else None)
                     group = self._waiting.get(where)
                     if group is not None:  # a repeat (its place is past SHOWN: _seen counts no further)
                         item_id = item_id_source() if item_id_source is not None else None
@@ -213,7 +214,10 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                             event["item_id"] = item_id
                         if not _SCALARS.issuperset(map(type, event.values())):
                             event = _plain(event)
-                        self._wait(group, created, event)
+                        group[4].append((created, event))
+                        self._count += 1
+                        if self._count >= BATCH or self._timer is None:
+                            self._wait()
                         return
                 self._send(self._event(name, levelno, logging.getLevelName(levelno), event, created))
             except Exception:  # noqa: BLE001 - as emit
@@ -229,16 +233,16 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                 if group is None:
                     group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
                 first = group[3]
-                self._wait(group, record.created, {k: v for k, v in event.items() if k not in first or first[k] != v})
+                group[4].append((record.created, {k: v for k, v in event.items() if k not in first or first[k] != v}))
+                self._count += 1
+                self._wait()
                 return
         if self._count:
             self._send_waiting()
         self.enqueue(record)
 
-    def _wait(self, group: tuple[Any, ...], created: float, changed: dict[str, Any]) -> None:
-        """Keep a repeat to be sent in the next batch (sent now when it is full, else by the timer)."""
-        group[4].append((created, changed))
-        self._count += 1
+    def _wait(self) -> None:
+        """A repeat has been added to its group: send the batch when it is full, else see that the timer runs."""
         if self._count >= BATCH:
             self._send_waiting()
         elif self._timer is None:  # left running when a full batch is sent: at most one thread start a period

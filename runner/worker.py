@@ -73,8 +73,10 @@ def current_item_id() -> str | None:
     ids, progress = _chunk
     if ids is None:
         return None
-    index = int(progress[0])
-    return item_id_text(ids[index]) if index < len(ids) else None
+    index = progress[0]
+    if index >= len(ids) or not _id_names or (n := ids[index]) is None:
+        return None
+    return f"{_id_names[n % len(_id_names)]}:{n // len(_id_names)}"  # item_id_text, inlined: called per record
 
 
 def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
@@ -137,10 +139,11 @@ class FunctionFailed(Exception):
     def traceback_fields(self, log: Any) -> dict[str, str]:
         """The traceback for a warning about this failure: the first from each place in this process;
         after that a note, so that a run that skips or retries many items logs each traceback once."""
-        return {"exception": self.tb} if log.first(self.where) else {"traceback": "as earlier in this process"}
+        return {"exception": self.tb} if log.first(self.where) else {"traceback": AS_EARLIER}
 
 
 SHORT = 200  # characters of an item's repr in messages
+AS_EARLIER = "as earlier in this process"  # a warning's traceback after the first of its place
 
 
 def short_repr(value: Any, width: int = SHORT) -> str:
@@ -834,4 +837,7 @@ def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, 
 
 
 def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
-    log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, **e.traceback_fields(log))
+    if log.first(e.where):
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
+    else:
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, traceback=AS_EARLIER)
