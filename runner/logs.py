@@ -47,7 +47,7 @@ from runner import wire
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
 _SCALARS = frozenset(_PLAIN)
-NUMBERS = frozenset({int, float, bool, type(None)})  # JSON holds them as their repr
+NUMBERS = frozenset({int, float, bool, type(None)})  # plain data whose JSON is at most 24 characters
 
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
@@ -176,6 +176,10 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         self._stage = context.get("stage")
         self._seen: dict[tuple[Any, ...], int] = {}
         self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
+        # place -> the fields of its first record that a repeat must have too: a repeat takes the others
+        # (level, logger, time, this process's context) from the first, when it is made whole again
+        self._needs: dict[tuple[Any, ...], frozenset[str]] = {}
+        self._filled = frozenset({"level", "logger", "timestamp", "item_id", *context})
         self._count = 0  # records waiting
         self._pid = os.getpid()
         # Batches on a run's record pipe, multiprocessing's queues and inline runs' queue.Queue; a queue of its
@@ -206,9 +210,10 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                 if levelno >= logging.WARNING and self._batching:
                     error = event.get("error")
                     where = (event.get("stage", self._stage), levelno, event.get("logger", name), event.get("event"),
-                             error.partition(":")[0] if type(error) is str else None)
+                             error.partition(":")[0] if isinstance(error, str) else None)
                     group = self._waiting.get(where)
-                    if group is not None:  # a repeat (its place is past SHOWN: _seen counts no further)
+                    # a repeat (its place is past SHOWN: _seen counts no further) with each field of the first
+                    if group is not None and self._needs[where] <= event.keys():
                         item_id = item_id_source() if item_id_source is not None else None
                         if item_id is not None or "item_id" in group[3]:
                             event["item_id"] = item_id
@@ -230,10 +235,16 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             if seen > SHOWN:
                 event = record.msg
                 group = self._waiting.get(where)
-                if group is None:
+                if group is None or not self._needs[where] <= event.keys():  # this one starts the group anew
+                    if self._count:
+                        self._send_waiting()
                     group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                    self._needs[where] = frozenset(event.keys() - self._filled)
                 first = group[3]
-                group[4].append((record.created, {k: v for k, v in event.items() if k not in first or first[k] != v}))
+                changed = {k: v for k, v in event.items() if k not in first or first[k] != v}
+                if "item_id" in first and "item_id" not in event:
+                    changed["item_id"] = None  # none: dropped when made whole
+                group[4].append((record.created, changed))
                 self._count += 1
                 self._wait()
                 return

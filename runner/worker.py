@@ -73,7 +73,7 @@ def current_item_id() -> str | None:
     ids, progress = _chunk
     if ids is None:
         return None
-    index = progress[0]
+    index = int(progress[0])
     if index >= len(ids) or not _id_names or (n := ids[index]) is None:
         return None
     return f"{_id_names[n % len(_id_names)]}:{n // len(_id_names)}"  # item_id_text, inlined: called per record

@@ -140,3 +140,30 @@ def test_every_skipped_item_is_in_the_log_file_and_the_metrics(tmp_pipeline, tmp
     stage = json.loads(metrics.read_text())["stages"]["double"]
     assert (stage["items_in"], stage["skipped"], stage["failed"], stage["items_out"]) == (
         3000, len(failing), len(failing), 3000 - len(failing))
+
+
+def test_a_repeat_made_whole_has_its_own_fields_and_no_others(monkeypatch):
+    """Repeats of one place cross as what differs from the first of their batch; made whole again, each has its
+    own fields only: the one repeat with a traceback (another line raised it) has it, the others a note."""
+    q: queue.Queue = queue.Queue()
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    ids = iter(["numbers:1"] * 7 + [None] + ["numbers:2"] * 10)
+    monkeypatch.setattr(logs, "item_id_source", lambda: next(ids))
+    try:
+        logs.configure(q, "info", stage="double", process="double-1")
+        log = logs.get_logger("mprun")
+        for i in range(12):
+            fields = {"exception": f"Traceback {i}"} if i in (0, 7) else {"traceback": worker.AS_EARLIER}
+            log.warning("item given up", error=f"ValueError: bad {i}", item=i, attempts=1, **fields)
+        logs.configure(queue.Queue(), "info")  # sends what waits
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    sent = [q.get_nowait() for _ in range(q.qsize())]
+    events = [e.msg for r in sent for e in (r.events() if isinstance(r, logs._Batch) else [r])]
+    assert [e["item"] for e in events] == list(range(12))
+    assert [e.get("exception") for e in events] == ["Traceback 0", *[None] * 6, "Traceback 7", *[None] * 4]
+    assert [e.get("traceback") for e in events] == [None, *[worker.AS_EARLIER] * 6, None, *[worker.AS_EARLIER] * 4]
+    assert [e.get("item_id") for e in events] == ["numbers:1"] * 7 + [None] + ["numbers:2"] * 4
+    assert all(e["stage"] == "double" and e["level"] == "warning" and e["logger"] == "mprun" for e in events)
