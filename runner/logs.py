@@ -47,7 +47,7 @@ from runner import wire
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
 _SCALARS = frozenset(_PLAIN)
-NUMBERS = frozenset({int, float, bool, type(None)})  # plain data whose JSON is at most 24 characters
+NUMBERS = frozenset({int, float, bool, type(None)})  # JSON as long as the repr (-Infinity: 9 characters)
 
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
