@@ -111,7 +111,7 @@ class StageBase(Model):
     @classmethod
     def _processes_bounded(cls, value: Any, handler: Any) -> Any:
         if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
-            msg = f"processes must be a whole number or 'auto', got {value!r}"
+            msg = f"Input should be a whole number or 'auto', got {value!r}"
             raise ValueError(msg)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             msg = f"Input should be greater than or equal to 1, got {value}"  # not also "or 'auto'" of the union
