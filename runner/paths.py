@@ -1,11 +1,11 @@
 """The files a run reads and writes, checked before any stage starts; free of pydantic (a cache hit uses it).
 
-    log file (relative to the working directory)      must be creatable: cannot_write
-    file sinks' kwargs.path (jsonl, csv, lines;       must be creatable: cannot_write; folders made by prepare_outputs;
-      relative to base_dir)                           ``-`` (standard output) not checked
-    file sources' path (relative to base_dir)          must exist and be readable: cannot_read, unless a file
-                                                       sink of the run writes it; ``-`` (standard input) not checked;
-                                                       a glob pattern must match a file: cannot_match
+    log file (relative to the working directory)   must be creatable: cannot_write
+    file sinks' kwargs.path (jsonl, csv, lines;    must be creatable: cannot_write; ``-`` (standard output) is
+      relative to base_dir)                        not checked; prepare_outputs makes their folders, empties them
+    file sources' path (relative to base_dir)      must exist and be readable: cannot_read, unless a file sink of
+                                                   the run writes it; ``-`` (standard input) is not checked; a
+                                                   glob pattern must match a file: cannot_match
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ def plan_problems(topology: Any) -> list[tuple[Where, str]]:
 
 
 def prepare_outputs(topology: Any) -> None:
-    """Create the folders the file sinks of a plan write into (checked creatable before)."""
+    """Create the folders the file sinks of a plan write into (checked creatable before), and empty the files:
+    each run writes its own (the sink's processes then append to it)."""
     for stage in topology.stages:
         if stage.function in FILE_SINKS and str(stage.kwargs["path"]) != STDIO:
-            Path(topology.base_dir, str(stage.kwargs["path"])).parent.mkdir(parents=True, exist_ok=True)
+            target = Path(topology.base_dir, str(stage.kwargs["path"]))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"")

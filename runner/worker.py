@@ -483,9 +483,9 @@ def _open_source(path: Path | str, fmt: str) -> Any:
         return Path(path).open(encoding="utf-8", newline=newline)
     parent = multiprocessing.parent_process()
     if parent is None:  # the main process (--inline): its own standard input
-        return open(0, encoding="utf-8", newline=newline, closefd=False)  # noqa: SIM115 - closed by the caller
+        return open(0, encoding="utf-8", newline=newline, closefd=False)  # closed by the caller
     try:
-        return open(f"/proc/{parent.pid}/fd/0", encoding="utf-8", newline=newline)  # noqa: SIM115
+        return open(f"/proc/{parent.pid}/fd/0", encoding="utf-8", newline=newline)
     except OSError as e:
         msg = f"<stdin>: cannot read the standard input of mprun from a producer process: {e.strerror or e}"
         raise SourceError(msg) from None

@@ -232,8 +232,9 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                                     or not all(isinstance(c, str) and c for c in columns)):
             problems.append((("stages", i, "kwargs", "columns"), f"columns must be a non-empty list of column names, got {columns!r}"))
         if function == "csv" and path == "-" and stage.processes != 1:
-            problems.append((("stages", i, "processes"), "a csv sink writing to standard output runs in one process: "
-                             "each process would write its own header; give processes: 1, or a file path"))
+            why = ("a csv sink writing to standard output runs in one process: each process would write its own "
+                   "header; give processes: 1, or a file path")
+            problems.append((("stages", i, "processes"), why))
     return problems
 
 

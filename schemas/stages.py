@@ -175,7 +175,7 @@ class Producer(StageBase):
         if isinstance(value, dict):
             msg = ("named routes (a mapping) are for consumer and pool stages, whose function picks the route; "
                    "a producer's output is a queue or a list of queues")
-            raise ValueError(msg)
+            raise ValueError(msg)  # noqa: TRY004 - pydantic locates a ValueError (a TypeError would escape as a crash)
         return value
     daemon: bool = Field(
         False, description="Runs until the rest of the pipeline finishes, then is stopped; never holds the run open."
