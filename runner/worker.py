@@ -270,104 +270,6 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
     return (lambda item: fn(item, **kwargs)) if kwargs else fn
 
 
-FILE_SINKS = ("jsonl", "csv", "lines")  # the built-ins writing kwargs.path (schemas.stages.FILE_SINKS)
-
-
-def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -> Callable[[Any], Any]:
-    """The built-in sink ``kind`` writing to ``path`` (``-``: standard output), one line per item.
-
-    Each line is one ``write`` of an append-mode file, flushed at once: lines of the stage's processes never
-    interleave, and a killed run loses at most the line being written.  ``csv`` takes its columns from
-    ``columns``, else from the file's header if it has one (another process of the stage, or an earlier
-    run, wrote it), else from the first item's keys: the process that finds the file empty writes the
-    header, holding an exclusive ``flock`` so that two processes never both do.  An item that is not a dict,
-    or has keys that are not columns, fails as that item's error.
-    """
-    if path == "-":
-        out: Any = sys.stdout
-    else:
-        target = Path(base_dir, path)
-        target.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
-        out = target.open("a+" if kind == "csv" else "a", encoding="utf-8", newline="")  # csv reads its header
-    if kind == "lines":
-
-        def _lines(item: Any) -> Any:
-            out.write(f"{item}\n")
-            out.flush()
-            return item
-
-        return _lines
-    if kind == "jsonl":
-
-        def _jsonl(item: Any) -> Any:
-            out.write(json.dumps(item, default=repr) + "\n")
-            out.flush()
-            return item
-
-        return _jsonl
-    header: list[str] | None = list(columns) if columns else None
-    started = False
-
-    def row(values: list[Any]) -> str:
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(values)
-        return text.getvalue()
-
-    def _csv(item: Any) -> Any:
-        nonlocal header, started
-        if not isinstance(item, dict):
-            msg = f"the csv sink writes dicts (one column per key), got {type(item).__name__}: {short_repr(item)}"
-            raise TypeError(msg)
-        if not started:
-            with _exclusive(out):
-                found = _csv_header(out)
-                header = header or found or [str(k) for k in item]
-                if not found:
-                    out.write(row(header))
-                    out.flush()
-                started = True
-        assert header is not None
-        extra = [k for k in item if str(k) not in header]
-        if extra:
-            msg = f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} (columns: {', '.join(header)})"
-            raise ValueError(msg)
-        values = {str(k): v for k, v in item.items()}
-        out.write(row([values.get(c, "") for c in header]))
-        out.flush()
-        return item
-
-    return _csv
-
-
-@contextlib.contextmanager
-def _exclusive(out: Any) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the file ``out`` (nothing for standard output)."""
-    if out is sys.stdout:
-        yield
-        return
-    import fcntl
-
-    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
-
-
-def _csv_header(out: Any) -> list[str] | None:
-    """The columns of the header an append-mode csv file already starts with, or None when it is empty."""
-    if out is sys.stdout:
-        return None
-    fd, data = out.fileno(), b""
-    while b"\n" not in data:  # read without moving the file's offset (appends go to the end anyway)
-        chunk = os.pread(fd, 1 << 16, len(data))
-        if not chunk:
-            break
-        data += chunk
-    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
-    return next(csv.reader([first]), None) or None
-
-
 def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], None]) -> None:
     """Call ``fn(item)`` (holding ``lock`` if any) and emit its result: none, one, or each yielded."""
     try:
@@ -547,6 +449,115 @@ def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator
         except csv.Error as e:
             msg = f"{name}:{line + 1}: {e}"
             raise SourceError(msg) from None
+
+
+# -- built-in file sinks (called by make_function) ---------------------------------------------------
+
+
+FILE_SINKS = ("jsonl", "csv", "lines")  # the built-ins writing kwargs.path (schemas.stages.FILE_SINKS)
+
+
+def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -> Callable[[Any], Any]:
+    """The built-in sink ``kind`` writing to ``path`` (``-``: standard output), one line per item.
+
+    Each line is one ``write`` of an append-mode file (emptied by ``paths.prepare_outputs`` when the run
+    starts), flushed at once: lines of the stage's processes and threads never interleave, and a killed run
+    loses at most the line being written.  ``csv`` takes its columns from ``columns``, else from the file's
+    header if another process of the stage wrote it, else from the first item's keys: the process that
+    finds the file empty writes the header, holding an exclusive ``flock`` so that two never both do.  An item that is not a dict,
+    or has keys that are not columns, fails as that item's error.
+    """
+    lock = threading.Lock()  # the calls of one process may run in several threads (concurrency)
+    if path == "-":
+        out: Any = sys.stdout
+    else:
+        target = Path(base_dir, path)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
+        out = target.open("a+" if kind == "csv" else "a", encoding="utf-8", newline="")  # csv reads its header
+    if kind == "lines":
+
+        def _lines(item: Any) -> Any:
+            line = f"{item}\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _lines
+    if kind == "jsonl":
+
+        def _jsonl(item: Any) -> Any:
+            line = json.dumps(item, default=repr) + "\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _jsonl
+    header: list[str] | None = list(columns) if columns else None
+    started = False
+
+    def row(values: list[Any]) -> str:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(values)
+        return text.getvalue()
+
+    def _csv(item: Any) -> Any:
+        nonlocal header, started
+        if not isinstance(item, dict):
+            msg = f"the csv sink writes dicts (one column per key), got {type(item).__name__}: {short_repr(item)}"
+            raise TypeError(msg)
+        with lock:
+            if not started:
+                with _exclusive(out):
+                    found = _csv_header(out)
+                    header = header or found or [str(k) for k in item]
+                    if not found:
+                        out.write(row(header))
+                        out.flush()
+                    started = True
+        assert header is not None
+        extra = [k for k in item if str(k) not in header]
+        if extra:
+            msg = f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} (columns: {', '.join(header)})"
+            raise ValueError(msg)
+        values = {str(k): v for k, v in item.items()}
+        line = row([values.get(c, "") for c in header])
+        with lock:
+            out.write(line)
+            out.flush()
+        return item
+
+    return _csv
+
+
+@contextlib.contextmanager
+def _exclusive(out: Any) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``out`` (nothing for standard output)."""
+    if out is sys.stdout:
+        yield
+        return
+    import fcntl
+
+    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+
+
+def _csv_header(out: Any) -> list[str] | None:
+    """The columns of the header an append-mode csv file already starts with, or None when it is empty."""
+    if out is sys.stdout:
+        return None
+    fd, data = out.fileno(), b""
+    while b"\n" not in data:  # read without moving the file's offset (appends go to the end anyway)
+        chunk = os.pread(fd, 1 << 16, len(data))
+        if not chunk:
+            break
+        data += chunk
+    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return next(csv.reader([first]), None) or None
 
 
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
