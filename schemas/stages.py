@@ -10,6 +10,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$"
@@ -110,12 +111,12 @@ class StageBase(Model):
     @field_validator("processes", mode="wrap")
     @classmethod
     def _processes_bounded(cls, value: Any, handler: Any) -> Any:
+        # Pydantic's own error types, one error each (not one per branch of the union); "got ..." is added
+        # where errors are rendered (runner.diagnostics).
         if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
-            msg = f"Input should be a whole number or 'auto', got {value!r}"
-            raise ValueError(msg)
+            raise PydanticCustomError("int_or_auto", "Input should be a whole number or 'auto'")
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            msg = f"Input should be greater than or equal to 1, got {value}"  # not also "or 'auto'" of the union
-            raise ValueError(msg)
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": 1})
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PROCESSES:
             msg = (f"at most {MAX_PROCESSES} processes per stage, got {value}: each process is a whole Python "
                    "interpreter and holds file descriptors in the main process, so more exhaust memory or the "
