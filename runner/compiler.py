@@ -6,6 +6,7 @@ import os
 
 from runner.topology import MAX_BATCH, QueuePlan, StagePlan, Topology
 from schemas import Pipeline, Stage
+from schemas.stages import MAX_PROCESSES
 
 
 def process_names(name: str, processes: int, explicit: list[str] | None) -> tuple[str, ...]:
@@ -24,10 +25,11 @@ def cpu_count() -> int:
 
 
 def process_count(stage: Stage) -> int:
-    """How many processes ``stage`` runs: its ``processes``, or for ``auto`` its names' count or ``cpu_count()``."""
+    """How many processes ``stage`` runs: its ``processes``, or for ``auto`` its names' count or ``cpu_count()``
+    (at most ``MAX_PROCESSES``, the bound of the file)."""
     if stage.processes != "auto":
         return stage.processes
-    return len(stage.process_names) if stage.process_names else cpu_count()
+    return len(stage.process_names) if stage.process_names else min(cpu_count(), MAX_PROCESSES)
 
 
 def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topology:
