@@ -214,6 +214,9 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         if function not in BUILTIN_KWARGS:
             continue
         known, needed = BUILTIN_KWARGS[function]
+        if stage.routes and "default" not in stage.routes:
+            problems.append((("stages", i, "output"), f"the built-in {function!r} picks no route, so every item goes to "
+                             "the route 'default', which output does not declare"))
         kwargs = getattr(stage, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue
