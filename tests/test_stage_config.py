@@ -237,3 +237,23 @@ stages:
     assert result.returncode == 2
     assert result.stderr.startswith(f"{path}:4:77: error: stages[1].kwargs.path: cannot create ")
     assert "Traceback" not in result.stderr and "process started" not in result.stderr
+
+
+def test_a_case_watches_a_queue_written_through_a_route(tmp_pipeline, tmp_path):
+    """``mprun test`` taps a queue a stage writes through a route by a relay (a route leads to one queue), and
+    refuses to watch a queue a stage feeds back to itself (a relay there would make a cycle)."""
+    from runner.testing import CaseInvalid, case_pipeline
+
+    text = ROUTES.replace("function: collect}", "function: identity, output: kept}") + """\
+  - {name: last, kind: consumer, input: kept, function: print}
+tests:
+  - {name: results, expect: {results: [8, 8]}}
+  - {name: loop, expect: {work: [1, 2]}}
+"""
+    pipeline = load_pipeline(tmp_pipeline(text, TASKS))
+    case, taps = case_pipeline(pipeline, pipeline.tests[0], str(tmp_path))
+    assert case.stage("expand").routes == {"more": "work", "done": "_routed_results", "default": "_routed_results"}
+    relay = case.stage("_routed_results")
+    assert (relay.input, relay.function, relay.outputs) == ("_routed_results", "identity", ["results", taps["results"]])
+    with pytest.raises(CaseInvalid, match="feeds queue 'work' back to itself by its route 'more'"):
+        case_pipeline(pipeline, pipeline.tests[1], str(tmp_path))
