@@ -41,7 +41,7 @@ def graph_data(pipeline: Pipeline) -> dict[str, Any]:
         for q in s.inputs:
             edges.append({"from": f"queue:{q}", "to": f"stage:{s.name}", "kind": "input"})
         for route, q in s.routes.items() or [(None, q) for q in s.outputs]:
-            edge = {"from": f"stage:{s.name}", "to": f"queue:{q}", "kind": "output"}
+            edge: dict[str, Any] = {"from": f"stage:{s.name}", "to": f"queue:{q}", "kind": "output"}
             if route is not None:
                 edge["route"] = route
             if q in s.inputs:

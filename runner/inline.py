@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import logs
+from runner.logs import logging_state, restore_logging
 from runner.queues import dumps
-from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
+from runner.results import RunResult, StageStats
 from runner.topology import StagePlan, Topology
 from runner.worker import PROGRESS_SLOTS, SourceError, make_function, resolve, run_chunk, source_items
 from schemas import Pipeline

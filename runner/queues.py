@@ -73,9 +73,10 @@ def join_ids(runs: list[Ids]) -> Ids:
     if len(runs) == 1:
         return runs[0]
     first, last = runs[0], runs[-1]
-    if all(type(r) is range for r in runs) and all(a.stop == b.start and a.step == b.step  # type: ignore[union-attr]
-                                                     for a, b in itertools.pairwise(runs)):
-        return range(first.start, last.stop, first.step)  # type: ignore[union-attr]
+    if isinstance(first, range) and isinstance(last, range) and all(
+            isinstance(a, range) and isinstance(b, range) and a.stop == b.start and a.step == b.step
+            for a, b in itertools.pairwise(runs)):
+        return range(first.start, last.stop, first.step)
     return list(itertools.chain.from_iterable(runs))
 
 
@@ -92,11 +93,10 @@ class IdRuns:
             return
         with self._lock:
             runs = self._runs
-            if runs and type(ids) is range and type(runs[-1]) is range:
-                last = runs[-1]
-                if last.stop == ids.start and last.step == ids.step:  # type: ignore[union-attr]
-                    runs[-1] = range(last.start, ids.stop, ids.step)  # type: ignore[union-attr]
-                    return
+            last = runs[-1] if runs else None
+            if isinstance(ids, range) and isinstance(last, range) and last.stop == ids.start and last.step == ids.step:
+                runs[-1] = range(last.start, ids.stop, ids.step)
+                return
             runs.append(ids)
 
     def take(self, n: int) -> Ids:
@@ -171,7 +171,7 @@ class ManagerGone(Exception):
 
 
 class FifoChannel:
-    """A ``multiprocessing.Queue`` of pickled batches, bounded in messages and in bytes; ``None`` ends it for one reader.
+    """A ``multiprocessing.Queue`` of pickled batches, bounded in messages and in bytes; ``None`` ends it for a reader.
 
     The ``multiprocessing.Queue`` itself is unbounded: room is counted here, in shared memory under a
     ``Condition``, so that a writer waits while the queue holds ``slots`` messages or ``max_bytes`` bytes
@@ -353,6 +353,10 @@ class Emitter:
             if self._counter is not None:
                 self._counter[0] = self.sent
         return True
+
+    def flush(self) -> None:
+        """Send what is buffered now; when it returns, no flush of this emitter is under way (``sent`` is exact)."""
+        self._flush()
 
     def _flush(self) -> None:
         """Send the items buffered now, in batches of at most the current limit (which grows as they go)."""

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import logs, queues
+from runner.messages import Decision, ProducerDone, ProducerFailed
 from runner.queues import Emitter, Ids
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
@@ -97,7 +98,9 @@ class FunctionFailed(Exception):
     the call, and a stage that skips many items logs the traceback of each place once.
     """
 
-    def __init__(self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None) -> None:
+    def __init__(
+        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
+    ) -> None:
         super().__init__(summary)
         self.summary, self._tb, self.item, self.where = summary, tb, item, where
 
@@ -148,7 +151,7 @@ class Control:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ProducerDone | ProducerFailed) -> None:
         with self._lock:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
@@ -178,10 +181,8 @@ def die_with_parent(parent_pid: int) -> None:
     of this process, so it works while the process holds the GIL in native code. The parent is the main
     process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
     main process backs it up where the parent is neither."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() == 1:  # the parent ended before the line above
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -341,10 +342,10 @@ def producer_main(spec: ProcessSpec) -> None:
         # bad data names its file and line; a lost LIFO manager is named by the supervisor
         tb = "" if isinstance(e, SourceError | queues.ManagerGone) else traceback.format_exc()
         log.error("source failed", error=summary, **({"exception": tb} if tb else {}))
-        ctl.send(("error", stage.name, spec.name, summary, tb, ""))
+        ctl.send(ProducerFailed(stage.name, spec.name, summary, tb))
         sys.exit(1)
     finally:
-        ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
+        ctl.send(ProducerDone(stage.name, spec.name, emitter.sent, time.perf_counter() - started))
 
 
 def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) -> Iterable[Any]:
@@ -441,7 +442,7 @@ def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator
                             raise SourceError(msg) from None
                         yield value
             else:
-                for line, text in enumerate(f, 1):
+                for line, text in enumerate(f, 1):  # noqa: B007 - `line` is read by the except below
                     yield text.rstrip("\n")
         except UnicodeDecodeError as e:
             msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
@@ -464,8 +465,8 @@ def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -
     starts), flushed at once: lines of the stage's processes and threads never interleave, and a killed run
     loses at most the line being written.  ``csv`` takes its columns from ``columns``, else from the file's
     header if another process of the stage wrote it, else from the first item's keys: the process that
-    finds the file empty writes the header, holding an exclusive ``flock`` so that two never both do.  An item that is not a dict,
-    or has keys that are not columns, fails as that item's error.
+    finds the file empty writes the header, holding an exclusive ``flock`` so that two never both do.  An
+    item that is not a dict, or has keys that are not columns, fails as that item's error.
     """
     lock = threading.Lock()  # the calls of one process may run in several threads (concurrency)
     if path == "-":
@@ -519,7 +520,8 @@ def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -
         assert header is not None
         extra = [k for k in item if str(k) not in header]
         if extra:
-            msg = f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} (columns: {', '.join(header)})"
+            msg = (f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} "
+                   f"(columns: {', '.join(header)})")
             raise ValueError(msg)
         values = {str(k): v for k, v in item.items()}
         line = row([values.get(c, "") for c in header])
@@ -568,7 +570,8 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     if spec.limit is not None:
         items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
     if stage.processes > 1:
-        items = items[spec.index :: stage.processes] if in_memory else itertools.islice(items, spec.index, None, stage.processes)
+        step = stage.processes
+        items = items[spec.index :: step] if in_memory else itertools.islice(items, spec.index, None, step)
     if in_memory:  # nothing to wait for between items: hand them over in slices, not one call each
         for start in range(0, len(items), MAX_BATCH):
             emitter.emit_many(items[start : start + MAX_BATCH])
@@ -624,6 +627,9 @@ class ChunkResult:
     # messages follow as frames of their own (see _result_frames).
     packed: list[tuple[int, bytes]] | None = None
     partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
+    # A stage with routes: for each output, the index in stage.outputs of the queue it goes to (None: a list
+    # `output`, every output to every queue).
+    targets: list[int] | None = None
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -722,7 +728,8 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept, kept_ids = [], []
-    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    starts = [0, *result.ends]
+    sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
     for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
         try:
@@ -749,7 +756,7 @@ def _without_unpicklable(
     return result
 
 
-def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
+def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> Decision:
     """What the stage's error policy does with an item that has failed ``attempts`` times:
     ``"retry"``, ``"fail"`` (the run stops), ``"dead_letter"`` or ``"skip"``.
 
@@ -758,10 +765,10 @@ def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
     put it).  ``retryable=False``: a failure that would repeat (an unpicklable result).
     """
     if stage.on_error == "retry" and retryable and attempts <= stage.retries:
-        return "retry"
+        return Decision.RETRY
     if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
-        return "fail"
-    return "dead_letter" if stage.dead_letter else "skip"
+        return Decision.FAIL
+    return Decision.DEAD_LETTER if stage.dead_letter else Decision.SKIP
 
 
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
@@ -770,7 +777,13 @@ def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> di
 
 
 def run_chunk(
-    fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    chunk: list[tuple[Any, int]],
+    lock: Any,
+    progress: Any,
+    log: Any,
 ) -> ChunkResult:
     """``run_items`` for a chunk of ``(item, failed attempts so far)`` pairs."""
     tries = [attempts for _, attempts in chunk]
@@ -834,7 +847,7 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -922,7 +935,7 @@ def _with_policy(
             except FunctionFailed as e:
                 del outputs[mark:]
                 failure = e
-        e, failure = failure, None
+        error, failure = failure, None
         attempts += 1
         result.failed += 1
         progress[1] = 0
@@ -931,16 +944,18 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+            tb = error.traceback_fields(log)
+            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
-            result.error = (e.summary, e.tb, e.item)
+            result.error = (error.summary, error.tb, error.item)
             return True
         if decided == "dead_letter":
-            result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+            result.dead.append(give_up_letter(stage, item, error.summary, attempts))
         else:
             result.skipped += 1
             progress[3] = result.skipped
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+        tb = error.traceback_fields(log)
+        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
         return False

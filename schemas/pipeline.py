@@ -44,7 +44,9 @@ class Settings(Model):
 class QueueSpec(Model):
     """A queue between stages."""
 
-    type: Literal["fifo", "lifo"] = Field("fifo", description="fifo: first in first out; lifo: a stack served by a manager.")
+    type: Literal["fifo", "lifo"] = Field(
+        "fifo", description="fifo: first in first out; lifo: a stack served by a manager."
+    )
     maxsize: int = Field(
         DEFAULT_MAXSIZE, ge=0, description="About how many items the queue holds before writers wait; 0 = unbounded."
     )
@@ -134,7 +136,8 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
     seen: dict[str, int] = {}
     for i, stage in enumerate(pipeline.stages):
         if stage.name in seen:
-            problems.append((("stages", i, "name"), f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"))
+            message = f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"
+            problems.append((("stages", i, "name"), message))
         seen.setdefault(stage.name, i)
     writers: dict[str, list[str]] = {}
     readers: dict[str, list[str]] = {}
@@ -144,7 +147,7 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         for q in stage.inputs:
             readers.setdefault(q, []).append(stage.name)
     for i, stage in enumerate(pipeline.stages):
-        for j, q in enumerate(stage.inputs):
+        for q in stage.inputs:
             if q not in writers:
                 problems.append((("stages", i, "input"), f"queue {q!r} has readers but no stage writes to it"))
         for j, q in enumerate(stage.outputs):
@@ -152,7 +155,8 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                 problems.append((_output_loc(stage, i, j, q), f"queue {q!r} is written but no stage reads it"))
         dead = getattr(stage, "dead_letter", None)
         if dead and dead not in readers:
-            problems.append((("stages", i, "dead_letter"), f"dead-letter queue {dead!r} is written but no stage reads it"))
+            message = f"dead-letter queue {dead!r} is written but no stage reads it"
+            problems.append((("stages", i, "dead_letter"), message))
         if dead and dead in stage.inputs:
             problems.append((("stages", i, "dead_letter"), "a stage cannot dead-letter into its own input"))
         for j, name in enumerate(stage.after):
@@ -162,9 +166,12 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                 problems.append((("stages", i, "after", j), "a stage cannot wait for itself"))
         if getattr(stage, "daemon", False):
             for q in stage.outputs:
-                blocked = [r for r in readers.get(q, []) if r in seen and not getattr(pipeline.stages[seen[r]], "daemon", False)]
+                known = [r for r in readers.get(q, []) if r in seen]
+                blocked = [r for r in known if not getattr(pipeline.stages[seen[r]], "daemon", False)]
                 if blocked:
-                    problems.append((("stages", i, "output"), f"daemon stage writes to {q!r}, read by non-daemon stage {blocked[0]!r}, which would never end"))
+                    message = (f"daemon stage writes to {q!r}, read by non-daemon stage {blocked[0]!r}, "
+                               "which would never end")
+                    problems.append((("stages", i, "output"), message))
     for name in pipeline.queues:
         if name not in writers and name not in readers:
             problems.append((("queues", name), f"queue {name!r} is declared but no stage uses it"))
@@ -215,25 +222,29 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
             continue
         known, needed = BUILTIN_KWARGS[function]
         if stage.routes and "default" not in stage.routes:
-            problems.append((("stages", i, "output"), f"the built-in {function!r} picks no route, so every item goes to "
-                             "the route 'default', which output does not declare"))
+            message = (f"the built-in {function!r} picks no route, so every item goes to the route 'default', "
+                       "which output does not declare")
+            problems.append((("stages", i, "output"), message))
         kwargs = getattr(stage, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue
         takes = f"it takes {', '.join(known)}" if known else "it takes none"
         for key in kwargs:
             if key not in known:
-                problems.append((("stages", i, "kwargs", key), f"the built-in {function!r} has no argument {key!r}; {takes}"))
+                message = f"the built-in {function!r} has no argument {key!r}; {takes}"
+                problems.append((("stages", i, "kwargs", key), message))
         for key in needed:
             if key not in kwargs:
                 problems.append((("stages", i, "function"), f"the built-in {function!r} needs kwargs.{key}"))
         path = kwargs.get("path")
         if "path" in known and "path" in kwargs and (not isinstance(path, str) or not path):
-            problems.append((("stages", i, "kwargs", "path"), f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"))
+            message = f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"
+            problems.append((("stages", i, "kwargs", "path"), message))
         columns = kwargs.get("columns")
         if "columns" in kwargs and (not isinstance(columns, list) or not columns
                                     or not all(isinstance(c, str) and c for c in columns)):
-            problems.append((("stages", i, "kwargs", "columns"), f"columns must be a non-empty list of column names, got {columns!r}"))
+            message = f"columns must be a non-empty list of column names, got {columns!r}"
+            problems.append((("stages", i, "kwargs", "columns"), message))
         if function == "csv" and path == "-" and stage.processes != 1:
             why = ("a csv sink writing to standard output runs in one process: each process would write its own "
                    "header; give processes: 1, or a file path")
@@ -253,18 +264,25 @@ def _test_problems(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[tu
             problems.append((("tests", i, "name"), f"duplicate test name {case.name!r}"))
         for stage in case.sources:
             if stage not in kinds:
-                problems.append((("tests", i, "sources", stage), f"unknown stage {stage!r}; producers: {', '.join(n for n, k in kinds.items() if k == 'producer')}"))
+                producers = ", ".join(n for n, k in kinds.items() if k == "producer")
+                problems.append((("tests", i, "sources", stage), f"unknown stage {stage!r}; producers: {producers}"))
             elif kinds[stage] != "producer":
-                problems.append((("tests", i, "sources", stage), f"stage {stage!r} is a {kinds[stage]}, not a producer: only a producer has a source"))
+                message = f"stage {stage!r} is a {kinds[stage]}, not a producer: only a producer has a source"
+                problems.append((("tests", i, "sources", stage), message))
         for queue in case.expect:
             if queue not in writers:
                 known = ", ".join(sorted(writers))
                 problems.append((("tests", i, "expect", queue), f"no stage writes to queue {queue!r}; queues: {known}"))
             elif set(writers[queue]) & daemons:
-                problems.append((("tests", i, "expect", queue), f"queue {queue!r} is written by a daemon stage, which never ends"))
+                message = f"queue {queue!r} is written by a daemon stage, which never ends"
+                problems.append((("tests", i, "expect", queue), message))
         for j, stage in enumerate(case.run_sinks):
             if stage not in sinks:
-                what = f"stage {stage!r} is not a sink with a module:attribute function" if stage in kinds else f"unknown stage {stage!r}"
+                what = (
+                    f"stage {stage!r} is not a sink with a module:attribute function"
+                    if stage in kinds
+                    else f"unknown stage {stage!r}"
+                )
                 problems.append((("tests", i, "run_sinks", j), f"{what}; sinks: {', '.join(sinks) or 'none'}"))
     return problems
 

@@ -69,7 +69,8 @@ class Source(Model):
     function: str | None = Field(
         None,
         pattern=FUNCTION_PATTERN,
-        description="module:attribute of a function returning an iterable (or a generator); the stage's kwargs are passed.",
+        description="module:attribute of a function returning an iterable (or a generator); "
+        "the stage's kwargs are passed.",
     )
     file: FileSource | None = Field(None, description="Read items from a file.")
 
@@ -100,7 +101,7 @@ class StageBase(Model):
         "process may use.",
     )
     process_names: list[str] | None = Field(None, description="Explicit process names, one per process.")
-    output: Outputs = Field(
+    output: RoutedOutputs = Field(
         None, description="Queue name or list of queue names; every item goes to each. Absent: the stage is a sink."
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to every call.")
@@ -176,7 +177,7 @@ class Producer(StageBase):
         if isinstance(value, dict):
             msg = ("named routes (a mapping) are for consumer and pool stages, whose function picks the route; "
                    "a producer's output is a queue or a list of queues")
-            raise ValueError(msg)  # noqa: TRY004 - pydantic locates a ValueError (a TypeError would escape as a crash)
+            raise ValueError(msg)
         return value
     daemon: bool = Field(
         False, description="Runs until the rest of the pipeline finishes, then is stopped; never holds the run open."
@@ -189,8 +190,8 @@ class Worker(StageBase):
     input: str = Field(pattern=NAME_PATTERN, description="The queue this stage reads.")
     function: str = Field(
         pattern=FUNCTION_PATTERN,
-        description="module:attribute called with each item (and kwargs), a module:Class instantiated once per process "
-        "with kwargs and called with each item, or a built-in: print, collect, jsonl, csv, lines, identity.",
+        description="module:attribute called with each item (and kwargs), a module:Class instantiated once per "
+        "process with kwargs and called with each item, or a built-in: print, collect, jsonl, csv, lines, identity.",
     )
     init: str | None = Field(
         None, pattern=FUNCTION_PATTERN, description="module:attribute called once in each worker process first."
@@ -214,7 +215,8 @@ class Worker(StageBase):
     )
     restart: bool = Field(
         True,
-        description="true: a worker process that dies is replaced and its item counts as a failed attempt; false: the run fails.",
+        description="true: a worker process that dies is replaced and its item counts as a failed attempt; "
+        "false: the run fails.",
     )
     output: RoutedOutputs = Field(
         None,
@@ -223,7 +225,9 @@ class Worker(StageBase):
         "Absent: the stage is a sink.",
     )
     batch: int | None = Field(
-        None, ge=1, description="The function gets a list of up to this many items per call and returns an iterable of outputs (or None)."
+        None, ge=1,
+        description="The function gets a list of up to this many items per call and returns an iterable of outputs "
+        "(or None).",
     )
     batch_timeout: float = Field(
         0.1, gt=0, description="Seconds a partial batch waits for more items before it is passed on."
@@ -290,7 +294,9 @@ class Pool(Worker):
     )
     ordered: bool = Field(False, description="true: results leave in input order; false: as they finish.")
     chunksize: int | None = Field(
-        None, ge=1, description="Items per task sent to a pool worker (default: about 50 ms of work each, at most 4096)."
+        None,
+        ge=1,
+        description="Items per task sent to a pool worker (default: about 50 ms of work each, at most 4096).",
     )
     maxtasksperchild: int | None = Field(None, ge=1, description="Replace a worker after this many tasks.")
 
