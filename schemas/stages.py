@@ -89,6 +89,13 @@ RoutedOutputs = str | list[str] | dict[str, str] | None
 Processes = Annotated[int, Field(ge=1, le=MAX_PROCESSES)] | Literal["auto"]
 
 
+def _route_names(schema: dict[str, Any]) -> None:
+    """In the JSON Schema, a mapping of routes has at least one route, each named like a stage."""
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "object":
+            branch.update(minProperties=1, propertyNames={"pattern": NAME_PATTERN})
+
+
 class StageBase(Model):
     """Keys every stage kind has."""
 
@@ -220,6 +227,7 @@ class Worker(StageBase):
     )
     output: RoutedOutputs = Field(
         None,
+        json_schema_extra=_route_names,
         description="Queue name or list of queue names: every item goes to each; or a mapping route -> queue: the "
         "function picks a route with runner.route(NAME, item), an item without one goes to the route 'default'. "
         "Absent: the stage is a sink.",

@@ -129,6 +129,8 @@ def test_json_schema_takes_the_new_forms():
     assert not valid(src, {**pool, "concurrency": 0})
     assert not valid(src, {**pool, "processes": "all"})
     assert not valid(src, {**pool, "batch_timeout": 0})
+    assert not valid(src, {**pool, "output": {}})
+    assert not valid(src, {**pool, "output": {"bad route": "a"}})
 
 
 def _run(path, *args: str, stdin: str = "", cwd=None) -> subprocess.CompletedProcess[str]:
@@ -257,3 +259,17 @@ tests:
     assert (relay.input, relay.function, relay.outputs) == ("_routed_results", "identity", ["results", taps["results"]])
     with pytest.raises(CaseInvalid, match="feeds queue 'work' back to itself by its route 'more'"):
         case_pipeline(pipeline, pipeline.tests[1], str(tmp_path))
+
+
+def test_run_refuses_what_validate_refuses_before_any_stage_starts(tmp_pipeline):
+    """``mprun run`` reports the class and route problems ``validate`` finds (exit 2, same lines), starting nothing."""
+    text = ROUTES.replace("function: collect", "function: tasks_t:Scale").replace("{more: work, done:", "{done:")
+    path = tmp_pipeline(text, TASKS.replace("    def __call__(self, item):", "    def call(self, item):"))
+    validated = run_cli("validate", str(path))
+    ran = run_cli("run", str(path), "--no-progress")
+    assert (validated.returncode, ran.returncode) == (2, 2)
+    problems = validated.stdout.splitlines()
+    assert [line.split(": error: ")[1].split(":")[0] for line in problems] == ["stages[1].output", "stages[2].function"]
+    assert "sends items to route 'more'" in problems[0] and "class without __call__" in problems[1]
+    assert ran.stderr.splitlines() == problems
+    assert "process started" not in ran.stderr and "Traceback" not in ran.stderr
