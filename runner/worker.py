@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import importlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -284,17 +286,8 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
             return item
 
         return _collect
-    if name == "jsonl":
-        path = Path(base_dir, str(stage.kwargs["path"]))
-        path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
-        out = path.open("a", encoding="utf-8")
-
-        def _jsonl(item: Any) -> Any:
-            out.write(json.dumps(item, default=repr) + "\n")
-            out.flush()
-            return item
-
-        return _jsonl
+    if name in FILE_SINKS:
+        return _file_sink(name, str(stage.kwargs["path"]), base_dir, stage.kwargs.get("columns"))
     fn = resolve(name, base_dir)
     kwargs = stage.kwargs
     return (lambda item: fn(item, **kwargs)) if kwargs else fn
@@ -388,18 +381,66 @@ def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) 
         result = resolve(source["function"], base_dir)(**kwargs)
         return () if result is None else result
     spec = source["file"]
-    return _read_file(Path(base_dir, spec["path"]), spec.get("format", "lines"), spec["path"])
+    path, fmt = spec["path"], spec.get("format", "lines")
+    if path == "-":
+        return _read_file(STDIN, fmt, "<stdin>")
+    if glob.has_magic(path):
+        return _read_glob(base_dir, path, fmt)
+    return _read_file(Path(base_dir, path), fmt, path)
 
 
 class SourceError(ValueError):
     """A file source holds data its format does not allow; the message starts with ``FILE:LINE:``."""
 
 
-def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
-    """The items of a file source; bad data stops it with a ``SourceError`` naming ``shown`` (the path as
-    written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer fields than the header."""
+STDIN = "-"  # the path of a file source that reads standard input
+
+
+def _open_source(path: Path | str, fmt: str) -> Any:
+    """A text stream of a file source's file, or of standard input for ``STDIN``.
+
+    In a child of the run, multiprocessing has put ``/dev/null`` in place of standard input (and so has the
+    forkserver), so a producer process opens the main process's descriptor 0 through ``/proc`` (Linux): a
+    pipe or terminal is then read from where it stands, a redirected file from its start.
+    """
+    newline = "" if fmt == "csv" else None
+    if path != STDIN:
+        return Path(path).open(encoding="utf-8", newline=newline)
+    parent = multiprocessing.parent_process()
+    if parent is None:  # the main process (--inline): its own standard input
+        return open(0, encoding="utf-8", newline=newline, closefd=False)  # closed by the caller
+    try:
+        return open(f"/proc/{parent.pid}/fd/0", encoding="utf-8", newline=newline)
+    except OSError as e:
+        msg = f"<stdin>: cannot read the standard input of mprun from a producer process: {e.strerror or e}"
+        raise SourceError(msg) from None
+
+
+def _read_glob(base_dir: str, pattern: str, fmt: str) -> Iterator[Any]:
+    """The items of every file matching ``pattern`` (relative to ``base_dir``), file by file in sorted order.
+
+    Item ids count on across the files; a record ``reading file`` (``file``, ``first_item``: the index of its
+    first item in the source) says where each file starts, and bad data is named by its file and line.
+    """
+    files = sorted(f for f in glob.glob(pattern, root_dir=base_dir, recursive=True) if Path(base_dir, f).is_file())
+    if not files:
+        msg = f"{pattern}: no file matches (a relative pattern starts at the pipeline file's folder)"
+        raise SourceError(msg)
+    log = logs.get_logger("mprun")
+    n = 0
+    for name in files:
+        log.info("reading file", file=name, first_item=n)
+        for item in _read_file(Path(base_dir, name), fmt, name):
+            n += 1
+            yield item
+
+
+def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator[Any]:
+    """The items of a file source (``STDIN``: standard input); bad data stops it with a ``SourceError`` naming
+    ``shown`` (the path as written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer
+    fields than the header."""
     name, line = shown or str(path), 0
-    with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+    with _open_source(path, fmt) as f:
         try:
             if fmt == "csv":
                 rows = csv.reader(f)
@@ -431,6 +472,116 @@ def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
         except csv.Error as e:
             msg = f"{name}:{line + 1}: {e}"
             raise SourceError(msg) from None
+
+
+# -- built-in file sinks (called by make_function) ---------------------------------------------------
+
+
+FILE_SINKS = ("jsonl", "csv", "lines")  # the built-ins writing kwargs.path (schemas.stages.FILE_SINKS)
+
+
+def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -> Callable[[Any], Any]:
+    """The built-in sink ``kind`` writing to ``path`` (``-``: standard output), one line per item.
+
+    Each line is one ``write`` of an append-mode file (emptied by ``paths.prepare_outputs`` when the run
+    starts), flushed at once: lines of the stage's processes and threads never interleave, and a killed run
+    loses at most the line being written.  ``csv`` takes its columns from ``columns``, else from the file's
+    header if another process of the stage wrote it, else from the first item's keys: the process that
+    finds the file empty writes the header, holding an exclusive ``flock`` so that two never both do.  An
+    item that is not a dict, or has keys that are not columns, fails as that item's error.
+    """
+    lock = threading.Lock()  # the calls of one process may run in several threads (concurrency)
+    if path == "-":
+        out: Any = sys.stdout
+    else:
+        target = Path(base_dir, path)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
+        out = target.open("a+" if kind == "csv" else "a", encoding="utf-8", newline="")  # csv reads its header
+    if kind == "lines":
+
+        def _lines(item: Any) -> Any:
+            line = f"{item}\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _lines
+    if kind == "jsonl":
+
+        def _jsonl(item: Any) -> Any:
+            line = json.dumps(item, default=repr) + "\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _jsonl
+    header: list[str] | None = list(columns) if columns else None
+    started = False
+
+    def row(values: list[Any]) -> str:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(values)
+        return text.getvalue()
+
+    def _csv(item: Any) -> Any:
+        nonlocal header, started
+        if not isinstance(item, dict):
+            msg = f"the csv sink writes dicts (one column per key), got {type(item).__name__}: {short_repr(item)}"
+            raise TypeError(msg)
+        with lock:
+            if not started:
+                with _exclusive(out):
+                    found = _csv_header(out)
+                    header = header or found or [str(k) for k in item]
+                    if not found:
+                        out.write(row(header))
+                        out.flush()
+                    started = True
+        assert header is not None
+        extra = [k for k in item if str(k) not in header]
+        if extra:
+            msg = (f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} "
+                   f"(columns: {', '.join(header)})")
+            raise ValueError(msg)
+        values = {str(k): v for k, v in item.items()}
+        line = row([values.get(c, "") for c in header])
+        with lock:
+            out.write(line)
+            out.flush()
+        return item
+
+    return _csv
+
+
+@contextlib.contextmanager
+def _exclusive(out: Any) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``out`` (nothing for standard output)."""
+    if out is sys.stdout:
+        yield
+        return
+    import fcntl
+
+    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+
+
+def _csv_header(out: Any) -> list[str] | None:
+    """The columns of the header an append-mode csv file already starts with, or None when it is empty."""
+    if out is sys.stdout:
+        return None
+    fd, data = out.fileno(), b""
+    while b"\n" not in data:  # read without moving the file's offset (appends go to the end anyway)
+        chunk = os.pread(fd, 1 << 16, len(data))
+        if not chunk:
+            break
+        data += chunk
+    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return next(csv.reader([first]), None) or None
 
 
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
