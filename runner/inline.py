@@ -1,17 +1,22 @@
 """``mprun run --inline``: every stage in this one process, one after another, so ``breakpoint()`` and pdb work.
 
-    stage 1 (all its items) --list--> stage 2 (all its items) --list--> ... in topological order
-    (writers of a queue before its readers; ``after`` respected; file order otherwise)
+    stage 1 (all its items) --deque--> stage 2 (all its items) --deque--> ... in topological order
+    (writers of a queue before its readers, a stage's own writes to its input aside; ``after`` respected;
+    file order otherwise)
 
-A queue is a list: a FIFO queue is read in the order its items were put, a LIFO queue newest first (every
-writer has finished before a reader starts, as if the reader waited ``after`` them). Items are pickled
+A queue is a deque: a FIFO queue is read in the order its items were put, a LIFO queue newest first (every
+other writer has finished before a reader starts, as if the reader waited ``after`` them). A stage that feeds
+its own input (a work queue or stack) reads it until it is empty: what it puts there while it works is read
+too, FIFO or LIFO, so its stream ends when the queue is empty and no item of it is in hand. Items are pickled
 on their way through a queue, as in a normal run, so results are copies and an unpicklable item fails in
-the stage that made it. The functions, sources, built-ins and error policies (skip, retry, dead letters)
-are the worker's own (``make_function``, ``source_items``, ``run_chunk``); collected items, stats and
-errors come back as a ``RunResult`` with the same exit codes and one-line errors as a normal run. What
-needs processes does not apply: ``timeout`` (a call may sit in the debugger), ``restart``, ``lock``.
-Daemon stages never end, so they are skipped (a warning record says so); their queues are read only by
-daemon stages, which are skipped too.
+the stage that made it. The functions (class stages: one instance, closed at the end of its input, whose
+``close()`` outputs are emitted), sources, built-ins, error policies (skip, retry, dead letters), batches,
+concurrent calls and named routes are the worker's own (``make_function``, ``source_items``, ``run_items``,
+``close_result``); collected items, stats, per-queue counts and errors come back as a ``RunResult`` with the
+same exit codes and one-line errors as a normal run. What needs processes does not apply: ``restart``,
+``lock``, and ``timeout`` of a stage without ``concurrency`` (a call may sit in the debugger; with
+``concurrency`` the calls' own timeouts hold). Daemon stages never end, so they are skipped (a warning
+record says so); their queues are read only by daemon stages, which are skipped too.
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ import signal
 import threading
 import time
 import traceback
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from runner import logs
+from runner import calls, logs
 from runner.queues import dumps
 from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
 from runner.topology import StagePlan, Topology
-from runner.worker import PROGRESS_SLOTS, SourceError, make_function, resolve, run_chunk, source_items
+from runner.worker import (
+    PROGRESS_SLOTS,
+    ChunkResult,
+    SourceError,
+    close_result,
+    make_function,
+    resolve,
+    run_items,
+    source_items,
+)
 from schemas import Pipeline
 
 
@@ -46,7 +61,7 @@ def stage_order(topo: Topology) -> list[StagePlan]:
     order = []
     while pending:
         for stage in pending:
-            upstream = set(stage.after) | {w.name for q in stage.inputs for w in topo.writers_of(q)}
+            upstream = set(stage.after) | {w.name for q in stage.inputs for w in topo.writers_of(q)} - {stage.name}
             if upstream <= done:
                 break
         else:  # validation rejects cycles; keep file order rather than loop forever
@@ -91,8 +106,10 @@ def run_inline(topo: Topology) -> RunResult:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     stats = {s.name: StageStats() for s in topo.stages}
     collected: dict[str, list[Any]] = {s.name: [] for s in topo.stages if s.function == "collect"}
-    # Every queue of the run: the pickled items put on it, in the order they were put.
-    queues: dict[str, list[bytes]] = {name: [] for name in topo.queues}
+    # Every queue of the run: the pickled items put on it, in the order they were put; what was put on each
+    # and taken from it, counted.
+    queues: dict[str, deque[bytes]] = {name: deque() for name in topo.queues}
+    counts = _Counts()
     exit_code, error = 0, None
     try:
         for stage in topo.stages:
@@ -105,7 +122,7 @@ def run_inline(topo: Topology) -> RunResult:
             if stage.daemon:
                 log.warning("daemon stage skipped: --inline runs every stage to its end, and a daemon never ends")
                 continue
-            error = _run_stage(topo, stage, queues, stats[stage.name], collected.get(stage.name), log)
+            error = _run_stage(topo, stage, queues, counts, stats[stage.name], collected.get(stage.name), log)
             if error:
                 exit_code = 1
                 break
@@ -117,10 +134,11 @@ def run_inline(topo: Topology) -> RunResult:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         me.name = own_name
+        calls.release()
         listener.stop()
         logs.close_handlers(listener)
         restore_logging(root)
-    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0)
+    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0, queues=counts.accounts(topo))
     result.log_format = topo.log_format
     return result
 
@@ -129,18 +147,54 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Stopped
 
 
+class _Counts:
+    """Items put on each queue and taken from it (named routes send an item to one queue of its stage)."""
+
+    def __init__(self) -> None:
+        self.put: Counter[str] = Counter()
+        self.taken: Counter[str] = Counter()
+
+    def accounts(self, topo: Topology) -> dict[str, dict[str, Any]]:
+        """Per queue: ``produced``, ``delivered``, ``left`` and ``balanced``, as a normal run reports them."""
+        return {name: {"produced": self.put[name], "delivered": self.taken[name],
+                       "left": max(0, self.put[name] - self.taken[name]), "balanced": self.put[name] == self.taken[name]}
+                for name in topo.queues}
+
+
 def _run_stage(
-    topo: Topology, stage: StagePlan, queues: dict[str, list[bytes]], st: StageStats, sink: list[Any] | None, log: Any
+    topo: Topology, stage: StagePlan, queues: dict[str, deque[bytes]], counts: _Counts, st: StageStats,
+    sink: list[Any] | None, log: Any,
 ) -> str | None:
     """Run one stage over all its input; the one-line error of a normal run if it fails."""
     st.processes, st.kind = 1, stage.kind
-    outputs = [queues[q] for q in stage.outputs]
 
-    def emit(item: Any) -> None:
+    def put(queue_name: str, data: bytes) -> None:
+        queues[queue_name].append(data)
+        counts.put[queue_name] += 1
+
+    def emit(item: Any, target: int | None = None) -> None:
         data = dumps([item])
-        for out in outputs:
-            out.append(data)
+        for name in stage.outputs if target is None else (stage.outputs[target],):
+            put(name, data)
         st.items_out += 1
+
+    def emit_result(res: ChunkResult) -> str | None:
+        st.skipped += res.skipped
+        st.retried += res.retried
+        st.failed += res.failed
+        st.latency.add(res.latency)
+        if res.error is not None:
+            summary, tb, item = res.error
+            log.error("stage failed", error=summary, item=item, exception=tb)
+            on = f" on item {item}" if item else ""
+            return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
+        st.delivered += res.done - res.skipped - len(res.dead)
+        for out, target in zip(res.outputs, res.targets or itertools.repeat(None)):
+            emit(out, target)
+        for letter in res.dead:
+            put(str(stage.dead_letter), dumps([letter]))
+            st.dead_lettered += 1
+        return None
 
     started = time.perf_counter()
     process = stage.process_names[0]
@@ -156,27 +210,30 @@ def _run_stage(
             if stage.init:
                 resolve(stage.init, topo.base_dir)()
             fn = make_function(stage, topo.base_dir, sink.append if sink is not None else None)
-            spec = topo.queues[stage.inputs[0]]
-            taken = queues[stage.inputs[0]]
-            progress = [0] * PROGRESS_SLOTS  # run_chunk reports the item in hand and its counts here
-            for data in reversed(taken) if spec.type == "lifo" else list(taken):
-                st.items_in += 1
-                # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
-                res = run_chunk(fn, stage, 0, [(pickle.loads(data)[0], 0)], None, progress, log)
-                st.skipped += res.skipped
-                st.retried += res.retried
-                st.failed += res.failed
-                if res.error is not None:
-                    summary, tb, item = res.error
-                    log.error("stage failed", error=summary, item=item, exception=tb)
-                    on = f" on item {item}" if item else ""
-                    return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
-                for out in res.outputs:
-                    emit(out)
-                for letter in res.dead:
-                    queues[str(stage.dead_letter)].append(dumps([letter]))
-                    st.dead_lettered += 1
-            taken.clear()
+            name = stage.inputs[0]
+            taken = queues[name]
+            take = taken.pop if topo.queues[name].type == "lifo" else taken.popleft
+            # Items per call of run_items: one (a debugger sees one item at a time), or enough for a batch per
+            # concurrent call.
+            size = (stage.batch or 1) * stage.concurrency
+            progress = [0] * PROGRESS_SLOTS  # run_items reports the item in hand and its counts here
+            seq, closed = 0, False
+            while True:
+                while taken:  # a stage fed by itself finds here what it put while it worked
+                    chunk = [pickle.loads(take())[0] for _ in range(min(size, len(taken)))]
+                    st.items_in += len(chunk)
+                    counts.taken[name] += len(chunk)
+                    # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
+                    error = emit_result(run_items(fn, stage, seq, chunk, None, None, progress, log))
+                    seq += 1
+                    if error:
+                        return error
+                if closed:
+                    break
+                closed = True  # close() once; what it puts on a stage's own input is read, then the stage ends
+                error = emit_result(close_result(fn, stage, seq, log))
+                if error:
+                    return error
     except Exception as e:  # noqa: BLE001 - reported like a normal run's failing stage
         summary = f"{type(e).__name__}: {e}"
         tb = "" if isinstance(e, SourceError) else traceback.format_exc()  # bad data names its file and line
