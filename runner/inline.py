@@ -41,6 +41,7 @@ from runner.worker import (
     PROGRESS_SLOTS,
     ChunkResult,
     SourceError,
+    by_target,
     close_result,
     make_function,
     resolve,
@@ -189,8 +190,13 @@ def _run_stage(
             on = f" on item {item}" if item else ""
             return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
         st.delivered += res.done - res.skipped - len(res.dead)
-        for out, target in zip(res.outputs, res.targets or itertools.repeat(None)):
-            emit(out, target)
+        if res.targets is None:
+            for out in res.outputs:
+                emit(out)
+        else:  # named routes: each output to its own queue
+            for target, (outs, _) in enumerate(by_target(res.outputs, None, res.targets, len(stage.outputs))):
+                for out in outs:
+                    emit(out, target)
         for letter in res.dead:
             put(str(stage.dead_letter), dumps([letter]))
             st.dead_lettered += 1

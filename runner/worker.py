@@ -283,13 +283,19 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
         return _jsonl
     fn = resolve(name, base_dir)
     kwargs = stage.kwargs
-    if inspect.isclass(fn):  # one instance per worker process, made before its first item (SPEC 1b)
+    if inspect.isclass(fn):  # a class stage: one instance per worker process, made before its first item
         return fn(**kwargs)
     return functools.partial(fn, **kwargs) if kwargs else fn
 
 
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
 def is_async(fn: Callable[..., Any]) -> bool:
     """``fn`` (a function, or an instance whose ``__call__`` is) is ``async def``: its calls run on an event loop."""
+    plain = fn.func if type(fn) is functools.partial else fn
+    if type(plain) is types.FunctionType:  # the common case, asked per chunk: ~0.2 us instead of ~10
+        return bool(plain.__code__.co_flags & _ASYNC_FLAGS)
     return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (fn, type(fn).__call__))
 
 
@@ -322,6 +328,17 @@ def route_outputs(stage: StagePlan, outs: list[Any]) -> tuple[list[Any], list[in
         values.append(out)
         targets.append(target)
     return values, targets
+
+
+def by_target(outputs: list[Any], ids: Ids | None, targets: list[int], queues: int) -> list[tuple[list[Any], Ids | None]]:
+    """A routed result's outputs and their ids, per queue (index in ``stage.outputs``), each in its order."""
+    split: list[tuple[list[Any], list[Any] | None]] = [([], None if ids is None else []) for _ in range(queues)]
+    for i, (out, target) in enumerate(zip(outputs, targets, strict=True)):
+        outs, out_ids = split[target]
+        outs.append(out)
+        if out_ids is not None:
+            out_ids.append(ids[i])  # type: ignore[index]
+    return split  # type: ignore[return-value]
 
 
 def call_outputs(result: Any, batch: bool) -> list[Any]:
@@ -946,7 +963,7 @@ def _with_policy(
         return False
 
 
-# -- batches, concurrent calls, async functions and routes (SPEC 1b) -----------------------------------------
+# -- batches, concurrent calls, async functions and named routes -------------------------------------------
 
 
 @dataclass(slots=True)

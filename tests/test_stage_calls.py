@@ -19,6 +19,7 @@ from runner.inline import run_inline
 from runner.loader import load_pipeline
 from runner.metrics import metrics
 from runner.topology import StagePlan
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -740,3 +741,31 @@ def test_inline_self_fed_with_batch_and_list_output(tmp_path):
     assert result.collected["results"] == [8, 2, 4, 1, 2, 1]
     report = balanced(result)
     assert report["stages"]["expand"]["items_in"] == 8
+
+
+def test_by_target_splits_a_routed_result_per_queue():
+    """by_target: a routed result's outputs and ids per queue index, each in its order (for the runners)."""
+    assert worker.by_target(["a", "b", "c"], [1, 2, 3], [1, 0, 1], 3) == [(["b"], [2]), (["a", "c"], [1, 3]), ([], [])]
+    assert worker.by_target(["a"], None, [0], 1) == [(["a"], None)]
+
+
+CLI_WORDS = """\
+version: 1
+stages:
+  - {name: lines, kind: producer, source: {items: ["a b", "B c", "c"]}, output: lines}
+  - {name: count, kind: consumer, input: lines, function: "tasks_t:WordCount", kwargs: {KWARG: true}, output: counts}
+  - {name: out, kind: consumer, input: counts, function: collect}
+"""
+
+
+def test_cli_inline_word_count_with_a_class(tmp_pipeline):
+    """Through the real entry point: `validate` takes a class's kwargs as its constructor's (and names a wrong
+    one), and `run --inline` prints what close() emitted."""
+    path = tmp_pipeline(CLI_WORDS.replace("KWARG", "lower"), CLASSES)
+    assert run_cli("validate", str(path)).returncode == 0
+    result = run_cli(str(path), "--inline", "--no-summary")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == '[["a", 1], ["b", 2], ["c", 2]]'
+    wrong = run_cli("validate", str(tmp_pipeline(CLI_WORDS.replace("KWARG", "lowr"), CLASSES)))
+    assert wrong.returncode == 2
+    assert "unknown keyword argument 'lowr' for tasks_t:WordCount; did you mean 'lower'?" in wrong.stdout + wrong.stderr
