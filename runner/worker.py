@@ -10,6 +10,12 @@ Workers never touch a shared queue, so a worker that dies or is killed cannot co
 runner knows which chunk it held, and ``progress`` (shared memory: index of the item being called, and
 when the call started) says which item was in its hands, for timeouts and deaths.
 
+A stage's function is made once per worker process (``make_function``: a class stage is one instance).
+Stages with ``batch``, ``concurrency``, an ``async def`` function or named routes go through ``run_units``
+(concurrent calls: ``runner.calls``). When the stage's input has ended the runner sends each worker a
+close request, the task ``(seq, CLOSE, None, None)``, answered by ``close_result`` (the outputs of the
+instance's ``close()``), and then the usual None.
+
 Item ids: a producer numbers the items it emits (item k of process i of a stage with P processes is item
 ``n = i + k * P`` of the source, logged as ``item_id="<stage>:<n>"``); a task carries the ids of its
 items and a ``ChunkResult`` the ids of its outputs (each output inherits the id of the item it came
@@ -589,7 +595,8 @@ class WorkerSpec:
     results: Any  # the write end of its result pipe (ChunkResults to the runner)
     # RawArray('q', PROGRESS_SLOTS), written here, read by the runner: index of the item in hand in its chunk,
     # its call's start (monotonic_ns; 0: none), the chunk's seq, and items skipped, failed attempts and retries
-    # of the chunk since its last (partial) result
+    # of the chunk since its last (partial) result. With concurrency (run_units): [0] is the first item not yet
+    # settled, [3:6] count the settled items before it, and [1] is a heartbeat of the worker's event loop.
     progress: Any
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
