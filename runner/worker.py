@@ -387,8 +387,8 @@ def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
     """The answer to a close request (``CLOSE``: the stage's input has ended): what ``fn.close()`` returns, as
     outputs (``done=0``; no ids). A function, or an instance without ``close()``, answers with no output.
 
-    ``close()`` may return None, one item, or a list, tuple, iterator or generator of items (a dict is one
-    item); it may be ``async def``.  Its outputs are checked to pickle here.  Its failure is an error of the
+    ``close()`` may return None, an iterable of items (a list, a generator...), or one item (anything else,
+    and a str, bytes or a dict); it may be ``async def``.  Its outputs are checked to pickle here.  Its failure is an error of the
     stage, under ``on_error``: ``fail`` (or ``retry`` with no dead-letter queue) sets ``result.error``
     (``"close() failed: ..."``: the run stops); otherwise it is logged and its outputs are dropped.
     """
@@ -405,10 +405,10 @@ def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
             out = calls.run(calls.settle_awaitable(out))
         if out is None:
             outs = []
-        elif isinstance(out, list | tuple | Iterator):
-            outs = list(out)
-        else:
+        elif isinstance(out, str | bytes | bytearray | Mapping) or not isinstance(out, Iterable):
             outs = [out]
+        else:
+            outs = list(out)
         queues.dumps(outs)  # what cannot cross to the output queues fails close(), not the runner
         if stage.routes:
             result.outputs, result.targets = route_outputs(stage, outs)

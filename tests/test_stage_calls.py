@@ -127,6 +127,22 @@ class AsyncClose:
         return [10, 20]
 
 
+class Words:
+    def __call__(self, n):
+        return n
+
+    def close(self):
+        return "a b"
+
+
+class Span:
+    def __call__(self, n):
+        return n
+
+    def close(self):
+        return range(2)
+
+
 class Broken:
     def __call__(self, n):
         return n
@@ -168,10 +184,11 @@ def test_class_stage_is_one_instance_called_per_item_and_closed(tasks):
 
 
 @pytest.mark.parametrize(("cls", "outputs"), [
-    ("Total", [{"total": 6}]), ("Nothing", []), ("Gen", [1, 2]), ("AsyncClose", [10, 20]),
+    ("Total", [{"total": 6}]), ("Nothing", []), ("Gen", [1, 2]), ("AsyncClose", [10, 20]), ("Words", ["a b"]),
+    ("Span", [0, 1]),
 ])
 def test_close_returns_none_one_item_or_many(tasks, cls, outputs):
-    """close() may return None, one item (a dict is one), an iterable or generator of items, or be async."""
+    """close() may return None, one item (a dict or a str is one), an iterable or generator of items, or be async."""
     module, base = tasks(CLASSES)
     stage = plan(function=f"{module}:{cls}")
     fn = worker.make_function(stage, base, None)
