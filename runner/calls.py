@@ -159,6 +159,7 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
                 worker._call_item.reset(token)
                 running[task] = ahead
                 ahead += 1
+                fold.progress[6] = start + len(unit)
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 settled[running.pop(task)] = task.result()

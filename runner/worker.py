@@ -171,7 +171,7 @@ class Control:
 
 
 STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
-PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
+PROGRESS_SLOTS = 7  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
 
 
@@ -596,7 +596,8 @@ class WorkerSpec:
     # RawArray('q', PROGRESS_SLOTS), written here, read by the runner: index of the item in hand in its chunk,
     # its call's start (monotonic_ns; 0: none), the chunk's seq, and items skipped, failed attempts and retries
     # of the chunk since its last (partial) result. With concurrency (run_units): [0] is the first item not yet
-    # settled, [3:6] count the settled items before it, and [1] is a heartbeat of the worker's event loop.
+    # settled, [3:6] count the settled items before it, [1] is a heartbeat of the worker's event loop, and [6]
+    # is one past the last item whose call has started: items [0] .. [6] may be in its hands (else [6] is 0).
     progress: Any
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
@@ -1043,7 +1044,7 @@ class Fold:
         self.stride = max(1, math.ceil(n_units / LATENCY_SAMPLES))  # which units are latency samples
         self.units = 0
         self.result = self._new()
-        progress[0] = progress[3] = progress[4] = progress[5] = 0
+        progress[0] = progress[3] = progress[4] = progress[5] = progress[6] = 0
 
     def _new(self) -> ChunkResult:
         self.t0 = time.perf_counter()
@@ -1112,7 +1113,8 @@ def run_units(
     done or in hand too; everything before it is settled).  ``progress[3:6]``: counts of the settled units
     before it.  ``progress[1]``: without concurrency, when the call in hand started, as in ``run_items``;
     with it, the worker enforces ``timeout`` itself and ``progress[1]`` is a heartbeat of its event loop
-    while calls are in flight (see ``runner.calls``).
+    while calls are in flight (see ``runner.calls``), and ``progress[6]`` is one past the last item whose
+    call has started (the items from ``progress[0]`` to it may be in hand: a death cannot be pinned on one).
     """
     size = stage.batch or 1
     starts = range(0, len(items), size)

@@ -381,14 +381,14 @@ def test_concurrency_runs_calls_at_once_in_threads_with_outputs_in_input_order()
 
 
 def test_concurrency_progress_never_passes_an_unsettled_item():
-    """With concurrency, progress[0] is the first item not yet settled: every call sees it at or below its own
-    index, and the later items settled early are folded once it passes."""
+    """With concurrency, progress[0] is the first item not yet settled and progress[6] one past the last started:
+    every call sees its own index between them, and the later items settled early are folded once it passes."""
     progress = [0] * worker.PROGRESS_SLOTS
     seen = []
     gate = threading.Event()
 
     def fn(n):
-        seen.append((n, progress[0]))
+        seen.append((n, progress[0], progress[6]))
         if n == 0:
             gate.wait(10)  # item 0 is the last to finish
         elif n == 5:
@@ -396,8 +396,8 @@ def test_concurrency_progress_never_passes_an_unsettled_item():
         return n
 
     result = worker.run_items(fn, plan(concurrency=4), 0, list(range(6)), None, None, progress, Log())
-    assert all(frontier <= n for n, frontier in seen)
-    assert (0, 0) in seen and result.outputs == list(range(6)) and progress[0] == 6
+    assert all(frontier <= n < started for n, frontier, started in seen)
+    assert (0, 0, 4) in seen and result.outputs == list(range(6)) and progress[0] == progress[6] == 6
 
 
 def test_concurrency_error_policy_and_ids_hold_per_item():
