@@ -136,7 +136,7 @@ async def settle_awaitable(out: Any) -> Any:
 
 
 async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any], tries: list[int] | None, lock: Any,
-                     log: Any, fold: Fold, ids: Ids | None) -> None:
+                     log: Any, fold: Fold, ids: Ids | None, routes: dict[str, int] | None) -> None:
     """Settle a chunk's units (batches, or single items), up to ``stage.concurrency`` at once, into ``fold`` in
     input order; stop at the first that stops the run."""
     size = stage.batch or 1
@@ -155,7 +155,7 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
                 attempts = max(tries[start : start + size]) if tries else 0
                 # The task (and the thread of each of its calls) logs with the id of its own item.
                 token = worker._call_item.set(ids[start] if ids is not None else None)
-                task = asyncio.ensure_future(_settle(fn, stage, unit, attempts, lock, log, asynchronous, threads))
+                task = asyncio.ensure_future(_settle(fn, stage, unit, attempts, lock, log, asynchronous, threads, routes))
                 worker._call_item.reset(token)
                 running[task] = ahead
                 ahead += 1
@@ -184,16 +184,16 @@ async def _heartbeat(stage: StagePlan, progress: Any) -> None:
 
 
 async def _settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts: int, lock: Any, log: Any,
-                  asynchronous: bool, threads: Threads) -> Settled:
+                  asynchronous: bool, threads: Threads, routes: dict[str, int] | None) -> Settled:
     """Call ``fn`` on a unit under the policy (``attempts``: failed attempts so far), each call within ``timeout``."""
     s = Settled()
     t0 = time.perf_counter()
     arg = unit if stage.batch else unit[0]
     while True:
         if asynchronous:
-            call: Awaitable[Any] = _attempt_async(fn, stage, arg, lock, threads)
+            call: Awaitable[Any] = _attempt_async(fn, stage, arg, lock, threads, routes)
         else:
-            call = threads.run(contextvars.copy_context().run, attempt, fn, stage, arg, lock)
+            call = threads.run(contextvars.copy_context().run, attempt, fn, stage, arg, lock, routes)
         try:
             s.outputs, s.targets = await asyncio.wait_for(call, stage.timeout)
             break
@@ -211,8 +211,8 @@ async def _settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], a
     return s
 
 
-async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any,
-                         threads: Threads) -> tuple[list[Any], list[int] | None]:
+async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any, threads: Threads,
+                         routes: dict[str, int] | None) -> tuple[list[Any], list[int] | None]:
     """``worker.attempt`` for an async function: one call awaited on this loop (the lock taken in a thread)."""
     try:
         if lock is not None:
@@ -226,7 +226,7 @@ async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, l
         finally:
             if lock is not None:
                 lock.release()
-        return route_outputs(stage, outs) if stage.routes else (outs, None)
+        return (outs, None) if routes is None else route_outputs(stage, outs, routes)
     except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item (or batch)
         raise FunctionFailed.of(e, arg) from None
 

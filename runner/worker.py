@@ -309,14 +309,20 @@ class RouteError(ValueError):
     """An output of a stage with named routes names no route of the stage, or has none and there is no ``default``."""
 
 
-def route_outputs(stage: StagePlan, outs: list[Any]) -> tuple[list[Any], list[int]]:
+def route_index(stage: StagePlan) -> dict[str, int] | None:
+    """Route name -> index in ``stage.outputs`` of its queue; None for a stage without named routes."""
+    return {name: stage.outputs.index(queue) for name, queue in stage.routes.items()} if stage.routes else None
+
+
+def route_outputs(stage: StagePlan, outs: list[Any], index: dict[str, int] | None = None) -> tuple[list[Any], list[int]]:
     """The outputs of a stage with named routes, unwrapped from ``runner.route``, and the index in
-    ``stage.outputs`` of the queue each goes to; an output without a route goes to the route ``default``.
+    ``stage.outputs`` of the queue each goes to (``index``: ``route_index(stage)``, if at hand); an output
+    without a route goes to the route ``default``.
 
     Raises:
         RouteError: an output names no route of the stage, or has none and there is no ``default``.
     """
-    index = {name: stage.outputs.index(queue) for name, queue in stage.routes.items()}
+    index = (route_index(stage) or {}) if index is None else index
     values, targets = [], []
     for out in outs:
         name = "default"
@@ -362,12 +368,13 @@ def call_outputs(result: Any, batch: bool) -> list[Any]:
                    f"not {type(result).__name__}")
             raise TypeError(msg)
         return list(result)
-    return list(result) if inspect.isgenerator(result) else [result]
+    return list(result) if isinstance(result, types.GeneratorType) else [result]
 
 
-def attempt(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any) -> tuple[list[Any], list[int] | None]:
+def attempt(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any,
+            routes: dict[str, int] | None) -> tuple[list[Any], list[int] | None]:
     """One call ``fn(arg)`` (``arg``: an item, or the list of a batch), holding ``lock`` if any: its outputs,
-    and their targets for a stage with named routes (else None).
+    and their targets for a stage with named routes (``routes``: its ``route_index``; else None).
 
     Raises:
         FunctionFailed: the call raised, or returned what the stage cannot emit.
@@ -378,7 +385,7 @@ def attempt(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any) -> 
         else:
             with lock:
                 outs = call_outputs(fn(arg), bool(stage.batch))
-        return route_outputs(stage, outs) if stage.routes else (outs, None)
+        return (outs, None) if routes is None else route_outputs(stage, outs, routes)
     except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item (or batch)
         raise FunctionFailed.of(e, arg) from None
 
@@ -1011,25 +1018,29 @@ def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: 
 
 
 def settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts: int, lock: Any, progress: Any,
-           log: Any) -> Settled:
-    """Call ``fn`` on a unit in this thread, under the policy (``attempts``: failed attempts so far); with a
-    ``timeout``, ``progress[1]`` holds when the call in hand started (the runner kills a worker past it)."""
+           log: Any, routes: dict[str, int] | None, failure: FunctionFailed | None = None) -> Settled:
+    """Call ``fn`` on a unit in this thread (unless it has just failed with ``failure``), under the policy
+    (``attempts``: failed attempts so far); with a ``timeout``, ``progress[1]`` holds when the call in hand
+    started (the runner kills a worker past it)."""
     s = Settled()
     t0 = time.perf_counter()
     arg = unit if stage.batch else unit[0]
     timed = stage.timeout is not None
     while True:
-        if timed:
-            progress[1] = time.monotonic_ns()
-        try:
-            s.outputs, s.targets = attempt(fn, stage, arg, lock)
-            break
-        except FunctionFailed as e:
-            progress[1] = 0
-            attempts += 1
-            if not unit_failed(stage, e, unit, attempts, s, log):
+        if failure is None:
+            if timed:
+                progress[1] = time.monotonic_ns()
+            try:
+                s.outputs, s.targets = attempt(fn, stage, arg, lock, routes)
                 break
-            time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+            except FunctionFailed as e:
+                failure = e
+        e, failure = failure, None
+        progress[1] = 0
+        attempts += 1
+        if not unit_failed(stage, e, unit, attempts, s, log):
+            break
+        time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
     progress[1] = 0
     s.seconds = time.perf_counter() - t0
     return s
@@ -1078,6 +1089,21 @@ class Fold:
                 self.result = self._new()
         return False
 
+    def ok(self, start: int, n: int, outputs: list[Any], targets: list[int] | None) -> None:
+        """Take a unit whose first call succeeded and which is no latency sample (``sampled`` is False)."""
+        r = self.result
+        self.units += 1
+        r.outputs.extend(outputs)
+        if targets is not None:
+            r.targets.extend(targets)  # type: ignore[union-attr]
+        r.ends.extend(itertools.repeat(len(r.outputs), n))
+        self.progress[0] = start + n
+
+    @property
+    def sampled(self) -> bool:
+        """The next unit is a latency sample."""
+        return self.units % self.stride == 0
+
     def finish(self) -> ChunkResult:
         """The result of the chunk (after the last partial one)."""
         r = self.result
@@ -1119,15 +1145,27 @@ def run_units(
     size = stage.batch or 1
     starts = range(0, len(items), size)
     fold = Fold(stage, seq, len(starts), ids, progress, partial)
+    routes = route_index(stage)
     if stage.concurrency > 1 or is_async(fn):
         from runner import calls
 
-        calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids))
+        calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids, routes))
         return fold.finish()
+    simple = lock is None and tries is None and stage.timeout is None
     for start in starts:
         unit = items[start : start + size]
         progress[0] = start
-        s = settle(fn, stage, unit, max(tries[start : start + size]) if tries else 0, lock, progress, log)
+        failure = None
+        if simple and not fold.sampled:  # the common case in short: a first call that succeeds
+            try:
+                outputs, targets = attempt(fn, stage, unit if stage.batch else unit[0], None, routes)
+            except FunctionFailed as e:
+                failure = e
+            else:
+                fold.ok(start, len(unit), outputs, targets)
+                continue
+        attempts = max(tries[start : start + size]) if tries else 0
+        s = settle(fn, stage, unit, attempts, lock, progress, log, routes, failure)
         if fold.add(start, len(unit), s):
             break
     return fold.finish()
