@@ -14,7 +14,9 @@ A stage's function is made once per worker process (``make_function``: a class s
 Stages with ``batch``, ``concurrency``, an ``async def`` function or named routes go through ``run_units``
 (concurrent calls: ``runner.calls``). When the stage's input has ended the runner sends each worker a
 close request, the task ``(seq, CLOSE, None, None)``, answered by ``close_result`` (the outputs of the
-instance's ``close()``), and then the usual None.
+instance's ``close()``), and then the usual None. A result of a stage with named routes carries
+``targets``: each output goes to the one queue ``stage.outputs[target]`` (``by_target`` splits it per queue);
+such results are never packed as queue messages.
 
 Item ids: a producer numbers the items it emits (item k of process i of a stage with P processes is item
 ``n = i + k * P`` of the source, logged as ``item_id="<stage>:<n>"``); a task carries the ids of its

@@ -786,3 +786,24 @@ def test_cli_inline_word_count_with_a_class(tmp_pipeline):
     wrong = run_cli("validate", str(tmp_pipeline(CLI_WORDS.replace("KWARG", "lowr"), CLASSES)))
     assert wrong.returncode == 2
     assert "unknown keyword argument 'lowr' for tasks_t:WordCount; did you mean 'lower'?" in wrong.stdout + wrong.stderr
+
+
+def test_inline_close_output_to_its_own_input_is_read(tmp_path):
+    """A self-fed class stage: what close() puts on its own input is read too, and close() is not called again."""
+    tasks_text = """\
+class Countdown:
+    closed = 0
+
+    def __call__(self, n):
+        return n - 1 if n > 0 else None
+
+    def close(self):
+        type(self).closed += 1
+        return 2 if type(self).closed == 1 else 100
+"""
+    text = TREE.replace("QUEUE", "fifo").replace("TASKS:expand", "TASKS:Countdown").replace("[1]", "[3]")
+    result = inline(tmp_path, text, tasks_text, expand={"outputs": ("work", "results")})
+    assert result.exit_code == 0, result.error
+    assert result.collected["results"] == [2, 1, 0, 2, 1, 0]
+    expand = balanced(result)["stages"]["expand"]
+    assert (expand["items_in"], expand["delivered"], expand["items_out"]) == (7, 7, 6)
