@@ -397,9 +397,10 @@ def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
     outputs (``done=0``; no ids). A function, or an instance without ``close()``, answers with no output.
 
     ``close()`` may return None, an iterable of items (a list, a generator...), or one item (anything else,
-    and a str, bytes or a dict); it may be ``async def``.  Its outputs are checked to pickle here.  Its failure is an error of the
-    stage, under ``on_error``: ``fail`` (or ``retry`` with no dead-letter queue) sets ``result.error``
-    (``"close() failed: ..."``: the run stops); otherwise it is logged and its outputs are dropped.
+    and a str, bytes or a dict); it may be ``async def``.  Its outputs are checked to pickle here.  Its
+    failure is an error of the stage, under ``on_error``: ``fail`` (or ``retry`` with no dead-letter queue)
+    sets ``result.error`` (``"close() failed: ..."``: the run stops); otherwise it is logged and its outputs
+    are dropped.
     """
     result = ChunkResult(seq, [], [], targets=[] if stage.routes else None)
     close = getattr(fn, "close", None)

@@ -47,11 +47,11 @@ def plan(**fields) -> StagePlan:
     return StagePlan(**(base | fields))
 
 
-def run(fn, stage, items, ids=None, partial=None, tries=None):
-    """run_items on ``items`` with a fresh progress array; the result and the progress array."""
+def run(fn, stage, items, ids=None, partial=None, tries=None, lock=None):
+    """run_items on ``items`` with a fresh progress array; the result, the progress array and the records."""
     progress = [0] * worker.PROGRESS_SLOTS
     log = Log()
-    result = worker.run_items(fn, stage, 7, list(items), tries, None, progress, log, ids, partial)
+    result = worker.run_items(fn, stage, 7, list(items), tries, lock, progress, log, ids, partial)
     return result, progress, log
 
 
@@ -807,3 +807,41 @@ class Countdown:
     assert result.collected["results"] == [2, 1, 0, 2, 1, 0]
     expand = balanced(result)["stages"]["expand"]
     assert (expand["items_in"], expand["delivered"], expand["items_out"]) == (7, 7, 6)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_concurrent_calls_hold_the_stage_lock_one_at_a_time(asynchronous):
+    """`lock` with concurrency: each call (thread or coroutine) runs holding the lock, so none overlap."""
+    flight = InFlight()
+
+    def plain(n):
+        with flight:
+            time.sleep(0.002)
+        return n
+
+    async def coroutine(n):
+        import asyncio
+
+        with flight:
+            await asyncio.sleep(0.002)
+        return n
+
+    result, _, _ = run(coroutine if asynchronous else plain, plan(concurrency=6), range(18), lock=threading.Lock())
+    assert result.outputs == list(range(18)) and flight.most == 1
+
+
+def test_async_call_cancelled_while_waiting_for_the_lock_leaves_it_free():
+    """An async call timed out while it waits for the stage lock (taken in a thread) releases the lock once
+    that thread gets it: later calls run, and the lock is free at the end."""
+    lock = threading.Lock()
+
+    async def fn(n):
+        import asyncio
+
+        await asyncio.sleep(0.6 if n == 0 else 0)
+        return n
+
+    result, _, _ = run(fn, plan(concurrency=3, timeout=0.3, on_error="skip"), range(6), lock=lock)
+    assert result.outputs[-3:] == [3, 4, 5] and result.skipped >= 1  # 0, and 1 and 2 if they waited as long
+    assert len(result.outputs) + result.skipped == result.done == 6
+    assert lock.acquire(blocking=False)
