@@ -43,7 +43,9 @@ def cold(cmd: list[str], items: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp, "metrics.json")
         t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "--metrics-json", str(metrics)], capture_output=True, text=True, cwd=ROOT, check=False)
+        proc = subprocess.run(
+            [*cmd, "--metrics-json", str(metrics)], capture_output=True, text=True, cwd=ROOT, check=False
+        )
         wall = time.perf_counter() - t0
         taken = json.loads(metrics.read_text())["stages"]["sink"]["items_in"] if metrics.exists() else None
     if proc.returncode != 0 or taken != items:

@@ -293,7 +293,8 @@ def targets(loads: list[Workload]) -> list[str]:
         if w.name == "W2":
             s, s0 = get(w.title, "serial loop"), get(w.title, "serial loop, 0 calls")
             m, m0 = get(w.title, "mprun pool"), get(w.title, "mprun pool, 0 calls")
-            check("W2 speed-up over the serial loop, whole process", s.median / m.median if s and m else None, 1.8, ">=")
+            speedup = s.median / m.median if s and m else None
+            check("W2 speed-up over the serial loop, whole process", speedup, 1.8, ">=")
             work = (s.median - s0.median) / (m.median - m0.median) if s and s0 and m and m0 else None
             check("W2 speed-up over the serial loop, start-up subtracted", work, 1.8, ">=")
             p = get(w.title, "Pool(2).imap_unordered")
@@ -309,7 +310,8 @@ def targets(loads: list[Workload]) -> list[str]:
             ref, pool, more = w.contenders
             check("W4 mprun pool / Pool(2).imap(chunksize=1), 1 MiB items",
                   pool.median / ref.median if not (pool.error or ref.error) else None, 1.5, "<=")
-            check("W4 peak RSS of mprun's largest process", pool.peak_mib if not pool.error else None, 320, "<=", " MiB")
+            peak = pool.peak_mib if not pool.error else None
+            check("W4 peak RSS of mprun's largest process", peak, 320, "<=", " MiB")
             check("W4 peak RSS at 5x the items / at 1x", more.peak_mib / pool.peak_mib
                   if not (pool.error or more.error) else None, 1.3, "<=")
         if w.name == "MEM":

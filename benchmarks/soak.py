@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import wait_gone
+from tests.conftest import wait_gone  # noqa: E402 - importable once ROOT is on the path
 
 MPRUN = str(Path(sys.executable).with_name("mprun"))
 
@@ -154,7 +154,9 @@ def one_run(r: dict, limit: float, keep: bool) -> str | None:
             time.sleep(r["delay"])
             log = folder / "log.jsonl"
             records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-            workers = [rec["pid"] for rec in records if rec.get("stage") == "work" and rec["event"] == "process started"]
+            workers = [
+                rec["pid"] for rec in records if rec.get("stage") == "work" and rec["event"] == "process started"
+            ]
             if workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(random.choice(workers), signal.SIGKILL)
@@ -216,7 +218,8 @@ def main() -> int:
             print(f"run {runs}: {problem}\n  {json.dumps(r)}", flush=True)
     print(f"seed {seed}: {runs} runs ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
           f"hangs {failed['HANG']}, lost {failed['LOST']}, duplicated {failed['DUPLICATED']}, "
-          f"leftovers {failed['LEFTOVER']}, other failures {sum(failed.values()) - failed['HANG'] - failed['LOST'] - failed['DUPLICATED'] - failed['LEFTOVER']}")
+          f"leftovers {failed['LEFTOVER']}, "
+          f"other failures {sum(failed.values()) - sum(failed[k] for k in ('HANG', 'LOST', 'DUPLICATED', 'LEFTOVER'))}")
     return 1 if failed else 0
 
 

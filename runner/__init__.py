@@ -17,11 +17,11 @@ from runner.errors import MprunError, PipelineInvalid, RunFailed, UsageError
 
 if TYPE_CHECKING:
     from runner.loader import load_pipeline
-    from runner.supervisor import RunResult, StageStats
+    from runner.results import RunResult, StageStats
     from runner.topology import Topology
     from schemas import Pipeline
 
-_LAZY = {"load_pipeline": "runner.loader", "RunResult": "runner.supervisor", "StageStats": "runner.supervisor"}
+_LAZY = {"load_pipeline": "runner.loader", "RunResult": "runner.results", "StageStats": "runner.results"}
 
 
 def __getattr__(name: str) -> Any:
@@ -169,31 +169,26 @@ def run_pipeline(
         PipelineInvalid: the file is invalid, or a function cannot be imported by a fresh worker (exit code 2).
         UsageError: a bad option, or ``start_method: fork`` in a process connected to Ray (exit code 2).
     """
+    from runner import backends
+    from runner.backends.local import driver  # noqa: F401 - imported while the forkserver starts (``cli._warm_up``)
     from runner.imports import ray_connected
-    from runner.supervisor import Supervisor  # imported while the forkserver starts (``cli._warm_up``)
 
     topology = plan_run(path_or_pipeline, overrides, limit=limit, **settings)
-    if topology.backend == "ray":
-        if progress:
-            msg = "--progress is not available on the ray backend yet"
-            raise UsageError(msg)
-        from runner.backends import run_on_ray
-
-        result = run_on_ray(topology, ray_address)
-        result.log_format = topology.log_format
-        return result
-    if ray_address:
-        msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
-        raise UsageError(msg)
-    if topology.start_method == "fork" and ray_connected():
-        msg = ("start_method fork cannot be used in a process connected to Ray (ray.init was called): a fork "
-               "copies Ray's running threads and can hang; use forkserver or spawn")
-        raise UsageError(msg)
     if progress is None:
         import sys
 
         printing = any(s.function == "print" for s in topology.stages) and sys.stdout.isatty()
         progress = sys.stderr.isatty() and not printing
-    result = Supervisor(topology, progress=progress).run()
-    result.log_format = topology.log_format
-    return result
+    backend: backends.Backend
+    if topology.backend == "ray":
+        backend = backends.Ray(ray_address, progress=progress)
+    elif ray_address:
+        msg = "--ray-address applies to the ray backend: add --backend ray (or settings.backend: ray)"
+        raise UsageError(msg)
+    elif topology.start_method == "fork" and ray_connected():
+        msg = ("start_method fork cannot be used in a process connected to Ray (ray.init was called): a fork "
+               "copies Ray's running threads and can hang; use forkserver or spawn")
+        raise UsageError(msg)
+    else:
+        backend = backends.Local(progress)
+    return backend.run(topology)

@@ -106,7 +106,8 @@ def _open_folder(folder: Path) -> int | None:
 
 
 def _note(where: Path, problem: str) -> None:
-    logging.getLogger("mprun.cache").debug("compiled-pipeline cache not used (%s): %s; running uncached", where, problem)
+    log = logging.getLogger("mprun.cache")
+    log.debug("compiled-pipeline cache not used (%s): %s; running uncached", where, problem)
 
 
 def _read_trusted(folder: Path, entry: str) -> bytes | None:

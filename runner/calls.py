@@ -95,22 +95,23 @@ def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | Non
         future.set_exception(error)
 
 
-_state: tuple[asyncio.AbstractEventLoop, Threads] | None = None  # this process's loop and threads
+class _Here:
+    """This process's event loop and threads, made on first use (a forked child forgets its parent's)."""
+
+    state: tuple[asyncio.AbstractEventLoop, Threads] | None = None
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.state = None
 
 
-def _forget() -> None:
-    global _state
-    _state = None
-
-
-os.register_at_fork(after_in_child=_forget)
+os.register_at_fork(after_in_child=_Here.forget)
 
 
 def _loop_and_threads() -> tuple[asyncio.AbstractEventLoop, Threads]:
-    global _state
-    if _state is None or _state[0].is_closed():
-        _state = (asyncio.new_event_loop(), Threads())
-    return _state
+    if _Here.state is None or _Here.state[0].is_closed():
+        _Here.state = (asyncio.new_event_loop(), Threads())
+    return _Here.state
 
 
 def run(awaitable: Awaitable[Any]) -> Any:
@@ -120,10 +121,9 @@ def run(awaitable: Awaitable[Any]) -> Any:
 
 def release() -> None:
     """Close this process's event loop and end its threads (the inline backend, at the end of a run)."""
-    global _state
-    if _state is not None:
-        loop, threads = _state
-        _state = None
+    if _Here.state is not None:
+        loop, threads = _Here.state
+        _Here.state = None
         threads.close()
         loop.close()
 
@@ -135,8 +135,8 @@ async def settle_awaitable(out: Any) -> Any:
     return await out
 
 
-async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any], tries: list[int] | None, lock: Any,
-                     log: Any, fold: Fold, ids: Ids | None, routes: dict[str, int] | None) -> None:
+async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any], tries: list[int] | None,
+                     lock: Any, log: Any, fold: Fold, ids: Ids | None, routes: dict[str, int] | None) -> None:
     """Settle a chunk's units (batches, or single items), up to ``stage.concurrency`` at once, into ``fold`` in
     input order; stop at the first that stops the run."""
     size = stage.batch or 1
@@ -155,7 +155,8 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
                 attempts = max(tries[start : start + size]) if tries else 0
                 # The task (and the thread of each of its calls) logs with the id of its own item.
                 token = worker._call_item.set(ids[start] if ids is not None else None)
-                task = asyncio.ensure_future(_settle(fn, stage, unit, attempts, lock, log, asynchronous, threads, routes))
+                settling = _settle(fn, stage, unit, attempts, lock, log, asynchronous, threads, routes)
+                task = asyncio.ensure_future(settling)
                 worker._call_item.reset(token)
                 running[task] = ahead
                 ahead += 1

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the run failed, 2 invalid pipeline or usage, 130 SIGINT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,10 +129,8 @@ def _leave_quickly() -> None:
     if _QUICK_EXIT is None:
         return
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     from runner import zygote
 
     zygote.stop()
@@ -332,7 +331,8 @@ def _run(ns: argparse.Namespace) -> int:
         if record is not None:
             print(json.dumps(record, default=repr), file=sys.stderr)
         for error in errors[1 if result.error else 0 :]:  # the run's own error is in the record
-            print(json.dumps({"level": "error", "logger": "mprun", "event": "run failed", "error": error}), file=sys.stderr)
+            record = {"level": "error", "logger": "mprun", "event": "run failed", "error": error}
+            print(json.dumps(record), file=sys.stderr)
     else:
         if not ns.no_summary:
             print(summary_table(result), file=sys.stderr)
@@ -379,7 +379,9 @@ def summary_table(result: Any) -> str:
     from runner.metrics import busy_per_process, slowest_stage, utilisation
 
     slowest = slowest_stage(result.stats)
-    head = ("stage", "procs", "in", "out", "skipped", "retried", "failed", "dead", "restarts", "seconds", "items/s", "util")
+    head = (
+        "stage", "procs", "in", "out", "skipped", "retried", "failed", "dead", "restarts", "seconds", "items/s", "util"
+    )
     rows = [head]
     for name, st in result.stats.items():
         producer = st.kind == "producer"
@@ -395,8 +397,14 @@ def summary_table(result: Any) -> str:
             "-" if producer else f"{utilisation(st):.0%}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines = [f"{line}  *" if row[0] == slowest and n else line for n, (line, row) in enumerate(zip(lines, rows))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+        for r in rows
+    ]
+    lines = [
+        f"{line}  *" if row[0] == slowest and n else line
+        for n, (line, row) in enumerate(zip(lines, rows, strict=True))
+    ]
     if slowest is not None:
         st = result.stats[slowest]
         lines.append(f"* slowest stage: {slowest} ({busy_per_process(st):.3f}s busy per process, "

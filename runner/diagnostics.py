@@ -9,6 +9,7 @@ then looked up in the loader's marks.  A value that came from ``--set`` is locat
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -20,7 +21,8 @@ from schemas.stages import Consumer, FileSource, Pool, Producer, RangeSource, So
 
 PathKey = tuple[str | int, ...]
 
-_KINDS: dict[str, type[BaseModel]] = {"producer": Producer, "consumer": Consumer, "pool": Pool}
+_KINDS: dict[str, type[Producer | Consumer | Pool]] = {"producer": Producer, "consumer": Consumer, "pool": Pool}
+_SOURCES: dict[PathKey, type[BaseModel]] = {(): Source, ("range",): RangeSource, ("file",): FileSource}
 
 
 class Diagnostic(str):
@@ -120,7 +122,11 @@ def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:
     path: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict):
+            inside = part in node
+        else:
+            inside = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if inside:
             node = node[part]
             path.append(part)
     return tuple(path)
@@ -143,13 +149,13 @@ def model_at(data: Any, path: PathKey) -> type[BaseModel] | None:
         if not tail:
             return model
         if tail[0] == "source":
-            return {(): Source, ("range",): RangeSource, ("file",): FileSource}.get(tuple(tail[1:]))
+            return _SOURCES.get(tuple(tail[1:]))
     if head == "tests" and rest and isinstance(rest[0], int):
         tail = rest[1:]
         if not tail:
             return TestCase
         if tail[0] == "sources" and len(tail) >= 2:
-            return {(): Source, ("range",): RangeSource, ("file",): FileSource}.get(tuple(tail[2:]))
+            return _SOURCES.get(tuple(tail[2:]))
     return None
 
 
@@ -198,7 +204,7 @@ def unknown_key_message(data: Any, parent: PathKey, key: str) -> str:
     return message
 
 
-def _with_value(message: str, err: dict[str, Any]) -> str:
+def _with_value(message: str, err: Mapping[str, Any]) -> str:
     """Add what was found, and the closest allowed value for a choice (``literal_error``)."""
     value = err.get("input")
     if err["type"] == "value_error":  # a check of ours: its message already says what was found

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class MprunError(Exception):
     """Root of mprun's errors; ``exit_code`` is what the command line exits with."""
@@ -20,8 +22,8 @@ class PipelineInvalid(MprunError):
 
     exit_code = 2
 
-    def __init__(self, diagnostics: list[str]) -> None:
-        self.diagnostics = diagnostics
+    def __init__(self, diagnostics: Sequence[str]) -> None:
+        self.diagnostics = list(diagnostics)
         super().__init__("\n".join(diagnostics))
 
 

@@ -13,6 +13,7 @@ preloads it then (``cli._warm_up``), and not otherwise, since importing it costs
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import multiprocessing
@@ -144,10 +145,9 @@ def _checker(conn: Any, base_dir: str, refs: list[str], parent_pid: int) -> None
     sys.stdout = sys.stderr
     sys.path.insert(0, base_dir)
     problems = [check_reference(ref) for ref in refs]
-    try:
+    # nobody may wait for the answer any more (the file turned out invalid): nothing to say then
+    with contextlib.suppress(OSError):
         conn.send((problems, "structlog" in sys.modules))
-    except OSError:  # nobody waits for the answer any more (the file turned out invalid): nothing to say
-        pass
     conn.close()
 
 
@@ -202,12 +202,14 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
         return []
     if start_method == "fork" and ray_connected():
         start_method = "forkserver"  # the check only needs a process that imports them afresh
-    ctx = multiprocessing.get_context(start_method)
+    ctx: Any = multiprocessing.get_context(start_method)  # typeshed: a BaseContext has no Process
     if start_method == "forkserver":
         # The same preload as the supervisor's: the server started here is the one the run then reuses.
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True)
+    child = ctx.Process(
+        target=_checker, args=(writer, base_dir, refs, os.getpid()), name="mprun-import-check", daemon=True
+    )
     child.start()
     writer.close()
     try:
@@ -219,7 +221,8 @@ def _import_problems(refs: list[str], base_dir: str, start_method: str) -> list[
                 pass
         else:
             child.terminate()
-            return [f"cannot import {refs[0]!r}: importing did not finish within {CHECK_TIMEOUT:.0f}s"] + [None] * (len(refs) - 1)
+            late = f"cannot import {refs[0]!r}: importing did not finish within {CHECK_TIMEOUT:.0f}s"
+            return [late] + [None] * (len(refs) - 1)
     finally:
         child.join(CHECK_TIMEOUT)
         if child.is_alive():

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import calls, logs
+from runner.logs import logging_state, restore_logging
 from runner.queues import dumps
-from runner.supervisor import RunResult, StageStats, logging_state, restore_logging
+from runner.results import RunResult, StageStats
 from runner.topology import StagePlan, Topology
 from runner.worker import (
     PROGRESS_SLOTS,
@@ -157,9 +158,9 @@ class _Counts:
 
     def accounts(self, topo: Topology) -> dict[str, dict[str, Any]]:
         """Per queue: ``produced``, ``delivered``, ``left`` and ``balanced``, as a normal run reports them."""
-        return {name: {"produced": self.put[name], "delivered": self.taken[name],
-                       "left": max(0, self.put[name] - self.taken[name]), "balanced": self.put[name] == self.taken[name]}
-                for name in topo.queues}
+        put, taken = self.put, self.taken
+        return {name: {"produced": put[name], "delivered": taken[name], "left": max(0, put[name] - taken[name]),
+                       "balanced": put[name] == taken[name]} for name in topo.queues}
 
 
 def _run_stage(

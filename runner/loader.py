@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def _convert(loader: BoundedLoader, node: yaml.Node, path: PathKey, marks: Marks
                 first = marks.keys[(*path, key)][0]
                 line, col = where
                 problem = f"duplicate key {key!r} (first at line {first}; the last one would win)"
-                marks.problems.append(Diagnostic(marks.filename, line, col, diagnostics.format_path((*path, key)), problem))
+                field = diagnostics.format_path((*path, key))
+                marks.problems.append(Diagnostic(marks.filename, line, col, field, problem))
                 marks.bad.add((*path, key))
             marks.keys[(*path, key)] = where
             result[key] = _convert(loader, value_node, (*path, key), marks)
@@ -128,7 +130,7 @@ _INNER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)(.*))?", re.DOTALL)
 
 
 def interpolate(
-    data: Any, marks: Marks, environ: dict[str, str] | None = None, path: PathKey = (), root: Any = None
+    data: Any, marks: Marks, environ: Mapping[str, str] | None = None, path: PathKey = (), root: Any = None
 ) -> Any:
     """Replace ``${VAR}`` references in every string value from the environment.
 
@@ -152,14 +154,18 @@ def interpolate(
             return "${"
         inner = _INNER.fullmatch(match.group(1))
         if inner is None:
-            problem(f"invalid variable reference {match.group(0)!r}: expected ${{NAME}}, ${{NAME:-default}} or ${{NAME:?message}}")
+            problem(
+                f"invalid variable reference {match.group(0)!r}: "
+                "expected ${NAME}, ${NAME:-default} or ${NAME:?message}"
+            )
             return match.group(0)
         name, op, arg = inner.groups()
         value = env.get(name)
         if op == ":-":
             return value if value else arg
         if op == ":?" and not value:
-            problem(f"environment variable {name!r} is {'empty' if value == '' else 'not set'}: {arg or 'it is required'}")
+            state = "empty" if value == "" else "not set"
+            problem(f"environment variable {name!r} is {state}: {arg or 'it is required'}")
             return match.group(0)
         if value is None:
             problem(f"environment variable {name!r} is not set (set it, or write ${{{name}:-default}})")
@@ -194,7 +200,7 @@ def _typed(text: str, root: Any, path: PathKey) -> Any:
     return value if diagnostics.field_accepts(root, path, value) else text
 
 
-def _structural(err: dict[str, Any]) -> bool:
+def _structural(err: Mapping[str, Any]) -> bool:
     """Whether a schema error touches what the topology is built from (then it is not checked)."""
     loc = [p for p in err["loc"] if p not in ("producer", "consumer", "pool")]
     if not loc or loc[0] != "stages":
@@ -228,7 +234,8 @@ def check(data: Any, marks: Marks) -> tuple[Pipeline | None, list[Diagnostic]]:
     """
     problems = list(marks.problems)
     if data is None:
-        problems.append(Diagnostic(marks.filename, 1, 1, "(root)", "the file is empty; a pipeline needs at least 'stages'"))
+        empty = "the file is empty; a pipeline needs at least 'stages'"
+        problems.append(Diagnostic(marks.filename, 1, 1, "(root)", empty))
         return None, diagnostics.render(problems)
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__} value"

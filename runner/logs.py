@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
 from runner import wire
@@ -118,6 +118,7 @@ class _Event(logging.LogRecord):
     exc_info = exc_text = stack_info = None
     pathname = filename = module = funcName = ""
     lineno = 0
+    msg: Any  # the event dict (a batch's: its places)
 
     def __init__(self, name: str, levelno: int, levelname: str, msg: Any, created: float) -> None:
         self.name, self.levelno, self.levelname, self.msg, self.created = name, levelno, levelname, msg, created
@@ -258,7 +259,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             waiting, self._waiting, self._count = self._waiting, {}, 0
             self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+    def prepare(self, record: logging.LogRecord) -> _Event:
         if isinstance(record.msg, dict):  # from structlog, via ProcessorFormatter.wrap_for_formatter
             event = dict(record.msg)
         else:  # plain stdlib logging
@@ -268,7 +269,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         return self._event(record.name, record.levelno, record.levelname, event, record.created)
 
     def _event(self, name: str, levelno: int, levelname: str, event: dict[str, Any], created: float) -> _Event:
-        """The record that crosses to the listener: ``event`` with level, logger, timestamp and this process's context."""
+        """The record that crosses to the listener: ``event`` with level, logger, timestamp, this process's context."""
         event.setdefault("level", levelname.lower())
         event.setdefault("logger", name)
         if "timestamp" not in event:
@@ -490,7 +491,7 @@ class LogFile(logging.FileHandler):
         if not self.failed:
             super().emit(record)
 
-    def handle_many(self, records: list[logging.LogRecord]) -> None:
+    def handle_many(self, records: Sequence[logging.LogRecord]) -> None:
         """Write several records with one write and one flush (a batch of repeats), not one of each per record."""
         records = [r for r in records if r.levelno >= self.level]
         if self.failed or not records or self.stream is None:
@@ -559,9 +560,9 @@ class Listener(logging.handlers.QueueListener):
                 if isinstance(handler, LogFile):
                     handler.handle_many(events)
                     continue
-                for event in events:
-                    if not self.respect_handler_level or event.levelno >= handler.level:
-                        handler.handle(event)
+                for one in events:
+                    if not self.respect_handler_level or one.levelno >= handler.level:
+                        handler.handle(one)
             if time.monotonic() - self._summarised >= SUMMARY_EVERY:
                 self.summarise()
             return
@@ -589,7 +590,7 @@ class Listener(logging.handlers.QueueListener):
             return
         where = " (every one is in the log file)" if len(self.handlers) > 1 else ""
         for (_, levelno, _, _, _), (count, last) in pending.items():
-            event = {k: last[k] for k in ("stage", "logger", "level", "error") if k in last}
+            event: dict[str, Any] = {k: last[k] for k in ("stage", "logger", "level", "error") if k in last}
             event["event"] = f"{last.get('event')}: {count:,} more like this{where}"
             event["timestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             if "error" in event:
@@ -599,7 +600,7 @@ class Listener(logging.handlers.QueueListener):
             if record.levelno >= self.console.level:
                 self.console.handle(record)
 
-    def stop(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+    def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
         for handler in logging.getLogger().handlers:  # this process's repeats waiting to be sent (inline runs)
@@ -656,3 +657,21 @@ def close_handlers(listener: Listener) -> None:
         handler.flush()
         if isinstance(handler, logging.FileHandler):
             handler.close()
+def logging_state() -> tuple[list[Any], int]:
+    """The root logger's handlers and level, to restore after a run."""
+    import logging
+
+    root = logging.getLogger()
+    return list(root.handlers), root.level
+
+
+def restore_logging(state: tuple[list[Any], int]) -> None:
+    """Put back the root logger's handlers and level."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in state[0]:
+        root.addHandler(handler)
+    root.setLevel(state[1])

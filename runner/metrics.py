@@ -35,7 +35,8 @@ processes work the most), or null when the run has none.
 ``queue_high_water``: per queue, the most items seen waiting in it (sent by its writers and not yet
 taken by its readers), sampled each time one of its readers takes a batch (when it is deepest), 20
 times a second by the supervisor, and at the end; items still in a writer's unsent batch, or in a
-batch a writer is blocked putting into a full queue, do not count.  ``processes``: the last exit code of each process, by name;
+batch a writer is blocked putting into a full queue, do not count.  ``processes``: the last exit code of
+each process, by name;
 ``process_stats`` adds its stage and how many times it was restarted (replaced after a death or a
 timeout).
 
@@ -70,8 +71,8 @@ class Latency:
 
     def add(self, samples: Iterable[float]) -> None:
         """Count some samples (a chunk's: a handful, never one per item)."""
-        for s in samples:
-            s = max(s, _FLOOR)
+        for sample in samples:
+            s = max(sample, _FLOOR)
             self.buckets[math.floor(math.log2(s) * BUCKETS_PER_DOUBLING)] += 1
             self.count += 1
             self.total += s

@@ -148,7 +148,7 @@ class LiveDisplay:
             self._history.popleft()
         then, old = self._history[0]
         if now - then <= 0:
-            return {name: None for name in counts}
+            return dict.fromkeys(counts)
         return {name: (count - old.get(name, 0)) / (now - then) for name, count in counts.items()}
 
     def render(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -181,7 +181,8 @@ class LiveDisplay:
                 *(("-",) * 4 if producer else (f"{r['failed']:,}", f"{r['skipped']:,}", f"{r['dead_lettered']:,}",
                                                 f"{r['restarts']:,}")),
                 *((_percent(ahead.get(r["stage"], (None, None))[0]),
-                   "-" if r["state"] == "done" else _duration(ahead.get(r["stage"], (None, None))[1])) if ahead else ()),
+                   "-" if r["state"] == "done" else _duration(ahead.get(r["stage"], (None, None))[1]))
+                  if ahead else ()),
                 f"{r['queue']} {r['depth']:,}" if r["queue"] else "",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -192,7 +193,10 @@ class LiveDisplay:
             title += _overall(ahead)
         lines = [self._c(_BOLD, f"mprun {self.title}") + title]
         for n, row in enumerate(table):
-            cells = [c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            cells = [
+                c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=False))
+            ]
             if n == 0:
                 lines.append(self._c(_DIM, "  ".join(cells).rstrip()))
                 continue
@@ -205,7 +209,9 @@ class LiveDisplay:
         return lines
 
 
-    def _ahead(self, rows: list[dict[str, Any]], rates: dict[str, float | None]) -> dict[str, tuple[float | None, float | None]]:
+    def _ahead(
+        self, rows: list[dict[str, Any]], rates: dict[str, float | None]
+    ) -> dict[str, tuple[float | None, float | None]]:
         """Per stage: the fraction done (None: unknown) and the seconds left at its recent rate (None: unknown)."""
         by_name = {r["stage"]: r for r in rows}
         fractions: dict[str, float | None] = {}
@@ -222,7 +228,7 @@ class LiveDisplay:
                 fraction = min(r["items_out"] / total, 1.0) if total else (1.0 if total == 0 else None)
             else:
                 ups = [fractions.get(w, 1.0 if by_name.get(w, {}).get("state") == "done" else None) for w in writers]
-                upstream = min(ups) if ups and None not in ups else None
+                upstream = min(u for u in ups if u is not None) if ups and None not in ups else None
                 put = r["items_in"] + r["depth"]
                 expected = put / upstream if upstream else None
                 fraction = min(r["finished"] / expected, 1.0) if expected else (None if upstream is None else 0.0)

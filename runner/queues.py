@@ -354,6 +354,10 @@ class Emitter:
                 self._counter[0] = self.sent
         return True
 
+    def flush(self) -> None:
+        """Send what is buffered now; when it returns, no flush of this emitter is under way (``sent`` is exact)."""
+        self._flush()
+
     def _flush(self) -> None:
         """Send the items buffered now, in batches of at most the current limit (which grows as they go)."""
         with self._flushing:

@@ -32,6 +32,8 @@ class LimitExceeded(yaml.MarkedYAMLError):
     ``field`` is the FIELD_PATH part of its diagnostic line: ``(file)`` for a limit, ``YAML syntax`` for a tag.
     """
 
+    problem_mark: Any  # always given
+
     def __init__(self, problem: str, mark: Any, field: str = "(file)") -> None:
         super().__init__(problem=problem, problem_mark=mark)
         self.field = field
@@ -57,10 +59,11 @@ class BoundedLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open:
-                msg = f"alias *{event.anchor} is inside the node it names: a structure that contains itself cannot be loaded"
+                msg = (f"alias *{event.anchor} is inside the node it names: "
+                       "a structure that contains itself cannot be loaded")
                 raise LimitExceeded(msg, event.start_mark)
             node = super().compose_node(parent, index)
-            size = self._sizes.get(event.anchor, 1)
+            size = self._sizes.get(str(event.anchor), 1)
             self._count += size
             self._aliased += size
             if self._aliased > MAX_ALIAS_VALUES:
@@ -70,8 +73,8 @@ class BoundedLoader(yaml.SafeLoader):
             return node
         tag = getattr(event, "tag", None)
         if tag not in ALLOWED_TAGS:
-            msg = (f"tag {shown_tag(tag)!r} is not part of the pipeline format: a pipeline file holds plain values "
-                   "(strings, numbers, booleans, null, lists, mappings); remove the tag")
+            msg = (f"tag {shown_tag(str(tag))!r} is not part of the pipeline format: a pipeline file holds "
+                   "plain values (strings, numbers, booleans, null, lists, mappings); remove the tag")
             raise LimitExceeded(msg, event.start_mark, "YAML syntax")
         if self._depth >= MAX_DEPTH:
             msg = f"lists and mappings are nested more than {MAX_DEPTH} levels deep: the limit of a pipeline file"

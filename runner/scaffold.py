@@ -115,7 +115,9 @@ def scaffold(name: str, directory: str | Path = "pipelines") -> list[Path]:
             written.append(schema_path)
         folder.mkdir(parents=True, exist_ok=True)
         yaml_path.write_text(
-            PIPELINE.format(schema=schema, name=name, name_value=name_value, module=name, yaml_path=yaml_path.as_posix()),
+            PIPELINE.format(
+                schema=schema, name=name, name_value=name_value, module=name, yaml_path=yaml_path.as_posix()
+            ),
             encoding="utf-8",
         )
         py_path.write_text(TASKS.format(name=name, yaml_name=yaml_path.name), encoding="utf-8")

@@ -3,8 +3,9 @@
 Editors use it through the modeline every shipped pipeline starts with
 (``# yaml-language-server: $schema=../schemas/pipeline.schema.json``): completion, and each field's
 description as hover documentation.  It is plain JSON Schema: a stage is checked against its ``kind``
-with ``if``/``then`` (no OpenAPI ``discriminator``), so an editor names the wrong key.  ``schemas/pipeline.schema.json`` is this module's output; a test
-fails when it drifts (regenerate: ``.venv/bin/mprun schema > schemas/pipeline.schema.json``).
+with ``if``/``then`` (no OpenAPI ``discriminator``), so an editor names the wrong key.
+``schemas/pipeline.schema.json`` is this module's output; a test fails when it drifts
+(regenerate: ``.venv/bin/mprun schema > schemas/pipeline.schema.json``).
 """
 
 from __future__ import annotations
@@ -58,14 +59,19 @@ def _by_kind(node: Any) -> Any:
         return node
     order = [branch["$ref"] for branch in node.pop("oneOf", [])]
     key = found["propertyName"]
-    mapping = sorted(found["mapping"].items(), key=lambda item: order.index(item[1]) if item[1] in order else len(order))
+    mapping = sorted(
+        found["mapping"].items(), key=lambda item: order.index(item[1]) if item[1] in order else len(order)
+    )
     values = [value for value, _ in mapping]
     return {
         **node,
         "type": "object",
         "required": [key],
         "properties": {key: {"enum": values, "description": f"What the stage is: {', '.join(values)}."}},
-        "allOf": [{"if": {"properties": {key: {"const": value}}, "required": [key]}, "then": {"$ref": ref}} for value, ref in mapping],
+        "allOf": [
+            {"if": {"properties": {key: {"const": value}}, "required": [key]}, "then": {"$ref": ref}}
+            for value, ref in mapping
+        ],
     }
 
 
@@ -73,7 +79,8 @@ def schema() -> dict[str, Any]:
     """The schema as a dict."""
     doc = _by_kind(_allow_env(Pipeline.model_json_schema()))
     doc["$defs"]["EnvReference"] = ENV_REFERENCE
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, "title": "mprun pipeline", **doc}
+    draft = "https://json-schema.org/draft/2020-12/schema"
+    return {"$schema": draft, "$id": SCHEMA_ID, "title": "mprun pipeline", **doc}
 
 
 def schema_json() -> str:

@@ -107,7 +107,8 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
             continue
         if stage.get("name") in case.sources:
             stage["source"] = case.sources[stage["name"]].model_dump()
-        function, kwargs = stage.get("function"), stage.get("kwargs") if isinstance(stage.get("kwargs"), dict) else {}
+        function, kwargs = stage.get("function"), stage.get("kwargs")
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
         if function in FILE_SINKS and index not in given and str(kwargs.get("path", "-")) != "-":
             stage["kwargs"] = {**kwargs, "path": str(Path(scratch, f"{index}-{Path(str(kwargs['path'])).name}"))}
         elif ":" in str(function or "") and not stage.get("output") and stage.get("name") not in case.run_sinks:
@@ -120,7 +121,9 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
         if stage.get("dead_letter") in dead:
             stage["dead_letter"] = dead[stage["dead_letter"]]
     for queue, via in dead.items():
-        stages.append({"name": via, "kind": "consumer", "input": via, "function": "identity", "output": [queue, taps[queue]]})
+        stages.append(
+            {"name": via, "kind": "consumer", "input": via, "function": "identity", "output": [queue, taps[queue]]}
+        )
     for tap in taps.values():
         stages.append({"name": tap, "kind": "consumer", "input": tap, "function": "collect"})
     try:
@@ -130,8 +133,8 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
         where = format_path(tuple(p for p in err["loc"] if p not in ("producer", "consumer", "pool")))
         raise CaseInvalid(("set",), f"{where}: {err['msg']}") from None
     if case.set_:
-        for where, message in topology_problems(new):
-            raise CaseInvalid(("set",), f"{format_path(where)}: {message}")
+        for loc, message in topology_problems(new):
+            raise CaseInvalid(("set",), f"{format_path(loc)}: {message}")
     new._base_dir = pipeline.base_dir
     return new, taps
 
@@ -171,13 +174,14 @@ def _show(items: list[Any]) -> str:
 def compare(queue: str, expected: list[Any], got: list[Any], *, ordered: bool) -> list[str]:
     """What differs between the expected and the actual items of ``queue``; empty when they match."""
     if ordered:
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=False)):
             if _canon(e) != _canon(g):
                 return [f"queue {queue!r}: first difference at position {i}: expected {_show([e])}, got {_show([g])}"]
+        counts = f"queue {queue!r}: {len(got)} items, expected {len(expected)}"
         if len(expected) > len(got):
-            return [f"queue {queue!r}: {len(got)} items, expected {len(expected)}; missing at the end: {_show(expected[len(got):])}"]
+            return [f"{counts}; missing at the end: {_show(expected[len(got):])}"]
         if len(got) > len(expected):
-            return [f"queue {queue!r}: {len(got)} items, expected {len(expected)}; unexpected at the end: {_show(got[len(expected):])}"]
+            return [f"{counts}; unexpected at the end: {_show(got[len(expected):])}"]
         return []
     want = Counter(_canon(i) for i in expected)
     have = Counter(_canon(i) for i in got)
@@ -324,7 +328,7 @@ def run_tests(
                 report.bare.append(file)
                 say(f"no tests in {file}")
             for case in pipeline.tests:
-                start, began = cap.mark(), time.perf_counter()
+                mark, began = cap.mark(), time.perf_counter()
                 result = run_case(pipeline, case)
                 entry = {"file": file, "name": case.name, "passed": result.passed,
                          "seconds": round(time.perf_counter() - began, 3), "details": result.details, "output": []}
@@ -336,7 +340,7 @@ def run_tests(
                 say(f"FAIL {file}::{case.name}")
                 for line in result.details:
                     say(f"    {line}")
-                output = cap.since(start).splitlines()
+                output = cap.since(mark).splitlines()
                 entry["output"] = output
                 if output:
                     shown = output[-OUTPUT_TAIL:]
@@ -365,7 +369,7 @@ _XML_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def write_junit(report: Report, path: str) -> None:
-    """Write ``report`` as JUnit XML: a ``testsuite`` per file, a ``testcase`` per case, ``failure`` with the difference.
+    """Write ``report`` as JUnit XML: a ``testsuite`` per file, a ``testcase`` per case, a ``failure`` each.
 
     Raises:
         UsageError: the file cannot be written.

@@ -103,14 +103,17 @@ def path_problems(
         for key in keys:
             node = node.get(key) if isinstance(node, dict) else None
         loc = (*loc, *keys)
-        return [(loc, node)] if isinstance(node, str) and node and not (literal_only and loc in marks.interpolated) else []
+        given = isinstance(node, str) and node and not (literal_only and loc in marks.interpolated)
+        return [(loc, node)] if given else []
 
     log_file = path_at(data, (), "settings", "log_file")
-    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    stages = data.get("stages")
+    stages = stages if isinstance(stages, list) else []
     sinks = [p for i, s in enumerate(stages) if isinstance(s, dict) and s.get("function") == "jsonl"
              for p in path_at(s, ("stages", i), "kwargs", "path")]
     sources = [p for i, s in enumerate(stages) for p in path_at(s, ("stages", i), "source", "file", "path")]
-    tests = data.get("tests") if isinstance(data.get("tests"), list) else []
+    tests = data.get("tests")
+    tests = tests if isinstance(tests, list) else []
     for i, case in enumerate(tests):
         cases = case.get("sources") if isinstance(case, dict) else None
         for name in cases if isinstance(cases, dict) else {}:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import Route, logs, queues
+from runner.messages import Decision, ProducerDone, ProducerFailed
 from runner.queues import Emitter, Ids
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
@@ -112,7 +113,9 @@ class FunctionFailed(Exception):
     the call, and a stage that skips many items logs the traceback of each place once.
     """
 
-    def __init__(self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None) -> None:
+    def __init__(
+        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
+    ) -> None:
         super().__init__(summary)
         self.summary, self._tb, self.item, self.where = summary, tb, item, where
 
@@ -163,7 +166,7 @@ class Control:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ProducerDone | ProducerFailed) -> None:
         with self._lock:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
@@ -193,10 +196,8 @@ def die_with_parent(parent_pid: int) -> None:
     of this process, so it works while the process holds the GIL in native code. The parent is the main
     process (fork, spawn) or the forkserver, which itself ends with the main process. A pidfd watch of the
     main process backs it up where the parent is neither."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() == 1:  # the parent ended before the line above
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -316,7 +317,9 @@ def route_index(stage: StagePlan) -> dict[str, int] | None:
     return {name: stage.outputs.index(queue) for name, queue in stage.routes.items()} if stage.routes else None
 
 
-def route_outputs(stage: StagePlan, outs: list[Any], index: dict[str, int] | None = None) -> tuple[list[Any], list[int]]:
+def route_outputs(
+    stage: StagePlan, outs: list[Any], index: dict[str, int] | None = None
+) -> tuple[list[Any], list[int]]:
     """The outputs of a stage with named routes, unwrapped from ``runner.route``, and the index in
     ``stage.outputs`` of the queue each goes to (``index``: ``route_index(stage)``, if at hand); an output
     without a route goes to the route ``default``.
@@ -326,10 +329,8 @@ def route_outputs(stage: StagePlan, outs: list[Any], index: dict[str, int] | Non
     """
     index = (route_index(stage) or {}) if index is None else index
     values, targets = [], []
-    for out in outs:
-        name = "default"
-        if type(out) is Route:
-            name, out = out.name, out.item
+    for output in outs:
+        name, out = (output.name, output.item) if type(output) is Route else ("default", output)
         target = index.get(name)
         if target is None:
             known = ", ".join(stage.routes)
@@ -344,7 +345,9 @@ def route_outputs(stage: StagePlan, outs: list[Any], index: dict[str, int] | Non
     return values, targets
 
 
-def by_target(outputs: list[Any], ids: Ids | None, targets: list[int], queues: int) -> list[tuple[list[Any], Ids | None]]:
+def by_target(
+    outputs: list[Any], ids: Ids | None, targets: list[int], queues: int
+) -> list[tuple[list[Any], Ids | None]]:
     """A routed result's outputs and their ids, per queue (index in ``stage.outputs``), each in its order."""
     split: list[tuple[list[Any], list[Any] | None]] = [([], None if ids is None else []) for _ in range(queues)]
     for i, (out, target) in enumerate(zip(outputs, targets, strict=True)):
@@ -429,7 +432,7 @@ def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
         summary = f"close() failed: {failure.summary}"
         result.outputs, result.failed = [], 1
         result.targets = [] if stage.routes else None
-        if verdict(stage, 1, retryable=False) == "fail":
+        if verdict(stage, 1, retryable=False) is Decision.FAIL:
             result.error = (summary, failure.tb, "")
         else:
             log.error("close() failed: its outputs are lost", error=failure.summary, exception=failure.tb)
@@ -508,10 +511,10 @@ def producer_main(spec: ProcessSpec) -> None:
         # bad data names its file and line; a lost LIFO manager is named by the supervisor
         tb = "" if isinstance(e, SourceError | queues.ManagerGone) else traceback.format_exc()
         log.error("source failed", error=summary, **({"exception": tb} if tb else {}))
-        ctl.send(("error", stage.name, spec.name, summary, tb, ""))
+        ctl.send(ProducerFailed(stage.name, spec.name, summary, tb))
         sys.exit(1)
     finally:
-        ctl.send(("stats", stage.name, spec.name, 0, emitter.sent, time.perf_counter() - started))
+        ctl.send(ProducerDone(stage.name, spec.name, emitter.sent, time.perf_counter() - started))
 
 
 def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) -> Iterable[Any]:
@@ -560,7 +563,7 @@ def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
                             raise SourceError(msg) from None
                         yield value
             else:
-                for line, text in enumerate(f, 1):
+                for line, text in enumerate(f, 1):  # noqa: B007 - `line` is read by the except below
                     yield text.rstrip("\n")
         except UnicodeDecodeError as e:
             msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
@@ -578,7 +581,8 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     if spec.limit is not None:
         items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
     if stage.processes > 1:
-        items = items[spec.index :: stage.processes] if in_memory else itertools.islice(items, spec.index, None, stage.processes)
+        step = stage.processes
+        items = items[spec.index :: step] if in_memory else itertools.islice(items, spec.index, None, step)
     if in_memory:  # nothing to wait for between items: hand them over in slices, not one call each
         for start in range(0, len(items), MAX_BATCH):
             emitter.emit_many(items[start : start + MAX_BATCH])
@@ -748,7 +752,8 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept, kept_ids, kept_targets = [], [], []
-    sources = [item for item, end, start in zip(chunk, result.ends, [0, *result.ends]) for _ in range(end - start)]
+    starts = [0, *result.ends]
+    sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
     targets = result.targets if result.targets is not None else [None] * len(result.outputs)
     for out, item, item_id, target in zip(result.outputs, sources, out_ids, targets, strict=True):
@@ -779,7 +784,7 @@ def _without_unpicklable(
     return result
 
 
-def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
+def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> Decision:
     """What the stage's error policy does with an item that has failed ``attempts`` times:
     ``"retry"``, ``"fail"`` (the run stops), ``"dead_letter"`` or ``"skip"``.
 
@@ -788,10 +793,10 @@ def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> str:
     put it).  ``retryable=False``: a failure that would repeat (an unpicklable result).
     """
     if stage.on_error == "retry" and retryable and attempts <= stage.retries:
-        return "retry"
+        return Decision.RETRY
     if stage.on_error == "fail" or (stage.on_error == "retry" and not stage.dead_letter):
-        return "fail"
-    return "dead_letter" if stage.dead_letter else "skip"
+        return Decision.FAIL
+    return Decision.DEAD_LETTER if stage.dead_letter else Decision.SKIP
 
 
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
@@ -800,7 +805,13 @@ def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> di
 
 
 def run_chunk(
-    fn: Callable[[Any], Any], stage: StagePlan, seq: int, chunk: list[tuple[Any, int]], lock: Any, progress: Any, log: Any
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    chunk: list[tuple[Any, int]],
+    lock: Any,
+    progress: Any,
+    log: Any,
 ) -> ChunkResult:
     """``run_items`` for a chunk of ``(item, failed attempts so far)`` pairs."""
     tries = [attempts for _, attempts in chunk]
@@ -869,7 +880,7 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -957,7 +968,7 @@ def _with_policy(
             except FunctionFailed as e:
                 del outputs[mark:]
                 failure = e
-        e, failure = failure, None
+        error, failure = failure, None
         attempts += 1
         result.failed += 1
         progress[1] = 0
@@ -966,18 +977,20 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+            tb = error.traceback_fields(log)
+            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
-            result.error = (e.summary, e.tb, e.item)
+            result.error = (error.summary, error.tb, error.item)
             return True
         if decided == "dead_letter":
-            result.dead.append(give_up_letter(stage, item, e.summary, attempts))
+            result.dead.append(give_up_letter(stage, item, error.summary, attempts))
         else:
             result.skipped += 1
             progress[3] = result.skipped
-        log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+        tb = error.traceback_fields(log)
+        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
         return False
 
 
@@ -1005,14 +1018,14 @@ def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: 
     n = len(unit)
     s.failed += n
     decided = verdict(stage, attempts)
-    if decided == "retry":
+    if decided is Decision.RETRY:
         s.retried += n
         log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
         return True
-    if decided == "fail":
+    if decided is Decision.FAIL:
         s.error = (e.summary, e.tb, e.item)
         return False
-    if decided == "dead_letter":
+    if decided is Decision.DEAD_LETTER:
         s.dead = [give_up_letter(stage, item, e.summary, attempts) for item in unit]
     else:
         s.skipped = n

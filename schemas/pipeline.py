@@ -44,7 +44,9 @@ class Settings(Model):
 class QueueSpec(Model):
     """A queue between stages."""
 
-    type: Literal["fifo", "lifo"] = Field("fifo", description="fifo: first in first out; lifo: a stack served by a manager.")
+    type: Literal["fifo", "lifo"] = Field(
+        "fifo", description="fifo: first in first out; lifo: a stack served by a manager."
+    )
     maxsize: int = Field(
         DEFAULT_MAXSIZE, ge=0, description="About how many items the queue holds before writers wait; 0 = unbounded."
     )
@@ -134,7 +136,8 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
     seen: dict[str, int] = {}
     for i, stage in enumerate(pipeline.stages):
         if stage.name in seen:
-            problems.append((("stages", i, "name"), f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"))
+            message = f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"
+            problems.append((("stages", i, "name"), message))
         seen.setdefault(stage.name, i)
     writers: dict[str, list[str]] = {}
     readers: dict[str, list[str]] = {}
@@ -144,7 +147,7 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         for q in stage.inputs:
             readers.setdefault(q, []).append(stage.name)
     for i, stage in enumerate(pipeline.stages):
-        for j, q in enumerate(stage.inputs):
+        for q in stage.inputs:
             if q not in writers:
                 problems.append((("stages", i, "input"), f"queue {q!r} has readers but no stage writes to it"))
         for j, q in enumerate(stage.outputs):
@@ -153,7 +156,8 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                 problems.append((loc, f"queue {q!r} is written but no stage reads it"))
         dead = getattr(stage, "dead_letter", None)
         if dead and dead not in readers:
-            problems.append((("stages", i, "dead_letter"), f"dead-letter queue {dead!r} is written but no stage reads it"))
+            message = f"dead-letter queue {dead!r} is written but no stage reads it"
+            problems.append((("stages", i, "dead_letter"), message))
         if dead and dead in stage.inputs:
             problems.append((("stages", i, "dead_letter"), "a stage cannot dead-letter into its own input"))
         for j, name in enumerate(stage.after):
@@ -163,9 +167,12 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                 problems.append((("stages", i, "after", j), "a stage cannot wait for itself"))
         if getattr(stage, "daemon", False):
             for q in stage.outputs:
-                blocked = [r for r in readers.get(q, []) if r in seen and not getattr(pipeline.stages[seen[r]], "daemon", False)]
+                known = [r for r in readers.get(q, []) if r in seen]
+                blocked = [r for r in known if not getattr(pipeline.stages[seen[r]], "daemon", False)]
                 if blocked:
-                    problems.append((("stages", i, "output"), f"daemon stage writes to {q!r}, read by non-daemon stage {blocked[0]!r}, which would never end"))
+                    message = (f"daemon stage writes to {q!r}, read by non-daemon stage {blocked[0]!r}, "
+                               "which would never end")
+                    problems.append((("stages", i, "output"), message))
     for name in pipeline.queues:
         if name not in writers and name not in readers:
             problems.append((("queues", name), f"queue {name!r} is declared but no stage uses it"))
@@ -194,13 +201,15 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         takes = f"it takes {', '.join(known)}" if known else "it takes none"
         for key in kwargs:
             if key not in known:
-                problems.append((("stages", i, "kwargs", key), f"the built-in {function!r} has no argument {key!r}; {takes}"))
+                message = f"the built-in {function!r} has no argument {key!r}; {takes}"
+                problems.append((("stages", i, "kwargs", key), message))
         for key in needed:
             if key not in kwargs:
                 problems.append((("stages", i, "function"), f"the built-in {function!r} needs kwargs.{key}"))
         path = kwargs.get("path")
         if "path" in known and "path" in kwargs and (not isinstance(path, str) or not path):
-            problems.append((("stages", i, "kwargs", "path"), f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"))
+            message = f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"
+            problems.append((("stages", i, "kwargs", "path"), message))
     return problems
 
 
@@ -216,18 +225,25 @@ def _test_problems(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[tu
             problems.append((("tests", i, "name"), f"duplicate test name {case.name!r}"))
         for stage in case.sources:
             if stage not in kinds:
-                problems.append((("tests", i, "sources", stage), f"unknown stage {stage!r}; producers: {', '.join(n for n, k in kinds.items() if k == 'producer')}"))
+                producers = ", ".join(n for n, k in kinds.items() if k == "producer")
+                problems.append((("tests", i, "sources", stage), f"unknown stage {stage!r}; producers: {producers}"))
             elif kinds[stage] != "producer":
-                problems.append((("tests", i, "sources", stage), f"stage {stage!r} is a {kinds[stage]}, not a producer: only a producer has a source"))
+                message = f"stage {stage!r} is a {kinds[stage]}, not a producer: only a producer has a source"
+                problems.append((("tests", i, "sources", stage), message))
         for queue in case.expect:
             if queue not in writers:
                 known = ", ".join(sorted(writers))
                 problems.append((("tests", i, "expect", queue), f"no stage writes to queue {queue!r}; queues: {known}"))
             elif set(writers[queue]) & daemons:
-                problems.append((("tests", i, "expect", queue), f"queue {queue!r} is written by a daemon stage, which never ends"))
+                message = f"queue {queue!r} is written by a daemon stage, which never ends"
+                problems.append((("tests", i, "expect", queue), message))
         for j, stage in enumerate(case.run_sinks):
             if stage not in sinks:
-                what = f"stage {stage!r} is not a sink with a module:attribute function" if stage in kinds else f"unknown stage {stage!r}"
+                what = (
+                    f"stage {stage!r} is not a sink with a module:attribute function"
+                    if stage in kinds
+                    else f"unknown stage {stage!r}"
+                )
                 problems.append((("tests", i, "run_sinks", j), f"{what}; sinks: {', '.join(sinks) or 'none'}"))
     return problems
 

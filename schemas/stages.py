@@ -61,7 +61,8 @@ class Source(Model):
     function: str | None = Field(
         None,
         pattern=FUNCTION_PATTERN,
-        description="module:attribute of a function returning an iterable (or a generator); the stage's kwargs are passed.",
+        description="module:attribute of a function returning an iterable (or a generator); "
+        "the stage's kwargs are passed.",
     )
     file: FileSource | None = Field(None, description="Read items from a file.")
 
@@ -152,7 +153,8 @@ class Worker(StageBase):
     input: str = Field(pattern=NAME_PATTERN, description="The queue this stage reads.")
     function: str = Field(
         pattern=FUNCTION_PATTERN,
-        description="module:attribute called with each item (and kwargs), or a built-in: print, collect, jsonl, identity.",
+        description="module:attribute called with each item (and kwargs), "
+        "or a built-in: print, collect, jsonl, identity.",
     )
     init: str | None = Field(
         None, pattern=FUNCTION_PATTERN, description="module:attribute called once in each worker process first."
@@ -176,7 +178,8 @@ class Worker(StageBase):
     )
     restart: bool = Field(
         True,
-        description="true: a worker process that dies is replaced and its item counts as a failed attempt; false: the run fails.",
+        description="true: a worker process that dies is replaced and its item counts as a failed attempt; "
+        "false: the run fails.",
     )
 
     @field_validator("function")
@@ -208,7 +211,9 @@ class Pool(Worker):
     kind: Literal["pool"] = Field(description="pool: a process pool fed from the input queue.")
     ordered: bool = Field(False, description="true: results leave in input order; false: as they finish.")
     chunksize: int | None = Field(
-        None, ge=1, description="Items per task sent to a pool worker (default: about 50 ms of work each, at most 4096)."
+        None,
+        ge=1,
+        description="Items per task sent to a pool worker (default: about 50 ms of work each, at most 4096).",
     )
     maxtasksperchild: int | None = Field(None, ge=1, description="Replace a worker after this many tasks.")
 

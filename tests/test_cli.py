@@ -10,7 +10,7 @@ import sys
 from tests.conftest import PIPELINES, ROOT, run_cli
 
 
-def test_version():
+def test_version_prints_mprun_and_python_versions():
     """`mprun --version` prints the installed version and the Python version on stdout, exit 0."""
     result = run_cli("--version")
     assert result.returncode == 0

@@ -12,7 +12,8 @@ from runner import run_pipeline
 from tests.conftest import START_METHODS, run_cli
 
 TASKS = '''
-import logging, os, structlog
+import logging, os, time, structlog
+from pathlib import Path
 
 def double(x):
     return x * 2
@@ -47,6 +48,14 @@ def init():
 def needs_init(x):
     assert READY == [os.getpid()], "init did not run in this process"
     return x
+
+def count_in_file(x, path):
+    # Read-modify-write of a counter with no atomic operation: two calls at once lose an increment.
+    p = Path(path)
+    n = int(p.read_text() or 0)
+    time.sleep(0.002)
+    p.write_text(str(n + 1))
+    return os.getpid()
 '''
 
 
@@ -208,6 +217,29 @@ def test_init_runs_once_in_each_worker(tmp_pipeline):
     result = run_pipeline(path, start_method="spawn")
     assert result.exit_code == 0, result.error
     assert sorted(result.collected["out"]) == list(range(50))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])  # the lock inherited, and the lock pickled (as forkserver)
+def test_lock_keeps_every_increment_of_a_shared_counter(tmp_pipeline, tmp_path, method):
+    """`lock:` makes the calls of three processes exclusive: 60 read-modify-writes of one counter file,
+    spread over the processes, leave it at exactly 60 (without the lock, increments are lost)."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    path = tmp_pipeline(
+        pipeline(
+            f"""
+  - {{name: src, kind: producer, source: {{range: {{stop: 60}}}}, output: a}}
+  - {{name: inc, kind: consumer, processes: 3, lock: counter, input: a, function: "tasks_t:count_in_file",
+     kwargs: {{path: "{counter}"}}, output: pids}}
+  - {{name: out, kind: consumer, input: pids, function: collect}}
+"""
+        ),
+        TASKS,
+    )
+    result = run_pipeline(path, start_method=method)
+    assert result.exit_code == 0, result.error
+    assert len(set(result.collected["out"])) >= 2  # the calls overlapped in time but for the lock
+    assert counter.read_text() == "60"
 
 
 def test_jsonl_sink_writes_every_item(tmp_pipeline, tmp_path):

@@ -19,7 +19,7 @@ ODD = [
 
 
 @pytest.mark.parametrize(("name", "content", "expected"), ODD, ids=[o[0] for o in ODD])
-def test_odd_file(tmp_path, name, content, expected):
+def test_odd_file_gets_exactly_its_located_line_and_exit_2(tmp_path, name, content, expected):
     """An odd file gets exactly its one located line (plus any schema error after it) and exit 2."""
     path = tmp_path / name
     path.write_bytes(content)
@@ -29,7 +29,7 @@ def test_odd_file(tmp_path, name, content, expected):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_missing_file_and_directory(tmp_path):
+def test_missing_file_and_directory_are_unreadable_exit_2(tmp_path):
     """A missing file and a directory are reported as unreadable, each on its line, with exit 2."""
     result = run_cli("validate", str(tmp_path / "nope.yaml"), str(tmp_path))
     assert result.returncode == 2

@@ -54,7 +54,7 @@ def test_mermaid_is_the_default(tmp_pipeline):
     assert "  s0 -.->|after| s3" in lines
 
 
-def test_dot_format(tmp_pipeline):
+def test_dot_format_draws_boxes_cylinders_and_dashed_after_edges(tmp_pipeline):
     """--format dot prints a Graphviz digraph: boxes, cylinders with type and maxsize, a dashed `after` edge."""
     result = run_cli("graph", str(tmp_pipeline(FAN)), "--format", "dot")
     assert result.returncode == 0, result.stderr
@@ -69,7 +69,7 @@ def test_dot_format(tmp_pipeline):
     assert all(line.endswith(";") for line in body), body
 
 
-def test_json_format(tmp_pipeline):
+def test_json_format_lists_stages_queues_and_edges(tmp_pipeline):
     """--format json gives stages (kind, processes, daemon), queues (type, maxsize, writers, readers) and edges."""
     result = run_cli("graph", str(tmp_pipeline(FAN)), "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -84,7 +84,7 @@ def test_json_format(tmp_pipeline):
     assert len([e for e in data["edges"] if e["kind"] == "output"]) == 4
 
 
-def test_daemon_stage_is_marked():
+def test_daemon_stage_is_labelled_and_drawn_apart():
     """A daemon stage is labelled daemon (and drawn rounded in Mermaid, dashed in dot)."""
     mer = run_cli("graph", "pipelines/daemon.yaml")
     assert mer.returncode == 0, mer.stderr

@@ -51,7 +51,7 @@ def test_inline_prints_what_a_normal_run_prints():
     assert inline.stdout.splitlines()[0] == "Creating data and putting it on the queue"
 
 
-def test_inline_summary_and_daemon_warning():
+def test_inline_prints_the_summary_and_skips_a_daemon_with_a_warning():
     """An inline run prints the per-stage summary; the daemon monitor is skipped with a warning record."""
     result = run_cli("pipelines/daemon.yaml", "--inline")
     assert result.returncode == 0, result.stderr
@@ -116,7 +116,7 @@ def test_inline_failure_is_the_normal_one_line_error(tmp_pipeline):
     assert "Traceback" in inline.stderr  # the record of the error carries the traceback, as in a normal run
 
 
-def test_inline_limit(tmp_pipeline):
+def test_inline_limit_caps_each_producer(tmp_pipeline):
     """--limit applies inline: each producer emits at most N items."""
     path = tmp_pipeline(FAILING.replace("tasks_t:check", "identity"), TASKS)
     result = run_cli(str(path), "--no-summary", "--inline", "--limit", "4")
@@ -130,7 +130,7 @@ def test_inline_rejects_start_method():
     assert result.stderr.strip() == "mprun: error: --inline starts no process: --start-method does not apply"
 
 
-def test_inline_invalid_file(tmp_pipeline):
+def test_inline_invalid_file_gives_located_lines_and_exit_2(tmp_pipeline):
     """An invalid file run inline gives the located diagnostics and exit 2."""
     path = tmp_pipeline("version: 1\nstages:\n  - {name: a, kind: producer, source: {items: [1]}, output: q}\n")
     result = run_cli(str(path), "--inline")

@@ -116,7 +116,7 @@ def test_metrics_equal_the_real_counts_of_a_run_with_retries_and_skips(tmp_pipel
     assert data["process_stats"]["skip-2"]["stage"] == "skip"
 
 
-def test_queue_high_water_mark(tmp_pipeline, tmp_path, marks):
+def test_queue_high_water_mark_counts_items_put_before_the_reader_starts(tmp_pipeline, tmp_path, marks):
     """A queue filled before its reader starts (``after``) reaches exactly the number of items put into it."""
     text = """version: 1
 settings: {start_method: fork}
@@ -129,7 +129,7 @@ stages:
     assert data["queue_high_water"] == {"a": 300}
 
 
-def test_restarts_per_process(tmp_pipeline, tmp_path, marks):
+def test_a_worker_killed_holding_an_item_is_one_restart_of_process_and_stage(tmp_pipeline, tmp_path, marks):
     """A worker killed while holding an item is counted as one restart of that process and of its stage."""
     text = """version: 1
 settings: {start_method: fork}
@@ -143,7 +143,7 @@ stages:
     seen = f"{data}\n{result.stderr}"  # what a failure shows
     assert sorted(restarts.values()) == [0, 0, 1], seen
     assert data["stages"]["work"]["restarts"] == 1 and data["stages"]["work"]["failed"] == 1, seen
-    assert data["processes"] == {name: 0 for name in restarts}, seen  # the replacement ended normally
+    assert data["processes"] == dict.fromkeys(restarts, 0), seen  # the replacement ended normally
     summary = [line for line in result.stderr.splitlines() if line.startswith("work")]
     assert summary[0].split()[8] == "1", seen  # the restarts column of the summary
 
@@ -162,7 +162,7 @@ def test_summary_table_marks_the_slowest_stage(tmp_pipeline, tmp_path, marks):
     assert len({len(r.removesuffix("  *")) for r in [lines[head], *rows]}) == 1  # aligned: every row as wide
 
 
-def test_latency_histogram_percentiles():
+def test_latency_percentiles_are_within_5_percent_of_exact():
     """Latency percentiles fall within 5% of the exact ones, and never above the largest sample."""
     lat = Latency()
     samples = [i / 1000 for i in range(1, 1001)]  # 1 ms .. 1 s

@@ -33,7 +33,7 @@ def test_new_pipeline_validates_runs_and_tests(tmp_path):
     assert tested.stdout.splitlines() == ["PASS pipelines/demo.yaml::squares three numbers", "1 passed, 0 failed"]
 
 
-def test_new_with_dir(tmp_path):
+def test_new_with_dir_writes_there_and_runs_from_any_cwd(tmp_path):
     """--dir writes elsewhere; the modeline points from there to ./schemas, and the pipeline runs from any cwd."""
     result = run_cli("new", "etl_job", "--dir", "jobs/nightly", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

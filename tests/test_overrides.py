@@ -112,7 +112,7 @@ def test_unset_variable_is_named_with_its_line(tmp_pipeline):
     ]
 
 
-def test_validate_accepts_set(tmp_pipeline):
+def test_validate_with_set_checks_the_file_as_it_would_run(tmp_pipeline):
     """``mprun validate --set`` checks the file as it would run: a fix given by --set makes it valid."""
     path = tmp_pipeline(PIPELINE.replace("processes", "processes").replace("kwargs: {}", "processes: 0"))
     assert run_cli("validate", str(path)).returncode == 2

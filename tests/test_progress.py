@@ -100,7 +100,7 @@ def screen(text: str) -> list[str]:
 def frames(text: str) -> list[str]:
     """Each frame of the block drawn in ``text`` (colours removed)."""
     plain = ANSI.sub("", text)
-    return [f for f in re.findall(r"(mprun watched .*?)(?=\r\x1b\[\d+A\x1b\[J)", plain, re.DOTALL)]
+    return list(re.findall(r"(mprun watched .*?)(?=\r\x1b\[\d+A\x1b\[J)", plain, re.DOTALL))
 
 
 def test_progress_under_a_pty_shows_every_stage_and_its_counts(tmp_pipeline):

@@ -248,7 +248,7 @@ def test_fork_is_refused_in_a_process_connected_to_ray(tmp_pipeline, ray_instanc
 def test_a_hub_ray_never_starts_fails_the_run_instead_of_hanging(tmp_pipeline, ray_run, monkeypatch):
     """The queue hub actor waiting for resources that never come: the run fails after START_TIMEOUT with
     one line saying so, and every actor it started is gone (the fixture checks)."""
-    ray_backend = pytest.importorskip("runner.backends.ray")
+    ray_backend = pytest.importorskip("runner.backends.ray.driver")
     monkeypatch.setattr(ray_backend, "START_TIMEOUT", 2.0)
     monkeypatch.setattr(ray_backend, "_Hub", ray_backend._Hub.options(resources={"mprun-test-never": 1}))
     result = ray_run(tmp_pipeline(FIVE, TASKS))
@@ -355,7 +355,7 @@ stages:
     assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
 
 
-def test_lock_names_and_daemon(tmp_pipeline, ray_run, tmp_path):
+def test_ray_lock_keeps_every_increment_names_processes_and_daemon_never_holds(tmp_pipeline, ray_run, tmp_path):
     """A lock serializes calls across worker actors (no lost increment); process_names name them; a daemon
     monitor never holds the run open."""
     counter = tmp_path / "counter"

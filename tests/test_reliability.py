@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from runner import run_pipeline
-from runner.supervisor import SIGNAL_GAP
+from runner.backends.local.children import SIGNAL_GAP
 from tests.conftest import run_cli, wait_gone
 
 METHODS = ["fork", "spawn"]
@@ -316,7 +316,7 @@ def test_second_sigint_stops_at_once(tmp_pipeline, marks, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
 
-    wait_for(lambda: (marks / "started").exists())
+    wait_for((marks / "started").exists)
     proc.send_signal(signal.SIGINT)
     # Two signals sent back to back may be delivered as one: send the second once the first was seen.
     wait_for(lambda: log_file.exists() and "stopping" in log_file.read_text())
@@ -368,11 +368,11 @@ def test_a_forked_child_signalled_before_its_own_handlers_leaves_the_supervisor_
     and failed the run with a traceback)."""
     from types import SimpleNamespace
 
-    from runner import supervisor
+    from runner.backends.local import children
 
     r, w = os.pipe()
     sup = SimpleNamespace(signal_received=0, pid=os.getpid())
-    previous = supervisor._install_signals(sup, w)
+    previous = children.install_signals(sup, w)
     try:
         pid = os.fork()
         if pid == 0:  # the child: signalled before a worker's bootstrap would have set its handlers
@@ -380,7 +380,7 @@ def test_a_forked_child_signalled_before_its_own_handlers_leaves_the_supervisor_
             os._exit(7)
         _, status = os.waitpid(pid, 0)
     finally:
-        supervisor._restore_signals(previous)
+        children.restore_signals(previous)
     os.close(w)
     written = os.read(r, 64)
     os.close(r)

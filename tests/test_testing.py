@@ -47,7 +47,7 @@ def test_shipped_pipelines_pass():
     """Every shipped pipeline carries at least one case, and `mprun test pipelines/*.yaml` passes them all."""
     files = sorted(PIPELINES.glob("*.yaml"))
     cases = [len(yaml.safe_load(f.read_text()).get("tests", [])) for f in files]
-    assert all(n >= 1 for n in cases), dict(zip([f.name for f in files], cases))
+    assert all(n >= 1 for n in cases), dict(zip([f.name for f in files], cases, strict=True))
     result = run_cli("test", *[f"pipelines/{f.name}" for f in files])
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -55,7 +55,7 @@ def test_shipped_pipelines_pass():
     assert len([line for line in lines if line.startswith("PASS pipelines/")]) == sum(cases)
 
 
-def test_passing_and_failing_cases(tmp_pipeline):
+def test_a_case_matches_as_a_multiset_and_a_wrong_one_names_the_difference(tmp_pipeline):
     """A case passes when the multiset matches in any order; a wrong one fails naming missing and unexpected items."""
     path = tmp_pipeline(
         HEAD
@@ -103,7 +103,7 @@ def test_output_of_stages_is_captured(tmp_pipeline):
     assert result.stderr == ""
 
 
-def test_ordered_cases(tmp_pipeline):
+def test_ordered_case_reports_the_first_difference_or_the_missing_tail(tmp_pipeline):
     """`ordered: true` compares position by position: the first difference, or what is missing at the end."""
     path = tmp_pipeline(
         HEAD
@@ -211,7 +211,7 @@ def test_unknown_key_in_a_case_is_a_located_error(tmp_pipeline):
     assert errors[-1] == "0 passed, 0 failed"
 
 
-def test_invalid_file_among_good_ones(tmp_pipeline, tmp_path):
+def test_an_invalid_file_exits_2_while_other_files_cases_run(tmp_pipeline, tmp_path):
     """An invalid file gives exit 2 while the cases of the other files still run; a file without tests says so."""
     good = tmp_pipeline(HEAD + "tests:\n  - {name: ok, expect: {doubled: [2, 4, 6]}}\n", TASKS)
     bare = tmp_pipeline(HEAD, name="bare.yaml")
@@ -282,7 +282,7 @@ def test_cases_never_touch_real_outputs(tmp_pipeline, tmp_path):
 def test_bad_set_and_run_sinks_are_located_errors(tmp_pipeline):
     """A `set` path that leads nowhere or a value the schema refuses, and `run_sinks` naming a stage that is not a
     user sink, are errors at their line, from `validate` and `test` alike (exit 2, nothing runs)."""
-    head = SINKS.split("tests:")[0]
+    head = SINKS.split("tests:", maxsplit=1)[0]
     text = head + """\
 tests:
   - name: bad

@@ -88,7 +88,7 @@ def test_good_and_bad_files_together(tmp_pipeline):
     assert "tests/broken/cycle.yaml:11:12: error:" in result.stdout
 
 
-def test_json_format():
+def test_json_format_is_one_document_of_located_errors():
     """``--format json`` prints a list of {file, ok, errors: [{line, col, path, message}]} and nothing else."""
     result = run_cli("validate", "--format", "json", "pipelines/doubler.yaml", "tests/broken/reader_without_writer.yaml")
     assert result.returncode == 2
@@ -102,7 +102,7 @@ def test_json_format():
     assert report[1]["errors"][1]["message"] == "queue 'numbrs' has readers but no stage writes to it"
 
 
-def test_github_format():
+def test_github_format_is_one_annotation_per_problem():
     """``--format github`` prints one ``::error file=F,line=L,col=C::PATH: MESSAGE`` annotation per problem."""
     result = run_cli("validate", "--format", "github", "tests/broken/unknown_key_stage.yaml")
     assert result.returncode == 2

@@ -17,5 +17,5 @@ def _make() -> object:
     return inner
 
 
-shout = lambda x: str(x).upper()
+shout = lambda x: str(x).upper()  # noqa: E731 - a lambda on purpose: it cannot be pickled by name
 closure = _make()

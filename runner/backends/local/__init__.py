@@ -1,0 +1,1 @@
+"""The local backend: one machine, multiprocessing (``driver.Supervisor``; its stage runners: ``stage``)."""

@@ -1,0 +1,1 @@
+"""The Ray backend: the driver (``driver.RaySupervisor``) and the actors it starts (``actors``)."""
