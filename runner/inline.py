@@ -29,14 +29,14 @@ import signal
 import threading
 import time
 import traceback
-from collections import Counter, deque
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from runner import calls, logs
 from runner.logs import logging_state, restore_logging
 from runner.queues import dumps
-from runner.results import RunResult, StageStats
+from runner.results import RunResult, StageStats, queue_accounts
 from runner.topology import StagePlan, Topology
 from runner.worker import (
     PROGRESS_SLOTS,
@@ -108,10 +108,8 @@ def run_inline(topo: Topology) -> RunResult:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     stats = {s.name: StageStats() for s in topo.stages}
     collected: dict[str, list[Any]] = {s.name: [] for s in topo.stages if s.function == "collect"}
-    # Every queue of the run: the pickled items put on it, in the order they were put; what was put on each
-    # and taken from it, counted.
+    # Every queue of the run: the pickled items put on it, in the order they were put.
     queues: dict[str, deque[bytes]] = {name: deque() for name in topo.queues}
-    counts = _Counts()
     exit_code, error = 0, None
     try:
         for stage in topo.stages:
@@ -124,7 +122,7 @@ def run_inline(topo: Topology) -> RunResult:
             if stage.daemon:
                 log.warning("daemon stage skipped: --inline runs every stage to its end, and a daemon never ends")
                 continue
-            error = _run_stage(topo, stage, queues, counts, stats[stage.name], collected.get(stage.name), log)
+            error = _run_stage(topo, stage, queues, stats[stage.name], collected.get(stage.name), log)
             if error:
                 exit_code = 1
                 break
@@ -140,7 +138,7 @@ def run_inline(topo: Topology) -> RunResult:
         listener.stop()
         logs.close_handlers(listener)
         restore_logging(root)
-    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0, queues=counts.accounts(topo))
+    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0, queues=queue_accounts(topo, stats))
     result.log_format = topo.log_format
     return result
 
@@ -149,35 +147,22 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Stopped
 
 
-class _Counts:
-    """Items put on each queue and taken from it (named routes send an item to one queue of its stage)."""
-
-    def __init__(self) -> None:
-        self.put: Counter[str] = Counter()
-        self.taken: Counter[str] = Counter()
-
-    def accounts(self, topo: Topology) -> dict[str, dict[str, Any]]:
-        """Per queue: ``produced``, ``delivered``, ``left`` and ``balanced``, as a normal run reports them."""
-        put, taken = self.put, self.taken
-        return {name: {"produced": put[name], "delivered": taken[name], "left": max(0, put[name] - taken[name]),
-                       "balanced": put[name] == taken[name]} for name in topo.queues}
-
-
 def _run_stage(
-    topo: Topology, stage: StagePlan, queues: dict[str, deque[bytes]], counts: _Counts, st: StageStats,
-    sink: list[Any] | None, log: Any,
+    topo: Topology, stage: StagePlan, queues: dict[str, deque[bytes]], st: StageStats, sink: list[Any] | None,
+    log: Any,
 ) -> str | None:
     """Run one stage over all its input; the one-line error of a normal run if it fails."""
     st.processes, st.kind = 1, stage.kind
 
-    def put(queue_name: str, data: bytes) -> None:
-        queues[queue_name].append(data)
-        counts.put[queue_name] += 1
-
     def emit(item: Any, target: int | None = None) -> None:
         data = dumps([item])
-        for name in stage.outputs if target is None else (stage.outputs[target],):
-            put(name, data)
+        if target is None:
+            for name in stage.outputs:
+                queues[name].append(data)
+        else:  # a named route: one queue
+            name = stage.outputs[target]
+            queues[name].append(data)
+            st.routed[name] = st.routed.get(name, 0) + 1
         st.items_out += 1
 
     def emit_result(res: ChunkResult) -> str | None:
@@ -199,7 +184,7 @@ def _run_stage(
                 for out in outs:
                     emit(out, target)
         for letter in res.dead:
-            put(str(stage.dead_letter), dumps([letter]))
+            queues[str(stage.dead_letter)].append(dumps([letter]))
             st.dead_lettered += 1
         return None
 
@@ -229,7 +214,6 @@ def _run_stage(
                 while taken:  # a stage fed by itself finds here what it put while it worked
                     chunk = [pickle.loads(take())[0] for _ in range(min(size, len(taken)))]
                     st.items_in += len(chunk)
-                    counts.taken[name] += len(chunk)
                     # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
                     error = emit_result(run_items(fn, stage, seq, chunk, None, None, progress, log))
                     seq += 1
