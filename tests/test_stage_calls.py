@@ -845,3 +845,48 @@ def test_async_call_cancelled_while_waiting_for_the_lock_leaves_it_free():
     assert result.outputs[-3:] == [3, 4, 5] and result.skipped >= 1  # 0, and 1 and 2 if they waited as long
     assert len(result.outputs) + result.skipped == result.done == 6
     assert lock.acquire(blocking=False)
+
+
+HANGING = """\
+import threading
+import time
+
+_now = 0
+_lock = threading.Lock()
+
+
+def work(n):
+    global _now
+    if n == 3:
+        time.sleep(600)  # past any timeout: abandoned, never ends
+    with _lock:
+        _now += 1
+        seen = _now
+    time.sleep(0.01)
+    with _lock:
+        _now -= 1
+    return [n, seen]
+"""
+
+
+def test_worker_process_with_an_abandoned_call_ends(tmp_path):
+    """In real worker processes (local backend): concurrent calls overlap, a call past its timeout is abandoned
+    and skipped, and the worker still exits at the end although that call's thread never ends."""
+    from runner.backends.local.driver import Supervisor
+
+    module = f"tasks_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{module}.py").write_text(HANGING)
+    path = tmp_path / "p.yaml"
+    path.write_text(LINEAR.replace("TASKS", module).replace("SOURCE", "{range: {stop: 60}}").replace(
+        "FUNCTION", "work").replace("version: 1\n", "version: 1\nsettings: {start_method: spawn}\n"))
+    topo = compile_pipeline(load_pipeline(path))
+    changes = {"concurrency": 8, "timeout": 0.5, "on_error": "skip"}
+    topo = dataclasses.replace(topo, stages=tuple(
+        dataclasses.replace(s, **changes) if s.name == "work" else s for s in topo.stages))
+    result = Supervisor(topo).run()
+    assert result.exit_code == 0, result.error
+    out = result.collected["results"]
+    assert sorted(n for n, _ in out) == [n for n in range(60) if n != 3]
+    assert max(seen for _, seen in out) > 1
+    work = balanced(result)["stages"]["work"]
+    assert (work["skipped"], work["failed"], work["restarts"]) == (1, 1, 0)
