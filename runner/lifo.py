@@ -77,6 +77,11 @@ class Stack:
 class StackManager(BaseManager):
     """Serves ``Stack`` objects to every process of a run."""
 
+    @property
+    def process(self) -> Any:
+        """The manager's process (once started)."""
+        return self._process  # type: ignore[attr-defined]
+
 
 StackManager.register("Stack", Stack)
 

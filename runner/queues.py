@@ -29,7 +29,7 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol
 
 from runner import wire
 from runner.topology import BATCH_BYTES, LINGER, QueuePlan
@@ -73,9 +73,10 @@ def join_ids(runs: list[Ids]) -> Ids:
     if len(runs) == 1:
         return runs[0]
     first, last = runs[0], runs[-1]
-    if all(type(r) is range for r in runs) and all(a.stop == b.start and a.step == b.step  # type: ignore[union-attr]
-                                                     for a, b in itertools.pairwise(runs)):
-        return range(first.start, last.stop, first.step)  # type: ignore[union-attr]
+    if isinstance(first, range) and isinstance(last, range) and all(
+            isinstance(a, range) and isinstance(b, range) and a.stop == b.start and a.step == b.step
+            for a, b in itertools.pairwise(runs)):
+        return range(first.start, last.stop, first.step)
     return list(itertools.chain.from_iterable(runs))
 
 
@@ -92,11 +93,10 @@ class IdRuns:
             return
         with self._lock:
             runs = self._runs
-            if runs and type(ids) is range and type(runs[-1]) is range:
-                last = runs[-1]
-                if last.stop == ids.start and last.step == ids.step:  # type: ignore[union-attr]
-                    runs[-1] = range(last.start, ids.stop, ids.step)  # type: ignore[union-attr]
-                    return
+            last = runs[-1] if runs else None
+            if isinstance(ids, range) and isinstance(last, range) and last.stop == ids.start and last.step == ids.step:
+                runs[-1] = range(last.start, ids.stop, ids.step)
+                return
             runs.append(ids)
 
     def take(self, n: int) -> Ids:
@@ -171,7 +171,7 @@ class ManagerGone(Exception):
 
 
 class FifoChannel:
-    """A ``multiprocessing.Queue`` of pickled batches, bounded in messages and in bytes; ``None`` ends it for one reader.
+    """A ``multiprocessing.Queue`` of pickled batches, bounded in messages and in bytes; ``None`` ends it for a reader.
 
     The ``multiprocessing.Queue`` itself is unbounded: room is counted here, in shared memory under a
     ``Condition``, so that a writer waits while the queue holds ``slots`` messages or ``max_bytes`` bytes
@@ -253,10 +253,22 @@ class FifoChannel:
         self.queue.close()
 
 
-if TYPE_CHECKING:
-    from runner.lifo import LifoChannel
+class Channel(Protocol):
+    """A queue as its writers and readers see it: ``FifoChannel`` here, ``runner.lifo.LifoChannel`` (a stack in
+    the manager process) and, for writers, the Ray backend's ``RayChannel``."""
 
-    Channel: TypeAlias = FifoChannel | LifoChannel
+    name: str
+    batch: int  # most items per message
+    readers: int  # reading processes (one end marker each)
+
+    def put(self, batch: list[Any], ids: Ids | None = None) -> int | None:
+        """Put a batch (waiting for room); its pickled size when the channel measured it."""
+        ...
+
+    def get(self) -> list[Any] | None: ...
+    def get_ids(self) -> tuple[list[Any], Ids | None] | None: ...
+    def end(self, readers: int) -> None: ...
+    def close(self) -> None: ...
 
 
 def read(channel: Channel) -> Iterator[list[Any]]:
@@ -347,8 +359,9 @@ class Emitter:
         with self._flushing:
             if self._error is not None:
                 raise self._error
-            for channel in self._channels:
-                channel.put_packed(n, data, self._cancel)  # type: ignore[union-attr]
+            for channel in self._channels:  # packed_max > 0: every channel is a FifoChannel
+                assert isinstance(channel, FifoChannel)
+                channel.put_packed(n, data, self._cancel)
             self.sent += n
             if self._counter is not None:
                 self._counter[0] = self.sent

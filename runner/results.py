@@ -30,8 +30,7 @@ class StageStats:
     processes: int = 0
     kind: str = ""
     latency: Latency = field(default_factory=Latency)  # sampled per-item call times (consumer, pool)
-    # A stage with named routes: outputs sent to each of its queues (each output goes to one of them).
-    routed: dict[str, int] = field(default_factory=dict)
+    routed: dict[str, int] = field(default_factory=dict)  # a stage with routes: outputs sent to each queue
 
     @property
     def items_per_second(self) -> float:

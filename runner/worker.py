@@ -92,7 +92,9 @@ def current_item_id() -> str | None:
     if ids is None:
         return None
     index = int(progress[0])
-    return item_id_text(ids[index]) if index < len(ids) else None
+    if index >= len(ids) or not _id_names or (n := ids[index]) is None:
+        return None
+    return f"{_id_names[n % len(_id_names)]}:{n // len(_id_names)}"  # item_id_text, inlined: called per record
 
 
 def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
@@ -102,7 +104,9 @@ def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
     n = len(ends)
     if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
         return ids[:n]  # one output per item: the same ids (a range stays a range)
-    counts = map(int.__sub__, ends, [0, *ends[:-1]])
+    counts = list(map(int.__sub__, ends, [0, *ends[:-1]]))
+    if max(counts) == 1:  # one output or none per item (some failed, or were filtered out)
+        return list(itertools.compress(ids, counts))
     return list(itertools.chain.from_iterable(map(itertools.repeat, ids, counts)))
 
 
@@ -110,14 +114,28 @@ class FunctionFailed(Exception):
     """A stage function raised; carries the child-side traceback text, the item, and where it was raised.
 
     The traceback is formatted only when it is read (``tb``): formatting one costs ~150 us, far more than
-    the call, and a stage that skips many items logs the traceback of each place once.
+    the call, and a stage that skips many items logs the traceback of each place once.  The item's text
+    too (``item``): a warning holds a number as itself (``shown``), which is what its text would become.
     """
 
-    def __init__(
-        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
-    ) -> None:
+    def __init__(self, summary: str, tb: str | BaseException, item: str | None,
+                 where: tuple[str, str, int] | None = None, value: Any = None) -> None:
         super().__init__(summary)
-        self.summary, self._tb, self.item, self.where = summary, tb, item, where
+        self.summary, self._tb, self._item, self.where, self.value = summary, tb, item, where, value
+
+    @property
+    def item(self) -> str:
+        """The item as text (``short_repr``)."""
+        if self._item is None:
+            self._item = short_repr(self.value)
+        return self._item
+
+    @property
+    def shown(self) -> Any:
+        """The item as a log record holds it once made plain data (``logs._plain`` of ``item``)."""
+        if self._item is None and type(self.value) in logs.NUMBERS and len(repr(self.value)) <= SHORT:
+            return self.value
+        return self.item
 
     @property
     def tb(self) -> str:
@@ -134,15 +152,19 @@ class FunctionFailed(Exception):
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = (type(e).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
-        return cls(f"{type(e).__name__}: {e}", e, short_repr(item), where)
+        return cls(f"{type(e).__name__}: {e}", e, None, where, item)
 
     def traceback_fields(self, log: Any) -> dict[str, str]:
         """The traceback for a warning about this failure: the first from each place in this process;
         after that a note, so that a run that skips or retries many items logs each traceback once."""
-        return {"exception": self.tb} if log.first(self.where) else {"traceback": "as earlier in this process"}
+        return {"exception": self.tb} if log.first(self.where) else {"traceback": AS_EARLIER}
 
 
-def short_repr(value: Any, width: int = 200) -> str:
+SHORT = 200  # characters of an item's repr in messages
+AS_EARLIER = "as earlier in this process"  # a warning's traceback after the first of its place
+
+
+def short_repr(value: Any, width: int = SHORT) -> str:
     """``repr`` cut to ``width`` characters; a log record shows plain data as its JSON value (``logs.Shown``)."""
     text = repr(value)
     return logs.shown(value, text, width) if len(text) <= width else text[: width - 3] + "..."
@@ -640,8 +662,8 @@ class ChunkResult:
     # messages follow as frames of their own (see _result_frames).
     packed: list[tuple[int, bytes]] | None = None
     partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
-    # A stage with named routes: per output, the index in `stage.outputs` of the one queue it goes to (never
-    # packed). None: every output goes to every queue of `stage.outputs`.
+    # A stage with routes: for each output, the index in stage.outputs of the queue it goes to (None: a list
+    # `output`, every output to every queue).
     targets: list[int] | None = None
 
 
@@ -862,6 +884,7 @@ def run_items(
     t0 = clock()
     progress[3] = progress[4] = progress[5] = 0
     simple = lock is None and tries is None and not timed  # the common case: a tight loop
+    skipping = stage.on_error == "skip" and not stage.dead_letter  # a failed item is given up on at once
     # While every item so far gave exactly one output (regular) or none (silent: a sink), `ends` is implicit
     # and filled in later; the first item that breaks the pattern makes it explicit.
     regular = silent = True
@@ -880,7 +903,17 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure: FunctionFailed | None = FunctionFailed.of(e, item)
+                failed = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = failed
+                if skipping:  # what _with_policy would do, without leaving the loop
+                    if regular or silent:
+                        ends.extend(_implicit_ends(regular, index))
+                        regular = silent = False
+                    result.failed += 1
+                    progress[4] = result.failed
+                    _skip(failed, 1, result, progress, log)
+                    ends.append(len(outputs))
+                    continue
             else:
                 if out is None:
                     if silent:
@@ -977,8 +1010,8 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            tb = error.traceback_fields(log)
-            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
+            log.warning("retrying", error=error.summary, item=error.shown, attempt=attempts,
+                        **error.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
@@ -986,12 +1019,24 @@ def _with_policy(
             return True
         if decided == "dead_letter":
             result.dead.append(give_up_letter(stage, item, error.summary, attempts))
+            _given_up(error, attempts, log)
         else:
-            result.skipped += 1
-            progress[3] = result.skipped
-        tb = error.traceback_fields(log)
-        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
+            _skip(error, attempts, result, progress, log)
         return False
+
+
+def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, log: Any) -> None:
+    """Count an item skipped after ``attempts`` failures (the last one ``e``) and say so."""
+    result.skipped += 1
+    progress[3] = result.skipped
+    _given_up(e, attempts, log)
+
+
+def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
+    if log.first(e.where):
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
+    else:
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, traceback=AS_EARLIER)
 
 
 # -- batches, concurrent calls, async functions and named routes -------------------------------------------
@@ -1020,7 +1065,7 @@ def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: 
     decided = verdict(stage, attempts)
     if decided is Decision.RETRY:
         s.retried += n
-        log.warning("retrying", error=e.summary, item=e.item, attempt=attempts, **e.traceback_fields(log))
+        log.warning("retrying", error=e.summary, item=e.shown, attempt=attempts, **e.traceback_fields(log))
         return True
     if decided is Decision.FAIL:
         s.error = (e.summary, e.tb, e.item)
@@ -1029,7 +1074,7 @@ def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: 
         s.dead = [give_up_letter(stage, item, e.summary, attempts) for item in unit]
     else:
         s.skipped = n
-    log.warning("item given up", error=e.summary, item=e.item, attempts=attempts, **e.traceback_fields(log))
+    _given_up(e, attempts, log)
     return False
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing import connection, forkserver, resource_tracker, spawn, util
+from typing import Any
 
 
 def start(preload: list[str]) -> bool:
@@ -28,7 +29,9 @@ def start(preload: list[str]) -> bool:
 
     What this process needs as well is best imported before: the server then has it without importing it.
     """
-    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
+    # CPython's private state, set as its own ensure_running would (typeshed does not know these names).
+    server: Any = forkserver._forkserver
+    tracker: Any = resource_tracker._resource_tracker
     expected = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_preload_modules")
     if (threading.active_count() != 1 or not all(hasattr(server, a) for a in expected)
             or hasattr(server, "_forkserver_authkey") or server._forkserver_pid is not None
@@ -37,7 +40,7 @@ def start(preload: list[str]) -> bool:
     _fork_tracker(tracker)
     data = {k: v for k, v in spawn.get_preparation_data("ignore").items() if k in ("main_path", "sys_path")}
     with socket.socket(socket.AF_UNIX) as listener:
-        address = connection.arbitrary_address("AF_UNIX")
+        address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
         listener.bind(address)
         if not util.is_abstract_socket_namespace(address):
             os.chmod(address, 0o600)
@@ -60,16 +63,17 @@ def start(preload: list[str]) -> bool:
     return True
 
 
-def _fork_tracker(tracker: resource_tracker.ResourceTracker) -> None:
+def _fork_tracker(tracker: Any) -> None:
     r, w = os.pipe()
     # As ensure_running does: the child ignores SIGINT and SIGTERM only once its main runs.
-    signal.pthread_sigmask(signal.SIG_BLOCK, resource_tracker._IGNORED_SIGNALS)
+    ignored: Any = resource_tracker._IGNORED_SIGNALS  # type: ignore[attr-defined]
+    signal.pthread_sigmask(signal.SIG_BLOCK, ignored)
     try:
         pid = os.fork()
         if pid == 0:
             _child(lambda: resource_tracker.main(r), w)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, resource_tracker._IGNORED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)
     os.close(r)
     tracker._fd, tracker._pid = w, pid
 

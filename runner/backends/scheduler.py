@@ -54,7 +54,8 @@ class Schedule:
         if self.stopping:
             return []
         done = self.done
-        return [s for s in self.topo.stages if self.state[s.name] is Lifecycle.WAITING and all(a in done for a in s.after)]
+        waiting = [s for s in self.topo.stages if self.state[s.name] is Lifecycle.WAITING]
+        return [s for s in waiting if all(a in done for a in s.after)]
 
     def start(self, name: str) -> None:
         self.state[name] = Lifecycle.RUNNING

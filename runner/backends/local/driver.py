@@ -73,7 +73,7 @@ class Supervisor(Driver):
     def __init__(self, topology: Topology, *, progress: bool = False) -> None:
         super().__init__(topology)
         self.progress = progress
-        self.ctx = multiprocessing.get_context(topology.start_method)
+        self.ctx: Any = multiprocessing.get_context(topology.start_method)
         if topology.start_method == "forkserver":
             self.ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
         self.pid = os.getpid()
@@ -97,7 +97,8 @@ class Supervisor(Driver):
         widths = (max(len(s.name) for s in self.topo.stages),
                   max(len(n) for s in self.topo.stages for n in s.process_names))
         listener = logs.start_listener(self.log_queue, self.topo.log_level, self.topo.log_format, self.topo.log_file,
-                                       stream=display.stream if display else None, widths=(max(widths[0], 1), widths[1]))
+                                       stream=display.stream if display else None,
+                                       widths=(max(widths[0], 1), widths[1]))
         saved = logs.logging_state()
         logs.configure(self.log_queue, self.topo.log_level, stage="-", process="MainProcess")
         sig_r, sig_w = os.pipe()
@@ -137,9 +138,10 @@ class Supervisor(Driver):
 
                 if self.manager is None:
                     # Serves the LIFO stacks of this run; private socket, random key, shut down with the run.
-                    self.manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
+                    manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
                     with stop_signals_blocked():
-                        self.manager.start(manager_init, (self.pid,))
+                        manager.start(manager_init, (self.pid,))
+                    self.manager = manager
                 self.channels[plan.name] = LifoChannel(self.manager, plan)
             else:
                 self.channels[plan.name] = FifoChannel(self.ctx, plan)
@@ -154,7 +156,7 @@ class Supervisor(Driver):
         while not self.schedule.all_done():
             waitables: list[Any] = [sig_r, self._bell.r]
             if self.manager is not None:
-                waitables.append(self.manager._process.sentinel)
+                waitables.append(self.manager.process.sentinel)
             for p in self.producers:
                 if not p.done:
                     waitables += [p.process.sentinel] + ([p.conn] if p.conn is not None else [])
@@ -170,22 +172,22 @@ class Supervisor(Driver):
                         self.begin_stop()
                 elif r == self._bell.r:
                     self._bell.clear()
-                elif self.manager is not None and r == self.manager._process.sentinel:
+                elif self.manager is not None and r == self.manager.process.sentinel:
                     self.failure = self._manager_died()
                 else:
                     self._producer_ready(r)
             self.check_runners()
             if self.failure:
                 if self.manager is not None and "LIFO queue" in self.failure:  # a consequence: name the cause
-                    self.manager._process.join(KILL_GRACE)
-                    if self.manager._process.exitcode is not None:
+                    self.manager.process.join(KILL_GRACE)
+                    if self.manager.process.exitcode is not None:
                         self.failure = self._manager_died()
                 raise RunFailed(self.failure)
             self.advance()
 
     def _manager_died(self) -> str:
         assert self.manager is not None
-        code = exit_code_of(self.manager._process)
+        code = exit_code_of(self.manager.process)
         why = died_message("-", "manager", code).split(": ", 1)[1].replace("process manager ", "", 1)
         return f"the manager process serving the LIFO queues {why}; the run cannot go on without it"
 
@@ -279,7 +281,7 @@ class Supervisor(Driver):
             if not p.done:
                 p.process.kill()
         if self.manager is not None:
-            self.manager._process.kill()
+            self.manager.process.kill()
 
     def _shutdown(self) -> None:
         """Stop whatever still runs (daemon stages at a normal end; everything after a failure). Every wait
@@ -300,7 +302,8 @@ class Supervisor(Driver):
             self._drain(p)
             p.done = True
             self.exit_codes[p.name] = p.process.exitcode
-            self.log.info("process exited", stage=p.stage, process=p.name, pid=p.process.pid, exitcode=p.process.exitcode)
+            self.log.info("process exited", stage=p.stage, process=p.name, pid=p.process.pid,
+                          exitcode=p.process.exitcode)
         self.close_stats()
         if self.manager is not None:
             self.manager.shutdown()

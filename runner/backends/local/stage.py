@@ -126,7 +126,11 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        super().__init__(sup, plan, Emitter(outputs, on_batch=collect, ids=bool(outputs)),  # a sink passes no ids on
+
+        def emitter(channels: list[Channel]) -> Emitter:
+            return Emitter(channels, on_batch=collect, ids=bool(channels))  # a sink passes no ids on
+
+        super().__init__(sup, plan, emitter, outputs,
                          Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None)
         self.sup: Supervisor = sup
         self.input = sup.channels[plan.inputs[0]]
@@ -188,9 +192,10 @@ class StageRunner(StageRunnerCore):
             self.want.wait()
             self.want.clear()
             try:
-                batch = self.input.get_ids() if self.packed is None else self.input.get_packed()
+                batch = self.input.get_packed() if isinstance(self.input, FifoChannel) else self.input.get_ids()
             except Exception as e:  # noqa: BLE001 - e.g. the LIFO manager is gone: the stage fails, clearly
-                self.fetch_error = f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: {type(e).__name__}: {e}"
+                self.fetch_error = (f"stage {self.plan.name!r}: cannot read queue {self.plan.inputs[0]!r}: "
+                                    f"{type(e).__name__}: {e}")
                 self.bell.ring()
                 return
             self.fetched.append(batch)
@@ -244,7 +249,8 @@ class StageRunner(StageRunnerCore):
     def _wants_input(self) -> bool:
         """Fewer than ``2 * MAX_BATCH`` items and ``FETCH_BYTES`` (or a chunk per worker) wait for a worker."""
         waiting_bytes = self.packed_bytes + len(self.buffer) * self.item_bytes
-        return self.waiting < 2 * MAX_BATCH and waiting_bytes < max(FETCH_BYTES, 2 * DEPTH * len(self.workers) * BATCH_BYTES)
+        room = max(FETCH_BYTES, 2 * DEPTH * len(self.workers) * BATCH_BYTES)
+        return self.waiting < 2 * MAX_BATCH and waiting_bytes < room
 
     def _take_fetched(self) -> None:
         self.bell.clear()
@@ -292,9 +298,9 @@ class StageRunner(StageRunnerCore):
         """The next chunk to hand out: a dead worker's first, then what waits (None: nothing)."""
         if self.again:
             return self.again.popleft()
-        if not self.waiting:
+        if not self.waiting or self._holding(self.waiting) is not None:
             return None
-        size = self.plan.chunksize or self._chunk_size()
+        size = self._whole_batches(self.plan.chunksize or self._chunk_size())
         # Once the time per item is known and while more input comes, a batch that is not too much
         # work for one worker goes whole (the others get the next ones); the first items are split.
         known = self.stats.busy_seconds > 0 and not self.input_done
@@ -378,7 +384,7 @@ class StageRunner(StageRunnerCore):
         else:
             w.tasks.popleft()
             w.retiring = res.retire
-        self._emit(res.seq, [(res.outputs, res.ids, res.packed)], final=not res.partial)
+        self._emit(res.seq, [(res.outputs, res.ids, res.packed, res.targets)], final=not res.partial)
 
     def _exited(self, w: _Worker) -> None:
         code = exit_code_of(w.process)
@@ -442,7 +448,8 @@ class StageRunner(StageRunnerCore):
             keep.insert(len(redo), index)
         if keep:
             again_tries = [attempts if i == index else tries[i] for i in keep]
-            self.again.appendleft(_Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep)))
+            again = _Task(task.seq, [items[i] for i in keep], again_tries, [ids[i] for i in keep], len(keep))
+            self.again.appendleft(again)
         else:
             self._emit(task.seq, [], final=True)
 
@@ -450,6 +457,9 @@ class StageRunner(StageRunnerCore):
         """Seconds until the runner must look at its workers again without being woken (None: never)."""
         now = time.monotonic()
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
+        held = self._holding(self.waiting)
+        if held is not None:
+            deadlines.append(now + held)
         if self.plan.timeout:
             for w in self.workers:
                 if w.tasks:

@@ -60,6 +60,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a con
 START_TIMEOUT = 30.0  # seconds a worker that got no item gets to start, at the end of its stage
 KILL_GRACE = 2.0  # seconds an actor gets to flush its records before it is killed
 RELAY_BATCH = 256  # records or output lines an actor buffers before it sends them anyway
+STAGE_ACTOR: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}  # a second thread answers stop, elapsed
 SPREAD = "SPREAD"  # stage actors go round the nodes
 RAY_MARKERS = (":actor_name:", ":task_name:", ":job_id:")  # lines Ray prints for its log files, not the user's
 
@@ -370,8 +371,8 @@ def _bootstrap(spec: ActorSpec) -> tuple[_Relay, str, Any]:
     relay = _Relay(spec.hub)
     node = ray.util.get_node_ip_address()
     logs.configure(relay, spec.log_level, stage=spec.stage.name, process=spec.name, node=node)
-    sys.stdout = _Lines(relay, "stdout")  # type: ignore[assignment]
-    sys.stderr = _Lines(relay, "stderr")  # type: ignore[assignment]
+    sys.stdout = _Lines(relay, "stdout")
+    sys.stderr = _Lines(relay, "stderr")
     return relay, base_dir, logs.get_logger("mprun")
 
 
@@ -386,7 +387,7 @@ def _flush(relay: _Relay) -> None:
     relay.flush()
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
+@ray.remote(**STAGE_ACTOR)
 class _ProducerActor:
     """One process of a producer stage: its share of the source, in batches, to every output queue."""
 
@@ -415,7 +416,8 @@ class _ProducerActor:
             emitter.close()
         except Exception as e:  # noqa: BLE001 - reported to the driver, never lost
             error = f"{type(e).__name__}: {e}"
-            self.log.error("source failed", error=error, exception=traceback.format_exc())
+            tb = "" if isinstance(e, worker.SourceError) else traceback.format_exc()  # bad data: its file and line
+            self.log.error("source failed", error=error, **({"exception": tb} if tb else {}))
         finally:
             _flush(self.relay)
         return emitter.sent, time.perf_counter() - started, error, _where()
@@ -428,14 +430,15 @@ class _ProducerActor:
         return (emitter.sent if emitter else 0), seconds, _where()
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
+@ray.remote(**STAGE_ACTOR)
 class _WorkerActor:
     """One process of a consumer or pool stage: chunks in, ``worker.ChunkResult`` out (one call at a time)."""
 
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
         self.relay, self.base_dir, self.log = _bootstrap(spec)
-        self.progress = [0] * worker.PROGRESS_SLOTS  # as a local worker's (worker.WorkerSpec.progress): [0] item in hand, [1] call start
+        # As a local worker's (worker.WorkerSpec.progress): [0] item in hand, [1] call start.
+        self.progress = [0] * worker.PROGRESS_SLOTS
         self.fn: Any = None
         self.tasks = 0
 

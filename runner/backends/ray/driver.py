@@ -42,6 +42,7 @@ import runner
 import schemas
 from runner import logs, worker
 from runner.backends.driver import Driver, make_display
+from runner.backends.ray import actors
 from runner.backends.ray.actors import (
     CHUNK_SECONDS,
     CONNECT_TIMEOUT,
@@ -54,10 +55,7 @@ from runner.backends.ray.actors import (
     ActorSpec,
     RayChannel,
     RayLock,
-    _Hub,
-    _ProducerActor,
     _slots,
-    _WorkerActor,
 )
 from runner.backends.stage import StageFailed, StageRunnerCore
 from runner.errors import RunFailed, UsageError
@@ -65,6 +63,11 @@ from runner.messages import Decision
 from runner.queues import Emitter
 from runner.results import RunResult
 from runner.topology import BATCH_BYTES, StagePlan, Topology
+
+# The actor classes (Ray's type stubs know how to call remote functions, not actor classes).
+_Hub: Any = actors._Hub
+_ProducerActor: Any = actors._ProducerActor
+_WorkerActor: Any = actors._WorkerActor
 
 
 class Signal(NamedTuple):
@@ -424,9 +427,12 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: RaySupervisor, plan: StagePlan) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        emitter = Emitter([sup.channels[q] for q in plan.outputs], on_batch=collect)  # type: ignore[misc]
+
+        def emitter(channels: list[RayChannel]) -> Emitter:
+            return Emitter(channels, on_batch=collect)  # type: ignore[arg-type]
+
         dead = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None  # type: ignore[list-item]
-        super().__init__(sup, plan, emitter, dead)
+        super().__init__(sup, plan, emitter, [sup.channels[q] for q in plan.outputs], dead)
         self.sup: RaySupervisor = sup
         self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
@@ -496,8 +502,8 @@ class StageRunner(StageRunnerCore):
             if w.task is None:
                 if self.again:
                     w.task = self.again.popleft()
-                elif self.buffer:
-                    size = min(self._chunk_size(), len(self.buffer))
+                elif self.buffer and self._holding(len(self.buffer)) is None:
+                    size = min(self._whole_batches(self._chunk_size()), len(self.buffer))
                     w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(size)])
                     self.next_seq += 1
                 else:
@@ -573,7 +579,7 @@ class StageRunner(StageRunnerCore):
     def _finish(self, seq: int, res: worker.ChunkResult) -> None:
         """Count a finished chunk, send its dead letters and emit its outputs."""
         self._count(self.plan.name, res)
-        self._emit(seq, [(res.outputs, None, None)])
+        self._emit(seq, [(res.outputs, None, None, res.targets)])
 
     def _retire(self, w: _Worker) -> None:
         """maxtasksperchild: replace the worker with a fresh one of the same name."""
@@ -605,7 +611,8 @@ class StageRunner(StageRunnerCore):
                 self._recover(w, task, index, reason)
             elif self.plan.on_error == "fail":
                 first = worker.short_repr(task.chunk[0][0])
-                msg = f"stage {self.plan.name!r} (process {w.name}) failed holding {len(task.chunk)} items from {first}: {died}"
+                msg = (f"stage {self.plan.name!r} (process {w.name}) failed holding {len(task.chunk)} items "
+                       f"from {first}: {died}")
                 raise StageFailed(msg)
             elif self.plan.restart:
                 # Which item killed it is unknown: run the chunk again one item at a time, to find out.
@@ -643,6 +650,9 @@ class StageRunner(StageRunnerCore):
 
     def _next_deadline(self) -> float | None:
         checks = [w.check_at for w in self.workers if w.ref is not None and w.check_at is not None]
+        held = self._holding(len(self.buffer))
+        if held is not None:
+            checks.append(time.monotonic() + held)
         return None if not checks else max(0.0, min(checks) - time.monotonic())
 
     def _enforce_timeouts(self) -> None:
