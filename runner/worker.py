@@ -705,7 +705,10 @@ def worker_main(spec: WorkerSpec) -> None:
         if type(items) is str:  # CLOSE: the input has ended
             progress[2] = seq  # a death in close() is seen as a death with this task in hand
             progress[0] = 0
-            _Answer(send, stage, spec.pack, [], None, log)(close_result(fn, stage, seq, log))
+            progress[1] = time.monotonic_ns() if stage.timeout is not None else 0  # close() has `timeout` too
+            answer = close_result(fn, stage, seq, log)
+            progress[1] = 0
+            _Answer(send, stage, spec.pack, [], None, log)(answer)
             continue
         tasks += 1
         if items is None:  # a whole batch of the input queue, as it travelled: the next frame
