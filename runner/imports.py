@@ -206,6 +206,8 @@ def _keyword_problem(ref: str, key: str, *, item: bool) -> str | None:
         return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
+    if item and inspect.isclass(fn):  # a class stage: kwargs go to the constructor, the item to the instance
+        item = False
     if item and params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         if params[0].name == key:
             return f"{ref} gets the item as {key!r}: a keyword argument of that name would be a second value for it"

@@ -67,7 +67,8 @@ def new_stats(topo: Topology) -> dict[str, StageStats]:
 
 
 def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
-    """Per queue: items put by its writers (outputs and dead letters) and items taken by its readers."""
+    """Per queue: items put by its writers (outputs, those of its route for a stage with named routes, and dead
+    letters) and items taken by its readers."""
     accounts = {}
     for name in topo.queues:
         produced = sum(stats[s.name].routed.get(name, 0) if s.routes else stats[s.name].items_out

@@ -1,7 +1,7 @@
 """Code that runs IN A CHILD process: bootstrap, the producer loop, the worker loop of consumers and pools.
 
     producer process: source --Emitter--> output channels          (shared queues, written directly)
-                      control pipe --> supervisor: ("error", ...), ("stats", ...)
+                      control pipe --> the driver: ProducerFailed, ProducerDone (runner.messages)
     worker process:   its own duplex pipe <--> the stage's runner thread in the main process
                       receives Task(seq, [(item, attempts)]), calls the function with the error policy,
                       sends back a ChunkResult (outputs, dead letters, counts, the error that stops the run)
@@ -9,6 +9,14 @@
 Workers never touch a shared queue, so a worker that dies or is killed cannot corrupt or block one; the
 runner knows which chunk it held, and ``progress`` (shared memory: index of the item being called, and
 when the call started) says which item was in its hands, for timeouts and deaths.
+
+A stage's function is made once per worker process (``make_function``: a class stage is one instance).
+Stages with ``batch``, ``concurrency``, an ``async def`` function or named routes go through ``run_units``
+(concurrent calls: ``runner.calls``). When the stage's input has ended the runner sends each worker a
+close request, the task ``(seq, CLOSE, None, None)``, answered by ``close_result`` (the outputs of the
+instance's ``close()``), and then the usual None. A result of a stage with named routes carries
+``targets``: each output goes to the one queue ``stage.outputs[target]`` (``by_target`` splits it per queue);
+such results are never packed as queue messages.
 
 Item ids: a producer numbers the items it emits (item k of process i of a stage with P processes is item
 ``n = i + k * P`` of the source, logged as ``item_id="<stage>:<n>"``); a task carries the ids of its
@@ -21,7 +29,9 @@ the loop pays nothing per item for it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
+import functools
 import glob
 import importlib
 import inspect
@@ -39,13 +49,13 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing import sharedctypes  # noqa: F401 - imported here so the forkserver preloads it for every worker
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import logs, queues
+from runner import Route, logs, queues
 from runner.messages import Decision, ProducerDone, ProducerFailed
 from runner.queues import Emitter, Ids
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
@@ -58,6 +68,10 @@ _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exac
 
 _id_names: tuple[str, ...] = ()  # producer stage names: an id n is item n // len of stage n % len
 _chunk: tuple[Ids | None, Any] = (None, None)  # ids of the chunk in hand and its progress array
+# The id of the item (or first item of the batch) a concurrent call is on: set in each call's asyncio task
+# and in the thread that runs it (runner.calls), so that its log records name their own item.
+_call_item: contextvars.ContextVar[int | None] = contextvars.ContextVar("mprun_call_item")
+_NO_ID: Any = object()
 
 
 def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | None:
@@ -73,6 +87,9 @@ def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | N
 
 def current_item_id() -> str | None:
     """The ``item_id`` of the item this worker is calling the stage function on, if any (read at log time)."""
+    n = _call_item.get(_NO_ID)
+    if n is not _NO_ID:
+        return item_id_text(n)
     ids, progress = _chunk
     if ids is None:
         return None
@@ -183,7 +200,7 @@ class Control:
 
 
 STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
-PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
+PROGRESS_SLOTS = 7  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
 
 
@@ -288,9 +305,155 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
         return _collect
     if name in FILE_SINKS:
         return _file_sink(name, str(stage.kwargs["path"]), base_dir, stage.kwargs.get("columns"))
-    fn = resolve(name, base_dir)
+    fn: Any = resolve(name, base_dir)
     kwargs = stage.kwargs
-    return (lambda item: fn(item, **kwargs)) if kwargs else fn
+    if inspect.isclass(fn):  # a class stage: one instance per worker process, made before its first item
+        instance: Callable[..., Any] = fn(**kwargs)
+        return instance
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """``fn`` (a function, or an instance whose ``__call__`` is) is ``async def``: its calls run on an event loop."""
+    plain = fn.func if type(fn) is functools.partial else fn
+    if type(plain) is types.FunctionType:  # the common case, asked per chunk: ~0.2 us instead of ~10
+        return bool(plain.__code__.co_flags & _ASYNC_FLAGS)
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (fn, type(fn).__call__))
+
+
+class RouteError(ValueError):
+    """An output of a stage with named routes names no route of the stage, or has none and there is no ``default``."""
+
+
+def route_index(stage: StagePlan) -> dict[str, int] | None:
+    """Route name -> index in ``stage.outputs`` of its queue; None for a stage without named routes."""
+    return {name: stage.outputs.index(queue) for name, queue in stage.routes.items()} if stage.routes else None
+
+
+def route_outputs(
+    stage: StagePlan, outs: list[Any], index: dict[str, int] | None = None
+) -> tuple[list[Any], list[int]]:
+    """The outputs of a stage with named routes, unwrapped from ``runner.route``, and the index in
+    ``stage.outputs`` of the queue each goes to (``index``: ``route_index(stage)``, if at hand); an output
+    without a route goes to the route ``default``.
+
+    Raises:
+        RouteError: an output names no route of the stage, or has none and there is no ``default``.
+    """
+    index = (route_index(stage) or {}) if index is None else index
+    values, targets = [], []
+    for output in outs:
+        name, out = (output.name, output.item) if type(output) is Route else ("default", output)
+        target = index.get(name)
+        if target is None:
+            known = ", ".join(stage.routes)
+            if name == "default":
+                msg = (f"output {short_repr(out, 80)} has no route and stage {stage.name!r} has no route 'default' "
+                       f"(its routes: {known}): return runner.route(NAME, item)")
+            else:
+                msg = f"no route {name!r} in stage {stage.name!r} (its routes: {known})"
+            raise RouteError(msg)
+        values.append(out)
+        targets.append(target)
+    return values, targets
+
+
+def by_target(
+    outputs: list[Any], ids: Ids | None, targets: list[int], queues: int
+) -> list[tuple[list[Any], Ids | None]]:
+    """A routed result's outputs and their ids, per queue (index in ``stage.outputs``), each in its order."""
+    split: list[tuple[list[Any], list[Any] | None]] = [([], None if ids is None else []) for _ in range(queues)]
+    for i, (out, target) in enumerate(zip(outputs, targets, strict=True)):
+        outs, out_ids = split[target]
+        outs.append(out)
+        if out_ids is not None:
+            out_ids.append(ids[i])  # type: ignore[index]
+    return split  # type: ignore[return-value]
+
+
+def call_outputs(result: Any, batch: bool) -> list[Any]:
+    """The outputs of one call that returned ``result``: none for None, each item of a generator (of any
+    iterable for a ``batch`` call), else the one item.
+
+    Raises:
+        TypeError: a batch call returned something that is not an iterable of outputs.
+    """
+    if result is None:
+        return []
+    if batch:
+        if isinstance(result, str | bytes | bytearray | Mapping) or not isinstance(result, Iterable):
+            msg = (f"a stage with batch must return an iterable of outputs (a list, a generator) or None, "
+                   f"not {type(result).__name__}")
+            raise TypeError(msg)
+        return list(result)
+    return list(result) if isinstance(result, types.GeneratorType) else [result]
+
+
+def attempt(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any,
+            routes: dict[str, int] | None) -> tuple[list[Any], list[int] | None]:
+    """One call ``fn(arg)`` (``arg``: an item, or the list of a batch), holding ``lock`` if any: its outputs,
+    and their targets for a stage with named routes (``routes``: its ``route_index``; else None).
+
+    Raises:
+        FunctionFailed: the call raised, or returned what the stage cannot emit.
+    """
+    try:
+        if lock is None:
+            outs = call_outputs(fn(arg), bool(stage.batch))
+        else:
+            with lock:
+                outs = call_outputs(fn(arg), bool(stage.batch))
+        return (outs, None) if routes is None else route_outputs(stage, outs, routes)
+    except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item (or batch)
+        raise FunctionFailed.of(e, arg) from None
+
+
+def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
+    """The answer to a close request (``CLOSE``: the stage's input has ended): what ``fn.close()`` returns, as
+    outputs (``done=0``; no ids). A function, or an instance without ``close()``, answers with no output.
+
+    ``close()`` may return None, an iterable of items (a list, a generator...), or one item (anything else,
+    and a str, bytes or a dict); it may be ``async def``.  Its outputs are checked to pickle here.  Its
+    failure is an error of the stage, under ``on_error``: ``fail`` (or ``retry`` with no dead-letter queue)
+    sets ``result.error`` (``"close() failed: ..."``: the run stops); otherwise it is logged and its outputs
+    are dropped.
+    """
+    result = ChunkResult(seq, [], [], targets=[] if stage.routes else None)
+    close = getattr(fn, "close", None)
+    if inspect.isfunction(fn) or isinstance(fn, functools.partial) or not callable(close):
+        return result
+    t0 = time.perf_counter()
+    try:
+        out = close()
+        if inspect.isawaitable(out) or inspect.isasyncgen(out):
+            from runner import calls
+
+            out = calls.run(calls.settle_awaitable(out))
+        if out is None:
+            outs = []
+        elif isinstance(out, str | bytes | bytearray | Mapping) or not isinstance(out, Iterable):
+            outs = [out]
+        else:
+            outs = list(out)
+        queues.dumps(outs)  # what cannot cross to the output queues fails close(), not the runner
+        if stage.routes:
+            result.outputs, result.targets = route_outputs(stage, outs)
+        else:
+            result.outputs = outs
+    except Exception as e:  # noqa: BLE001 - an error of the stage, under its policy
+        failure = FunctionFailed.of(e, None)
+        summary = f"close() failed: {failure.summary}"
+        result.outputs, result.failed = [], 1
+        result.targets = [] if stage.routes else None
+        if verdict(stage, 1, retryable=False) is Decision.FAIL:
+            result.error = (summary, failure.tb, "")
+        else:
+            log.error("close() failed: its outputs are lost", error=failure.summary, exception=failure.tb)
+    result.busy = time.perf_counter() - t0
+    return result
 
 
 def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], None]) -> None:
@@ -620,7 +783,9 @@ class WorkerSpec:
     results: Any  # the write end of its result pipe (ChunkResults to the runner)
     # RawArray('q', PROGRESS_SLOTS), written here, read by the runner: index of the item in hand in its chunk,
     # its call's start (monotonic_ns; 0: none), the chunk's seq, and items skipped, failed attempts and retries
-    # of the chunk since its last (partial) result
+    # of the chunk since its last (partial) result. With concurrency (run_units): [0] is the first item not yet
+    # settled, [3:6] count the settled items before it, [1] is a heartbeat of the worker's event loop, and [6]
+    # is one past the last item whose call has started: items [0] .. [6] may be in its hands (else [6] is 0).
     progress: Any
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
@@ -654,6 +819,12 @@ class ChunkResult:
     targets: list[int] | None = None
 
 
+# The runner's request to close a worker's stage function, sent once the stage's input has ended and every
+# chunk of the worker is answered: the task ``(seq, CLOSE, None, None)``. The worker answers it with
+# ``close_result`` (an ordinary ChunkResult with done=0), then waits for the usual None to exit.
+CLOSE = "close"
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Target of every consumer and pool worker: chunks in, results out, until told to stop."""
     stage = spec.stage
@@ -682,8 +853,16 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         if task is None:
             return
-        tasks += 1
         seq, items, tries, ids = task
+        if type(items) is str:  # CLOSE: the input has ended
+            progress[2] = seq  # a death in close() is seen as a death with this task in hand
+            progress[0] = 0
+            progress[1] = time.monotonic_ns() if stage.timeout is not None else 0  # close() has `timeout` too
+            closed = close_result(fn, stage, seq, log)
+            progress[1] = 0
+            _Answer(send, stage, spec.pack, [], None, log)(closed)
+            continue
+        tasks += 1
         if items is None:  # a whole batch of the input queue, as it travelled: the next frame
             items, ids = pickle.loads(conn.recv_bytes())
         progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
@@ -722,7 +901,7 @@ def _result_frames(stage: StagePlan, pack: int, result: ChunkResult, items: list
     ends, result.ends = result.ends, []
     result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
     pieces: list[tuple[int, bytes]] = []
-    if 0 < len(result.outputs) <= pack and result.error is None:
+    if 0 < len(result.outputs) <= pack and result.error is None and result.targets is None:
         with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
             pieces = pack_pieces(result.outputs, result.ids)
             result.packed = [n for n, _ in pieces]  # type: ignore[misc]
@@ -749,11 +928,14 @@ def _without_unpicklable(
     stage: StagePlan, result: ChunkResult, chunk: list[Any], log: Any, ids: Ids | None = None
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
-    kept, kept_ids = [], []
+    kept: list[Any] = []
+    kept_ids: list[int | None] = []
+    kept_targets: list[int] = []
     starts = [0, *result.ends]
     sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
-    for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
+    targets: list[int] = result.targets if result.targets is not None else [0] * len(result.outputs)
+    for out, item, item_id, target in zip(result.outputs, sources, out_ids, targets, strict=True):
         try:
             pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001
@@ -764,6 +946,7 @@ def _without_unpicklable(
             if decided == "fail":
                 result.error = (summary, "", short_repr(item))
                 result.outputs = []
+                result.targets = None if result.targets is None else []
                 return result
             if decided == "dead_letter":
                 result.dead.append(give_up_letter(stage, item, summary, 1))
@@ -773,8 +956,10 @@ def _without_unpicklable(
             continue
         kept.append(out)
         kept_ids.append(item_id)
+        kept_targets.append(target)
     result.outputs, result.ends = kept, []
     result.ids = kept_ids if ids is not None else None
+    result.targets = kept_targets if result.targets is not None else None
     return result
 
 
@@ -839,7 +1024,12 @@ def run_items(
     the loop goes on with a new result: a dead letter never dies with its worker, so the runner knows
     exactly which items of a chunk are settled if the worker dies later (see ``StageRunner._recover``).
     ``progress[3:6]`` mirror the result's skipped, failed and retried counts, for the same reason.
+
+    A stage with ``batch``, ``concurrency`` above 1, an ``async def`` function or named routes goes through
+    ``run_units`` (same contract; see there).
     """
+    if stage.batch or stage.concurrency > 1 or stage.routes or is_async(fn):
+        return run_units(fn, stage, seq, items, tries, lock, progress, log, ids, partial)
     result = ChunkResult(seq, [], [])
     outputs, ends, samples = result.outputs, result.ends, result.latency
     append, extend = outputs.append, outputs.extend
@@ -1004,3 +1194,196 @@ def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
         log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
     else:
         log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, traceback=AS_EARLIER)
+
+
+# -- batches, concurrent calls, async functions and named routes -------------------------------------------
+
+
+@dataclass(slots=True)
+class Settled:
+    """How one unit (an item, or the items of a batch) ended under the policy, after its last attempt."""
+
+    outputs: list[Any] = field(default_factory=list)
+    targets: list[int] | None = None  # with named routes: the queue index of each output
+    failed: int = 0  # failed attempts, per item (a failed batch call counts one for each of its items)
+    retried: int = 0
+    skipped: int = 0  # items
+    dead: list[dict[str, Any]] = field(default_factory=list)  # one dead letter per item given up on
+    error: tuple[str, str, str] | None = None  # (summary, traceback, item): the run stops
+    seconds: float = 0.0  # from the start of its first call to the end of its last (backoff included)
+
+
+def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: int, s: Settled, log: Any) -> bool:
+    """Apply the policy to a unit whose ``attempts``-th call failed with ``e``: count it in ``s``, log it,
+    give it up (a dead letter per item, its items skipped, or ``s.error``). True: call it again (after the
+    backoff, which the caller waits)."""
+    n = len(unit)
+    s.failed += n
+    decided = verdict(stage, attempts)
+    if decided is Decision.RETRY:
+        s.retried += n
+        log.warning("retrying", error=e.summary, item=e.shown, attempt=attempts, **e.traceback_fields(log))
+        return True
+    if decided is Decision.FAIL:
+        s.error = (e.summary, e.tb, e.item)
+        return False
+    if decided is Decision.DEAD_LETTER:
+        s.dead = [give_up_letter(stage, item, e.summary, attempts) for item in unit]
+    else:
+        s.skipped = n
+    _given_up(e, attempts, log)
+    return False
+
+
+def settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts: int, lock: Any, progress: Any,
+           log: Any, routes: dict[str, int] | None, failure: FunctionFailed | None = None) -> Settled:
+    """Call ``fn`` on a unit in this thread (unless it has just failed with ``failure``), under the policy
+    (``attempts``: failed attempts so far); with a ``timeout``, ``progress[1]`` holds when the call in hand
+    started (the runner kills a worker past it)."""
+    s = Settled()
+    t0 = time.perf_counter()
+    arg = unit if stage.batch else unit[0]
+    timed = stage.timeout is not None
+    while True:
+        if failure is None:
+            if timed:
+                progress[1] = time.monotonic_ns()
+            try:
+                s.outputs, s.targets = attempt(fn, stage, arg, lock, routes)
+                break
+            except FunctionFailed as e:
+                failure = e
+        error, failure = failure, None
+        progress[1] = 0
+        attempts += 1
+        if not unit_failed(stage, error, unit, attempts, s, log):
+            break
+        time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+    progress[1] = 0
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+class Fold:
+    """Builds a chunk's ``ChunkResult`` from its units' ``Settled``, taken in input order (``add``)."""
+
+    def __init__(self, stage: StagePlan, seq: int, n_units: int, ids: Ids | None, progress: Any,
+                 partial: Callable[[ChunkResult], None] | None) -> None:
+        self.stage, self.seq, self.ids, self.progress, self.partial = stage, seq, ids, progress, partial
+        self.stride = max(1, math.ceil(n_units / LATENCY_SAMPLES))  # which units are latency samples
+        self.units = 0
+        self.result = self._new()
+        progress[0] = progress[3] = progress[4] = progress[5] = progress[6] = 0
+
+    def _new(self) -> ChunkResult:
+        self.t0 = time.perf_counter()
+        return ChunkResult(self.seq, [], [], targets=[] if self.stage.routes else None)
+
+    def add(self, start: int, n: int, s: Settled) -> bool:
+        """Take the unit of items ``start .. start + n``; True when the run must stop (``result.error``)."""
+        r, progress = self.result, self.progress
+        r.failed += s.failed
+        r.retried += s.retried
+        r.skipped += s.skipped
+        if self.units % self.stride == 0:
+            r.latency.append(s.seconds)
+        self.units += 1
+        if s.error is not None:
+            r.error = s.error
+            return True
+        r.outputs.extend(s.outputs)
+        if r.targets is not None and s.targets is not None:
+            r.targets.extend(s.targets)
+        r.ends.extend(itertools.repeat(len(r.outputs), n))  # a batch's outputs all come from its first item
+        progress[0] = start + n
+        progress[3], progress[4], progress[5] = r.skipped, r.failed, r.retried
+        if s.dead:
+            r.dead.extend(s.dead)
+            r.dead_ids.extend(self.ids[start : start + n] if self.ids is not None else [None] * n)
+            if self.partial is not None:  # a dead letter never dies with its worker (see run_items)
+                r.done, r.busy, r.partial = len(r.ends), time.perf_counter() - self.t0, True
+                self.partial(r)
+                progress[3] = progress[4] = progress[5] = 0
+                self.result = self._new()
+        return False
+
+    def ok(self, start: int, n: int, outputs: list[Any], targets: list[int] | None) -> None:
+        """Take a unit whose first call succeeded and which is no latency sample (``sampled`` is False)."""
+        r = self.result
+        self.units += 1
+        r.outputs.extend(outputs)
+        if targets is not None:
+            r.targets.extend(targets)  # type: ignore[union-attr]
+        r.ends.extend(itertools.repeat(len(r.outputs), n))
+        self.progress[0] = start + n
+
+    @property
+    def sampled(self) -> bool:
+        """The next unit is a latency sample."""
+        return self.units % self.stride == 0
+
+    def finish(self) -> ChunkResult:
+        """The result of the chunk (after the last partial one)."""
+        r = self.result
+        r.done = len(r.ends)
+        r.busy = time.perf_counter() - self.t0
+        self.progress[1] = 0
+        return r
+
+
+def run_units(
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    items: list[Any],
+    tries: list[int] | None,
+    lock: Any,
+    progress: Any,
+    log: Any,
+    ids: Ids | None = None,
+    partial: Callable[[ChunkResult], None] | None = None,
+) -> ChunkResult:
+    """``run_items`` for a stage with ``batch``, ``concurrency``, an ``async def`` function or named routes.
+
+    The chunk is cut into units: batches of ``stage.batch`` items (the function gets the list), else single
+    items.  Each unit is settled under the policy: skip, retry and dead letters apply to the whole unit,
+    counted per item (a failed batch call is a failed attempt of each of its items; a dead letter per item).
+    Results are taken in input order, so outputs leave in input order within the chunk; ``ends`` stays per
+    item (a batch's outputs count as its first item's: they inherit its id); ``targets`` gives each output's
+    queue for named routes.  With ``concurrency`` above 1 or an async function, up to ``concurrency`` units
+    are called at once (``runner.calls``); else one after another in this thread.
+
+    ``progress[0]``: the first item of the earliest unit not yet settled (with concurrency, later units may be
+    done or in hand too; everything before it is settled).  ``progress[3:6]``: counts of the settled units
+    before it.  ``progress[1]``: without concurrency, when the call in hand started, as in ``run_items``;
+    with it, the worker enforces ``timeout`` itself and ``progress[1]`` is a heartbeat of its event loop
+    while calls are in flight (see ``runner.calls``), and ``progress[6]`` is one past the last item whose
+    call has started (the items from ``progress[0]`` to it may be in hand: a death cannot be pinned on one).
+    """
+    size = stage.batch or 1
+    starts = range(0, len(items), size)
+    fold = Fold(stage, seq, len(starts), ids, progress, partial)
+    routes = route_index(stage)
+    if stage.concurrency > 1 or is_async(fn):
+        from runner import calls
+
+        calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids, routes))
+        return fold.finish()
+    simple = lock is None and tries is None and stage.timeout is None
+    for start in starts:
+        unit = items[start : start + size]
+        progress[0] = start
+        failure = None
+        if simple and not fold.sampled:  # the common case in short: a first call that succeeds
+            try:
+                outputs, targets = attempt(fn, stage, unit if stage.batch else unit[0], None, routes)
+            except FunctionFailed as e:
+                failure = e
+            else:
+                fold.ok(start, len(unit), outputs, targets)
+                continue
+        attempts = max(tries[start : start + size]) if tries else 0
+        s = settle(fn, stage, unit, attempts, lock, progress, log, routes, failure)
+        if fold.add(start, len(unit), s):
+            break
+    return fold.finish()
