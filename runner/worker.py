@@ -308,7 +308,7 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
     fn: Any = resolve(name, base_dir)
     kwargs = stage.kwargs
     if inspect.isclass(fn):  # a class stage: one instance per worker process, made before its first item
-        instance: Callable[..., Any] = fn(**kwargs)
+        instance: Any = fn(**kwargs)
         return instance
     return functools.partial(fn, **kwargs) if kwargs else fn
 
