@@ -66,6 +66,7 @@ class StageRunnerCore:
         self.next_out = 0
         self.emitted = 0  # outputs of the stage's calls (sent on, or left behind by a stop)
         self.input_done = False
+        self.closing = False  # close requests sent to the workers (after the input has ended)
         self.stopping = False
         self.aborted = False
         self.finished = False
@@ -90,6 +91,11 @@ class StageRunnerCore:
         raise NotImplementedError
 
     def _stop_workers(self) -> None:
+        raise NotImplementedError
+
+    def _close_workers(self) -> None:
+        """Send every worker a close request (``worker.CLOSE``); each answers with what its ``close()`` gives,
+        and counts as busy until then."""
         raise NotImplementedError
 
     def _wake(self) -> None:
@@ -143,7 +149,11 @@ class StageRunnerCore:
                 self._dispatch()
             busy, waiting = self._busy(), self.unhanded()
             if not busy and (self.stopping or (self.input_done and not waiting)):
-                return
+                if self.stopping or self.closing:
+                    return
+                self.closing = True  # the input has ended and every item is settled: close() in each worker
+                self._close_workers()
+                continue
             if self.plan.self_fed:
                 self._settle_quiet(busy, waiting)
             self._wait()
@@ -292,6 +302,14 @@ class StageRunnerCore:
         self.sup.log.warning("item in a dead worker", stage=plan.name, process=process, item=worker.short_repr(item),
                              item_id=worker.item_id_text(item_id, self.sup.id_names), attempts=attempts, reason=reason)
         return decided
+
+    def died_closing(self, process: str, seq: int, reason: str) -> None:
+        """A worker died in its ``close()``: what it held is gone (under ``on_error: fail`` the stage fails)."""
+        if self.plan.on_error == "fail":
+            raise StageFailed(f"stage {self.plan.name!r} (process {process}) failed in close(): {reason}")
+        self.sup.log.warning("worker died in close(): what it held is lost", stage=self.plan.name, process=process,
+                             reason=reason)
+        self._emit(seq, [])
 
     def replaced(self, process: str, reason: str) -> None:
         """Count and log a worker that died or timed out and is replaced."""

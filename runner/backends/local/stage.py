@@ -77,7 +77,7 @@ class _Task:
     """A chunk handed to a worker, as the runner keeps it in case the worker dies holding it."""
 
     seq: int
-    items: list[Any] | bytes  # bytes: a whole batch of the input queue, still pickled (items and ids)
+    items: list[Any] | bytes | str  # bytes: a whole batch of the input queue, still pickled; str: worker.CLOSE
     tries: list[int] | None  # failed attempts of each item so far (None: none failed yet)
     ids: Any
     n: int  # items in it
@@ -222,6 +222,16 @@ class StageRunner(StageRunnerCore):
         self.bell.close()
 
     # -- the runner thread -----------------------------------------------------------------------------
+
+    def _close_workers(self) -> None:
+        for w in self.workers:
+            if w.retiring:  # maxtasksperchild: it leaves, and its state with it
+                continue
+            task = _Task(self.next_seq, worker.CLOSE, None, None, 0)
+            self.next_seq += 1
+            w.tasks.append(task)
+            with contextlib.suppress(OSError):  # it died: its sentinel is ready, and _exited settles the request
+                w.outbox.send(ForkingPickler.dumps((task.seq, worker.CLOSE, None, None), pickle.HIGHEST_PROTOCOL))
 
     def _busy(self) -> bool:
         return any(w.tasks for w in self.workers)
@@ -401,7 +411,9 @@ class StageRunner(StageRunnerCore):
             if w.timed_out
             else died_message(self.plan.name, w.name, code)
         )
-        if w.tasks and int(w.progress[2]) == w.tasks[0].seq:
+        if w.tasks and w.tasks[0].items == worker.CLOSE:
+            self.died_closing(w.name, w.tasks.popleft().seq, reason)
+        elif w.tasks and int(w.progress[2]) == w.tasks[0].seq:
             self._recover(w, reason)
         else:  # it died between chunks: nothing was in its hands
             self.again.extendleft(reversed(w.tasks))
