@@ -472,6 +472,16 @@ class _WorkerActor:
             result = worker._without_unpicklable(stage, result, [item for item, _ in chunk], self.log)
         return result
 
+    def close_stage(self, seq: int) -> worker.ChunkResult:
+        """The stage's input has ended: what the instance's ``close()`` gives (``worker.close_result``)."""
+        stage = self.spec.stage
+        self.progress[0] = 0
+        self.progress[1] = time.monotonic_ns() if stage.timeout is not None else 0  # close() has `timeout` too
+        try:
+            return worker.close_result(self.fn, stage, seq, self.log)
+        finally:
+            self.progress[1] = 0
+
     def elapsed(self) -> tuple[int, float]:
         """(index of the item in hand, seconds its call has run; -1 when no call runs)."""
         index, started = self.progress[:2]

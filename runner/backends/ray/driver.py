@@ -400,6 +400,7 @@ class _Task:
     chunk: list[tuple[Any, int]]
     pos: int | None = None  # after a worker died holding the chunk: the item being run alone
     acc: worker.ChunkResult | None = None  # results of the items before pos
+    closing: bool = False  # the close request (worker.CLOSE): no items
 
 
 @dataclass
@@ -414,6 +415,7 @@ class _Worker:
     check_at: float | None = None  # when to ask how long the current call has run (timeouts)
     timed_out: int | None = None  # index in the sent piece of the item whose call timed out
     where: dict[str, Any] = field(default_factory=dict)  # its pid and node, once started
+    close_after_start: bool = False  # the stage's input ended while it was starting: close it once started
 
 
 class StageRunner(StageRunnerCore):
@@ -465,8 +467,21 @@ class StageRunner(StageRunnerCore):
 
     # -- the runner thread -----------------------------------------------------------------------------
 
+    def _close_workers(self) -> None:
+        for w in self.workers:
+            if w.ready is not None:  # still starting: asked once it has started
+                w.close_after_start = True
+            elif w.task is None:
+                self._send_close(w)
+
+    def _send_close(self, w: _Worker) -> None:
+        w.task = _Task(self.next_seq, [], closing=True)
+        self.next_seq += 1
+        w.ref = w.actor.close_stage.remote(w.task.seq)
+        w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
+
     def _busy(self) -> bool:
-        return any(w.task for w in self.workers)
+        return any(w.task or w.close_after_start for w in self.workers)
 
     def _wait(self) -> None:
         if not (self.input_done or self.stopping) and self.fetch is None and len(self.buffer) < RAY_BATCH:
@@ -539,6 +554,9 @@ class StageRunner(StageRunnerCore):
             error, w.where = value
             if error is not None:
                 raise StageFailed(f"stage {self.plan.name!r} (process {w.name}) failed: {error}")
+            if w.close_after_start:
+                w.close_after_start = False
+                self._send_close(w)
             return
         w.ref = None
         self._result(w, value)
@@ -600,7 +618,9 @@ class StageRunner(StageRunnerCore):
         reason = f"call timed out after {self.plan.timeout:g}s (worker {w.name} replaced)" if timed_out else died
         self.exited(w.name, None, reason=reason, **w.where)
         task = w.task
-        if task is not None:
+        if task is not None and task.closing:
+            self.died_closing(w.name, task.seq, reason)
+        elif task is not None:
             if task.pos is not None:
                 index: int | None = task.pos
             elif timed_out:
