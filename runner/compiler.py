@@ -68,12 +68,15 @@ def compile_pipeline(pipeline: Pipeline, *, limit: int | None = None) -> Topolog
     for name in pipeline.queue_names():
         spec = pipeline.queue(name)
         readers = [s for s in stages if name in s.inputs]
+        # A queue a stage feeds itself is unbounded: a full one would have its only reader wait for itself.
+        self_fed = any(s.self_fed for s in readers)
+        maxsize, max_bytes = (0, 0) if self_fed else (spec.maxsize, spec.max_bytes)
         queues[name] = QueuePlan(
             name=name,
             type=spec.type,
-            maxsize=spec.maxsize,
-            max_bytes=spec.max_bytes,
-            batch=min(MAX_BATCH, spec.maxsize) if spec.maxsize else MAX_BATCH,
+            maxsize=maxsize,
+            max_bytes=max_bytes,
+            batch=min(MAX_BATCH, maxsize) if maxsize else MAX_BATCH,
             writers=tuple(s.name for s in stages if name in s.outputs or name == s.dead_letter),
             # Consumer and pool stages read their input in one thread of the main process each.
             reader_processes=len(readers),

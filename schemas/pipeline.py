@@ -159,6 +159,10 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
             problems.append((("stages", i, "dead_letter"), message))
         if dead and dead in stage.inputs:
             problems.append((("stages", i, "dead_letter"), "a stage cannot dead-letter into its own input"))
+        fed = next((q for q in stage.inputs if q in stage.outputs and q in pipeline.queues), None)
+        if fed and pipeline.queues[fed].model_fields_set & {"maxsize", "max_bytes"}:
+            problems.append((("queues", fed), f"queue {fed!r} is fed by its own reader ({stage.name}), so it "
+                             "cannot be bounded (a full queue would wait for itself): remove maxsize/max_bytes"))
         for j, name in enumerate(stage.after):
             if name not in seen:
                 problems.append((("stages", i, "after", j), f"unknown stage {name!r} in after"))
