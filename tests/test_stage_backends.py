@@ -3,10 +3,7 @@ and the runner's side of close(), batches, concurrency, routes and self-fed queu
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
