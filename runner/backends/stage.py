@@ -106,6 +106,10 @@ class StageRunnerCore:
         """Items finished in chunks still in workers' hands (0 when the backend cannot know)."""
         raise NotImplementedError
 
+    def calls(self) -> int | None:
+        """Calls in flight now, for a stage with ``concurrency`` (None: not shown, or not known)."""
+        return None
+
     def unhanded(self) -> int:
         """Items read from the input and never handed out (or handed back by dead workers)."""
         raise NotImplementedError

@@ -215,6 +215,12 @@ class StageRunner(StageRunnerCore):
         """Items finished in chunks still in workers' hands (``progress[0]``: the index of the item in hand)."""
         return sum(int(w.progress[0]) for w in list(self.workers) if w.tasks)
 
+    def calls(self) -> int | None:
+        """Calls in flight (``progress[6]``: one past the last item started; ``[0]``: the first unsettled one)."""
+        if self.plan.concurrency == 1:
+            return None
+        return sum(max(0, int(w.progress[6]) - int(w.progress[0])) for w in list(self.workers) if w.tasks)
+
     def unhanded(self) -> int:
         return self.waiting + sum(t.n - t.settled for t in self.again)
 
