@@ -535,7 +535,8 @@ class StageRunner(StageRunnerCore):
             return self.plan.chunksize
         fair = math.ceil(len(self.buffer) / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
-        return max(1, min(RAY_CHUNK, fair, paced, BATCH_BYTES // max(1, self.item_bytes)))
+        slots = self.plan.concurrency * (self.plan.batch or 1)  # items a worker can have in calls at once
+        return max(1, min(RAY_CHUNK, fair, max(paced, slots), BATCH_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
