@@ -14,7 +14,7 @@ import pytest
 
 from runner import Route, route, worker
 from runner.compiler import compile_pipeline
-from runner.inline import run_inline
+from runner.backends.inline import run_inline
 from runner.loader import load_pipeline
 from runner.metrics import metrics
 from runner.topology import StagePlan
