@@ -61,6 +61,23 @@ class RunResult:
     log_format: str = "console"  # how stderr records were rendered: the summary follows suit (cli)
 
 
+def count_result(st: StageStats, res: Any, stage: str, process: str, log: Any) -> str | None:
+    """Add a worker's (partial) ``ChunkResult`` to ``st``, per item; the one-line failure of the stage when
+    the result carries an error (logged with its traceback), else None. Every backend counts this way."""
+    st.skipped += res.skipped
+    st.retried += res.retried
+    st.failed += res.failed
+    st.busy_seconds += res.busy
+    st.latency.add(res.latency)
+    if res.error is not None:
+        summary, tb, item = res.error
+        log.error("stage failed", stage=stage, process=process, error=summary, item=item, exception=tb)
+        on = f" on item {item}" if item else ""
+        return f"stage {stage!r} (process {process}) failed{on}: {summary}"
+    st.delivered += res.done - res.skipped - len(res.dead)
+    return None
+
+
 def new_stats(topo: Topology) -> dict[str, StageStats]:
     """Empty ``StageStats`` for every stage of ``topo``."""
     return {s.name: StageStats(processes=s.processes, kind=s.kind) for s in topo.stages}

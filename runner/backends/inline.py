@@ -36,7 +36,7 @@ from typing import Any
 from runner import calls, logs
 from runner.logs import logging_state, restore_logging
 from runner.queues import dumps
-from runner.results import RunResult, StageStats, queue_accounts
+from runner.results import RunResult, StageStats, count_result, queue_accounts
 from runner.topology import StagePlan, Topology
 from runner.worker import (
     PROGRESS_SLOTS,
@@ -163,16 +163,9 @@ def _run_stage(
         st.items_out += 1
 
     def emit_result(res: ChunkResult) -> str | None:
-        st.skipped += res.skipped
-        st.retried += res.retried
-        st.failed += res.failed
-        st.latency.add(res.latency)
-        if res.error is not None:
-            summary, tb, item = res.error
-            log.error("stage failed", error=summary, item=item, exception=tb)
-            on = f" on item {item}" if item else ""
-            return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
-        st.delivered += res.done - res.skipped - len(res.dead)
+        failed = count_result(st, res, stage.name, process, log)
+        if failed:
+            return failed
         if res.targets is None:
             for out in res.outputs:
                 emit(out)

@@ -30,7 +30,7 @@ from typing import Any
 from runner import worker
 from runner.messages import Decision
 from runner.queues import Cancelled, Emitter
-from runner.results import StageStats
+from runner.results import StageStats, count_result
 from runner.topology import LINGER, StagePlan
 
 KILL_GRACE = 2.0  # seconds a worker gets to stop when asked before it is killed
@@ -223,19 +223,9 @@ class StageRunnerCore:
 
     def _count(self, process: str, res: worker.ChunkResult) -> None:
         """Count a (partial) result per item; a result with an error fails the stage."""
-        st = self.stats
-        st.skipped += res.skipped
-        st.retried += res.retried
-        st.failed += res.failed
-        st.busy_seconds += res.busy
-        st.latency.add(res.latency)
-        if res.error is not None:
-            summary, tb, item = res.error
-            on = f" on item {item}" if item else ""
-            self.sup.log.error("stage failed", stage=self.plan.name, process=process, error=summary, item=item,
-                               exception=tb)
-            raise StageFailed(f"stage {self.plan.name!r} (process {process}) failed{on}: {summary}")
-        st.delivered += res.done - res.skipped - len(res.dead)
+        failed = count_result(self.stats, res, self.plan.name, process, self.sup.log)
+        if failed:
+            raise StageFailed(failed)
         for letter, item_id in zip(res.dead, res.dead_ids or [None] * len(res.dead), strict=True):
             self._dead_letter(letter, item_id)
 
