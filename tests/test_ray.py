@@ -517,3 +517,20 @@ def test_ray_address_needs_the_ray_backend(tmp_pipeline):
     result = run_cli("run", str(path), "--ray-address", "127.0.0.1:6379")
     assert result.returncode == 2
     assert "--ray-address applies to the ray backend" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("example", ["wordcount", "crawl", "router", "async_fetch", "batched_writer"])
+def test_stages_for_real_work_match_local(ray_run, example, tmp_path, monkeypatch):
+    """Each shipped example of class stages with close(), batches, concurrency, routes and a self-fed stack
+    gives on Ray what it gives locally: the same collected items, stage counts and queue accounts."""
+    monkeypatch.setenv("READINGS_DB", str(tmp_path / "readings.db"))
+    path = Path(__file__).resolve().parent.parent / "pipelines" / f"{example}.yaml"
+    local = run_pipeline(path, start_method="forkserver", log_level="error")
+    monkeypatch.setenv("READINGS_DB", str(tmp_path / "readings-ray.db"))
+    ray = ray_run(path, log_level="error")
+    assert ray.exit_code == local.exit_code == 0, (ray.error, local.error)
+    assert {k: Counter(map(repr, v)) for k, v in ray.collected.items()} == {
+        k: Counter(map(repr, v)) for k, v in local.collected.items()}
+    assert stats_of(ray) == stats_of(local)
+    assert ray.queues == local.queues and all(q["balanced"] for q in ray.queues.values())
+    assert {n: s.routed for n, s in ray.stats.items()} == {n: s.routed for n, s in local.stats.items()}
