@@ -133,13 +133,15 @@ class _Queue:
             self.bytes += size
             self.changed.notify_all()
 
-    async def get(self) -> Any:
-        """A RefBatch (LIFO: up to LIFO_TAKE items, newest first); ``None`` is the end of the stream."""
+    async def get(self) -> tuple[Any, int]:
+        """(a RefBatch (LIFO: up to LIFO_TAKE items, newest first), the items the queue held with it); the
+        message ``None`` is the end of the stream."""
         async with self.changed:
             while not self.items and not self.closed and not self.dropped:
                 await self.changed.wait()
             if not self.items:
-                return None
+                return None, 0
+            held = self.held
             if self.kind == "fifo":
                 taken = self.items.popleft()
                 self.bytes -= self.sizes.popleft()
@@ -150,7 +152,7 @@ class _Queue:
                 self.bytes -= sum(self.sizes.pop() for _ in range(n))
                 self.held -= n
             self.changed.notify_all()
-            return taken
+            return taken, held
 
     async def end(self, readers: int) -> None:
         """FIFO: one end marker per reader behind every message (markers take no room); LIFO: closed."""
@@ -191,7 +193,7 @@ class _Hub:
     async def put(self, queue: str, message: Any, n: int, size: int) -> None:
         await self.queues[queue].put(message, n, size)
 
-    async def get(self, queue: str) -> Any:
+    async def get(self, queue: str) -> tuple[Any, int]:
         return await self.queues[queue].get()
 
     async def pid(self) -> int:
@@ -296,7 +298,8 @@ class RayChannel:
         ray.get(ref)
 
     def get_ref(self) -> Any:
-        """The reference of the next message: a RefBatch (FIFO), a list of items (LIFO), or None at the end."""
+        """The reference of (the next message: a RefBatch (FIFO), a list of items (LIFO), or None at the end; the
+        items the queue held with it)."""
         return self.hub.get.remote(self.name)
 
     def end(self, readers: int) -> None:
@@ -308,8 +311,8 @@ class RayEmitter(Emitter):
     each of them gets its reference; LIFO stacks get the items.  ``emit_packed`` sends a ``RefBatch`` made
     elsewhere (a worker's outputs) as it is."""
 
-    def __init__(self, channels: list[RayChannel], on_batch: Any = None) -> None:
-        super().__init__(channels, on_batch)  # type: ignore[arg-type]
+    def __init__(self, channels: list[RayChannel], on_batch: Any = None, counter: Any = None) -> None:
+        super().__init__(channels, on_batch, counter=counter)  # type: ignore[arg-type]
         self.fifo = [c for c in channels if c.kind == "fifo"]
         self.lifo = [c for c in channels if c.kind != "fifo"]
         self.halted = False  # a stopped producer: the next batch raises Cancelled instead of leaving
@@ -397,6 +400,17 @@ class _Relay:
             self._send()
 
 
+class _Sent:
+    """A producer's ``Emitter`` counter: the items sent so far, after each batch, go to the driver with the
+    records (``("sent", process, n)`` entries of the relay), for the live display and the queue depths."""
+
+    def __init__(self, relay: _Relay, process: str) -> None:
+        self.relay, self.process = relay, process
+
+    def __setitem__(self, index: int, sent: int) -> None:
+        self.relay.add(("sent", self.process, sent))
+
+
 class _Lines(io.TextIOBase):
     """A text stream that relays whole lines (a ``print`` writes text, then a newline)."""
 
@@ -481,7 +495,7 @@ class _ProducerActor:
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
         self.relay, self.base_dir, self.log = _bootstrap(spec)
-        self.emitter = RayEmitter(spec.outputs)
+        self.emitter = RayEmitter(spec.outputs, counter=_Sent(self.relay, spec.name))
         self.started: float | None = None
         self.ended = threading.Event()
 

@@ -7,7 +7,8 @@
     StageRunner thread per consumer/pool stage <--get-- _Hub                         relay, wake-up flags
         --run_chunk--> its worker actors (process_names) --ChunkResult--> runner --Emitter--put--> _Hub
     relay thread <--take-- _Hub <--post-- every stage actor: log records, stdout/stderr lines
-    relay thread --> log queue --> Listener (stderr, log_file); stdout lines --> sys.stdout
+    relay thread --> log queue --> Listener (stderr, log_file); stdout lines --> sys.stdout;
+                     producers' items sent so far --> producer_sent (live display, queue depths)
 
 The actors, the hub and what crosses to them are ``runner.backends.ray.actors``. Each consumer or pool
 stage is read by one ``StageRunner`` thread of the driver, as on the local backend: it fetches one batch
@@ -115,6 +116,7 @@ class RaySupervisor(Driver):
         self.given_address = address
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.producers: list[_Producer] = []
+        self.sent_live: dict[str, int] = {}  # items each producer has sent so far, as it reported (see _relay)
         self.channels: dict[str, RayChannel] = {}
         self.hub: Any = None
         self.relay_thread: threading.Thread | None = None
@@ -224,6 +226,8 @@ class RaySupervisor(Driver):
             for entry in entries:
                 if entry[0] == "log":
                     self.log_queue.put_nowait(entry[1])
+                elif entry[0] == "sent":
+                    self.sent_live[entry[1]] = entry[2]
                 else:
                     stream = sys.stdout if entry[1] == "stdout" else sys.stderr
                     stream.write(entry[2])
@@ -258,7 +262,9 @@ class RaySupervisor(Driver):
                 self._stopped(p, _ask_stop(p.actor))  # not killed: it owns its batches still queued
 
     def producer_sent(self, stage: StagePlan) -> int:
-        return self.stats[stage.name].items_out  # known once each producer has ended
+        """What its ended producers sent, plus what the others reported so far (after each batch)."""
+        live = sum(self.sent_live.get(p.name, 0) for p in self.producers if p.stage == stage.name and not p.counted)
+        return self.stats[stage.name].items_out + live
 
     def stage_ended(self, stage: StagePlan) -> bool:
         r = self.runners.get(stage.name)
@@ -511,13 +517,18 @@ class StageRunner(StageRunnerCore):
         self._enforce_timeouts()
 
     def _take_fetched(self) -> None:
-        got = ray.get(self.fetch)  # a RefBatch (FIFO), a list of items (LIFO), None at the end
+        got, held = ray.get(self.fetch)  # a RefBatch (FIFO), a list of items (LIFO), None at the end
         self.fetch = None
         if got is None:
             self.input_done = True
-        elif self.stopping:
-            pass
-        elif isinstance(got, RefBatch):
+            return
+        if self.stopping:  # never counted as taken: it stays in the count of the input queue
+            return
+        # The queue is deepest now: a high-water sample, from the counts as on every backend, and from the hub.
+        name = self.plan.inputs[0]
+        self.sup.queue_depth(name)
+        self.sup.high_water[name] = max(self.sup.high_water[name], held)
+        if isinstance(got, RefBatch):
             self._taking(got.n)
             self.buffered += got.n
             self.parts.append([got, 0])
