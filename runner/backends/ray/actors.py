@@ -60,13 +60,14 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from runner import logs, worker
 from runner.queues import CANCEL_CHECK, LIFO_TAKE, Cancelled, Emitter, dumps
 from runner.topology import BATCH_BYTES, LINGER, QueuePlan, StagePlan
 
 RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
-RAY_CHUNK = 2048  # most items one call of a worker carries (a worker that dies loses at most its chunk)
+RAY_CHUNK = RAY_BATCH  # most items one call of a worker carries: a whole message, when it is little work
 CHUNK_SECONDS = 0.1  # chunks are sized to take about this long, from the measured time per item
 FIRST_CHUNK = 16  # items of the first chunks, before any time per item is known
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a connection
@@ -292,10 +293,13 @@ class RayChannel:
     def put_ref(self, message: RefBatch, cancel: threading.Event | None = None) -> None:
         """Put a message of a FIFO queue once there is room; ``cancel`` set (the run stops): ``Cancelled``."""
         ref = self.hub.put.remote(self.name, message, message.n, message.size)
-        while not ray.wait([ref], timeout=CANCEL_CHECK)[0]:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(self.name)
-        ray.get(ref)
+        while True:
+            try:
+                ray.get(ref, timeout=CANCEL_CHECK)
+                return
+            except GetTimeoutError:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(self.name) from None
 
     def get_ref(self) -> Any:
         """The reference of (the next message: a RefBatch (FIFO), a list of items (LIFO), or None at the end; the

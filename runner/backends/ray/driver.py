@@ -501,7 +501,8 @@ class StageRunner(StageRunnerCore):
         return any(w.task for w in self.workers)
 
     def _wait(self) -> None:
-        if not (self.input_done or self.stopping) and self.fetch is None and self.buffered < RAY_BATCH:
+        # Up to two messages ahead: a chunk is at most what is left of one, and a fair share of what is read.
+        if not (self.input_done or self.stopping) and self.fetch is None and self.buffered < 2 * RAY_BATCH:
             self.fetch = self.input.get_ref()
         refs = ([self.wake] if self.wake is not None else []) + ([self.fetch] if self.fetch is not None else [])
         refs += [w.ready for w in self.workers if w.ready is not None]
