@@ -118,7 +118,8 @@ def measure(args: argparse.Namespace) -> None:
                 t1, wall = os.times(), time.perf_counter() - wall0
                 hub, watching = watch.seconds()
                 if result.exit_code != 0 or result.stats["sink"].items_in != n:
-                    sys.exit(f"{path}: exit {result.exit_code}, sink took {result.stats['sink'].items_in}: {result.error}")
+                    taken = result.stats["sink"].items_in
+                    sys.exit(f"{path}: exit {result.exit_code}, sink took {taken} of {n}: {result.error}")
                 driver = (t1.user - t0.user) + (t1.system - t0.system) - watching
                 samples[key].append({"driver": driver, "hub": hub, "wall": wall, "n": n})
     finally:
