@@ -2,20 +2,23 @@
 
     driver (this process)                              Ray actors (one actor = one process of a stage)
     ---------------------                              ------------------------------------------------
-    RaySupervisor (a runner.backends.driver.Driver):   producer actors --put--> _Hub: queues (fifo | lifo)
-       bell loop, starts stages, ends queues                                          named locks
-    StageRunner thread per consumer/pool stage <--get-- _Hub                         relay, wake-up flags
-        --run_chunk--> its worker actors (process_names) --ChunkResult--> runner --Emitter--put--> _Hub
-    relay thread <--take-- _Hub <--post-- every stage actor: log records, stdout/stderr lines
+    RaySupervisor (a runner.backends.driver.Driver):   producer actors --RefBatch--> _Hub: FIFO queues of
+       bell loop, starts stages, ends queues               RefBatch, LIFO stacks of items, named locks,
+    StageRunner thread per consumer/pool stage <--get-- _Hub       relay, wake-up flags
+        --run_chunk(slice of a RefBatch)--> its worker actors --(ChunkResult, outputs ref)--> runner
+        runner --RayEmitter--RefBatch of the outputs--> _Hub
+    relay thread <--take-- _Hub <--post-- every stage actor: log records, stdout/stderr lines, items sent
     relay thread --> log queue --> Listener (stderr, log_file); stdout lines --> sys.stdout;
                      producers' items sent so far --> producer_sent (live display, queue depths)
 
-The actors, the hub and what crosses to them are ``runner.backends.ray.actors``. Each consumer or pool
-stage is read by one ``StageRunner`` thread of the driver, as on the local backend: it fetches one batch
-at a time from its input queue, hands chunks to its worker actors, emits their results (in input order for
-``ordered: true``) and applies the error policy to items held by a worker that died or timed out, then
-replaces it.  Everything moves in batches: a Ray call costs about a millisecond, an item a microsecond.
-When a stage may start, when a queue ends and the stop are the shared ``Schedule`` and ``Driver``.
+The actors, the hub and what crosses to them are ``runner.backends.ray.actors`` (whose docstring says how
+items stay in Ray's object store: this process handles references, counts and control). Each consumer or
+pool stage is read by one ``StageRunner`` thread of the driver, as on the local backend: it fetches one
+message at a time from its input queue, hands slices of it to its worker actors, forwards their outputs (in
+input order for ``ordered: true``) and applies the error policy to items held by a worker that died or
+timed out, then replaces it.  Everything moves in batches: a Ray call costs about a millisecond, an item a
+microsecond.  When a stage may start, when a queue ends and the stop are the shared ``Schedule`` and
+``Driver``.
 """
 
 from __future__ import annotations
@@ -463,6 +466,7 @@ class StageRunner(StageRunnerCore):
         emitter = RayEmitter(outputs, on_batch=collect)
         dead = RayEmitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
         super().__init__(sup, plan, emitter, dead)
+        self.emitter: RayEmitter = emitter
         self.sup: RaySupervisor = sup
         self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
@@ -498,7 +502,7 @@ class StageRunner(StageRunnerCore):
     # -- the runner thread -----------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return any(w.task for w in self.workers)
+        return any(w.task is not None for w in self.workers)
 
     def _wait(self) -> None:
         # Up to two messages ahead: a chunk is at most what is left of one, and a fair share of what is read.
@@ -580,12 +584,14 @@ class StageRunner(StageRunnerCore):
             w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
 
     def _chunk_size(self) -> int:
-        """``chunksize``, else a fair share of the buffer that takes about CHUNK_SECONDS at the measured pace."""
+        """``chunksize``, else a fair share of what was read that takes about CHUNK_SECONDS at the measured pace,
+        within a message of the output queues (a worker's outputs go on as one)."""
         if self.plan.chunksize:
             return self.plan.chunksize
         fair = math.ceil(self.buffered / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
-        return max(1, min(RAY_CHUNK, fair, paced, BATCH_BYTES // max(1, self.item_bytes)))
+        most = min([c.batch for c in self.emitter.fifo], default=RAY_CHUNK)
+        return max(1, min(RAY_CHUNK, most, fair, paced, BATCH_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
