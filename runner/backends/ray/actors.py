@@ -67,6 +67,7 @@ from runner.queues import CANCEL_CHECK, LIFO_TAKE, Cancelled, Emitter, dumps
 from runner.topology import BATCH_BYTES, LINGER, QueuePlan, StagePlan
 
 RAY_BATCH = 8192  # most items one queue message carries (a Ray call costs about a millisecond)
+RAY_BYTES = 8 << 20  # about the most bytes of a FIFO message in the object store (that only its readers fetch)
 RAY_CHUNK = RAY_BATCH  # most items one call of a worker carries: a whole message, when it is little work
 CHUNK_SECONDS = 0.1  # chunks are sized to take about this long, from the measured time per item
 FIRST_CHUNK = 16  # items of the first chunks, before any time per item is known
@@ -312,7 +313,8 @@ class RayChannel:
 
 class RayEmitter(Emitter):
     """An ``Emitter`` over the hub's queues: a batch for the FIFO queues is put into the object store once and
-    each of them gets its reference; LIFO stacks get the items.  ``emit_packed`` sends a ``RefBatch`` made
+    each of them gets its reference (batches of up to ~RAY_BYTES: only their readers fetch them); LIFO stacks
+    get the items (batches of ~BATCH_BYTES, as locally: they cross the hub).  ``emit_packed`` sends a ``RefBatch`` made
     elsewhere (a worker's outputs) as it is."""
 
     def __init__(self, channels: list[RayChannel], on_batch: Any = None, counter: Any = None) -> None:
@@ -327,12 +329,12 @@ class RayEmitter(Emitter):
             raise Cancelled(self.fifo[0].name if self.fifo else "")
         if self.fifo:
             message = store(batch)
-            self._cap = max(1, min(self._max, n * BATCH_BYTES // max(1, message.size)))
+            self._cap = max(1, min(self._max, n * RAY_BYTES // max(1, message.size)))
             for channel in self.fifo:
                 channel.put_ref(message, self._cancel)
         for channel in self.lifo:
             size = channel.put(batch)
-            self._cap = max(1, min(self._cap, n * BATCH_BYTES // max(1, size)))
+            self._cap = max(1, min(self._cap, n * BATCH_BYTES // max(1, size)))  # by value: as locally
 
     def emit_packed(self, n: int, data: Any) -> bool:
         """Send the ``n`` items of ``data`` (a RefBatch) to every queue, after what is buffered."""

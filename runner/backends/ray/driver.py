@@ -53,6 +53,7 @@ from runner.backends.ray.actors import (
     FIRST_CHUNK,
     KILL_GRACE,
     RAY_BATCH,
+    RAY_BYTES,
     RAY_CHUNK,
     SPREAD,
     START_TIMEOUT,
@@ -66,7 +67,7 @@ from runner.backends.stage import StageFailed, StageRunnerCore
 from runner.errors import RunFailed, UsageError
 from runner.messages import Decision
 from runner.results import RunResult
-from runner.topology import BATCH_BYTES, StagePlan, Topology
+from runner.topology import StagePlan, Topology
 
 # The actor classes (Ray's type stubs know how to call remote functions, not actor classes).
 _Hub: Any = actors._Hub
@@ -475,7 +476,7 @@ class StageRunner(StageRunnerCore):
         self.buffered = 0  # items in buffer and parts
         self.again: deque[_Task] = deque()  # chunks of dead workers, to hand out again
         self.per_item: float | None = None  # seconds one item takes a worker (moving average), for chunk sizes
-        self.item_bytes = 0  # pickled bytes of an item, from the last batch read (chunks of ~BATCH_BYTES)
+        self.item_bytes = 0  # pickled bytes of an item, from the last batch read (chunks of at most ~RAY_BYTES)
         self.fetch: Any = None  # the ref of the input get in flight
         self.wake: Any = None
 
@@ -537,7 +538,7 @@ class StageRunner(StageRunnerCore):
             self._taking(got.n)
             self.buffered += got.n
             self.parts.append([got, 0])
-            self.item_bytes = got.size // max(1, got.n)  # chunks of about BATCH_BYTES, as the local backend cuts
+            self.item_bytes = got.size // max(1, got.n)
         else:
             self._taking(len(got))
             self.buffered += len(got)
@@ -591,7 +592,7 @@ class StageRunner(StageRunnerCore):
         fair = math.ceil(self.buffered / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
         most = min([c.batch for c in self.emitter.fifo], default=RAY_CHUNK)
-        return max(1, min(RAY_CHUNK, most, fair, paced, BATCH_BYTES // max(1, self.item_bytes)))
+        return max(1, min(RAY_CHUNK, most, fair, paced, RAY_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
