@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tasks import blobs, burn, double, rebuild
+from tasks import blobs, burn, double, rebuild, wait
 
 WORKERS = 2
 
@@ -106,6 +106,38 @@ def imap1_blobs(n: int) -> tuple[int, int]:
     """W4 by hand: ``Pool(2).imap(rebuild, blobs, chunksize=1)`` over ``n`` items of 1 MiB; sums their indices."""
     with mp.Pool(WORKERS) as pool:
         return _total(int.from_bytes(r[:8], "big") for r in pool.imap(rebuild, blobs(n), chunksize=1))
+
+
+def executor100_wait(n: int) -> tuple[int, int]:
+    """W5 by hand: ``ThreadPoolExecutor(100).map(wait, range(n))`` (20 ms of waiting per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(100) as pool:
+        return _total(pool.map(wait, range(n)))
+
+
+def _count_lines(lines: list[str]) -> dict[str, int]:
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for line in lines:
+        counts.update(line.split())
+    return counts
+
+
+def imap_wordcount(n: int) -> tuple[int, int]:
+    """W6 by hand: the file's lines in chunks of 10,000 through ``Pool(2).imap_unordered``, Counters merged here.
+    ``n``: megabytes of the text file (``tasks.text``, in benchmarks/results/)."""
+    import itertools
+    from collections import Counter
+
+    path = Path(__file__).resolve().parent / "results" / "w6_text.txt"
+    total: Counter[str] = Counter()
+    with path.open(encoding="utf-8") as f, mp.Pool(WORKERS) as pool:
+        chunks = iter(lambda: list(itertools.islice(f, 10_000)), [])
+        for counts in pool.imap_unordered(_count_lines, chunks):
+            total.update(counts)
+    return sum(total.values()), len(total)
 
 
 def _total(results: object) -> tuple[int, int]:

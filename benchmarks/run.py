@@ -1,4 +1,4 @@
-"""The benchmark suite of issue 5: mprun against what users write instead, side by side in one run.
+"""The benchmark suite: mprun against what users write instead, side by side in one run.
 
     .venv/bin/python benchmarks/run.py            # full sizes (about 5 minutes on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # sizes / 10, for a smoke check
@@ -180,7 +180,7 @@ def w1_contenders(n: int, labels: list[str], peer_python: str | None) -> list[Co
 
 
 def workloads(quick: bool, only: set[str], peer_python: str | None) -> list[Workload]:
-    """The workloads of issue 5 at full size, or at a tenth of it with ``--quick``."""
+    """The workloads at full size, or at a tenth of it with ``--quick``."""
     scale = 10 if quick else 1
     big, small, tiny = 2_000_000 // scale, 200_000 // scale, 20_000 // scale
     mprun_rows = ["mprun pool", "mprun pool (fork)", "mprun consumer"]
@@ -227,6 +227,39 @@ def workloads(quick: bool, only: set[str], peer_python: str | None) -> list[Work
         ]
         out.append(Workload("W4", f"W4: {n:,} items of 1 MiB -> 2 workers building 1 MiB results -> sum", rows,
                             rows[0].label))
+    if "W5" in only:
+        n = 2_000 // scale
+        total = n * (n - 1) // 2
+        rows = [
+            Contender("ThreadPoolExecutor(100)", [PYTHON, str(BENCH / "contenders.py"), "executor100_wait", str(n)],
+                      n, total, n),
+            Contender("mprun pool, 2 processes x concurrency 50", [*MPRUN, pipeline("w5_io.yaml", n), "--no-summary"],
+                      n, total, n),
+        ]
+        out.append(Workload("W5", f"W5: {n:,} calls waiting 20 ms each (ideal {n * 0.02 / 100:.2f} s)", rows,
+                            rows[0].label))
+    if "W6" in only:
+        megabytes = 100 // scale
+        sys.path.insert(0, str(BENCH))
+        from tasks import WordCount, text
+
+        path = text(str(RESULTS / "w6_text.txt"), megabytes)
+        counter, lines = WordCount(), 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                counter(line)
+                lines += 1
+        words, distinct = sum(counter.counts.values()), len(counter.counts)
+        template = (BENCH / "w6_wordcount.yaml").read_text()
+        (RESULTS / "w6_wordcount.yaml").write_text(template)
+        rows = [
+            Contender("Pool(2).imap_unordered + Counter", [PYTHON, str(BENCH / "contenders.py"), "imap_wordcount",
+                                                           str(megabytes)], lines, words, distinct),
+            Contender("mprun, class stages with close()", [*MPRUN, str(RESULTS / "w6_wordcount.yaml"), "--no-summary"],
+                      lines, words, distinct),
+        ]
+        out.append(Workload("W6", f"W6: word count over {megabytes} MB of text ({lines:,} lines)", rows,
+                            rows[0].label))
     if "MEM" in only:
         rows = [
             Contender(f"mprun ordered pool, {n:,} items", [*MPRUN, pipeline("mem_pool.yaml", n), "--no-summary"],
@@ -258,7 +291,7 @@ def table(loads: list[Workload]) -> list[str]:
 
 
 def targets(loads: list[Workload]) -> list[str]:
-    """Issue 5's targets, each PASS or FAIL with its figure."""
+    """The targets, each PASS or FAIL with its figure."""
 
     def get(title_start: str, label: str) -> Contender | None:
         for w in loads:
@@ -314,6 +347,17 @@ def targets(loads: list[Workload]) -> list[str]:
             check("W4 peak RSS of mprun's largest process", peak, 320, "<=", " MiB")
             check("W4 peak RSS at 5x the items / at 1x", more.peak_mib / pool.peak_mib
                   if not (pool.error or more.error) else None, 1.3, "<=")
+        if w.name == "W5":
+            ref, pool = w.contenders
+            check("W5 mprun pool x concurrency 50 / ThreadPoolExecutor(100)",
+                  pool.median / ref.median if not (pool.error or ref.error) else None, 1.5, "<=")
+            ideal = pool.items * 0.02 / 100
+            check("W5 mprun pool / the ideal (calls x 20 ms / 100 at once)",
+                  pool.median / ideal if not pool.error and ideal else None, 10.0, "<=")
+        if w.name == "W6":
+            ref, pool = w.contenders
+            check("W6 mprun word count / Pool.imap_unordered + Counter",
+                  pool.median / ref.median if not (pool.error or ref.error) else None, 1.5, "<=")
         if w.name == "MEM":
             big, small = w.contenders
             value = big.peak_mib / small.peak_mib if not (big.error or small.error) else None
@@ -337,7 +381,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the items everywhere")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender; the median is reported")
-    parser.add_argument("--only", default="W1,W2,W3,W4,MEM", help="comma-separated: W1, W2, W3, W4, MEM")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6,MEM", help="comma-separated: W1 ... W6, MEM")
     parser.add_argument("--mprun", help="the mprun command (default: the mprun beside this python)")
     parser.add_argument("--no-peers", action="store_true", help="skip mpire and pypeln (no benchmarks/.venv)")
     args = parser.parse_args()

@@ -73,3 +73,60 @@ def fail_every(x: int, every: int = 10) -> int:
         msg = f"bad item {x}"
         raise ValueError(msg)
     return x * 2
+
+
+def wait(x: int, ms: float = 20.0) -> int:
+    """The W5 work: an I/O-bound call, ``ms`` milliseconds of waiting (a fake HTTP request)."""
+    time.sleep(ms / 1000)
+    return x
+
+
+def text(path: str, megabytes: int) -> str:
+    """W6's input: ``megabytes`` of lines of words (made once, the same every time), at ``path``."""
+    import random
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and out.stat().st_size >= megabytes << 20:
+        return path
+    rng = random.Random(6)
+    vocabulary = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+                  for _ in range(5000)]
+    with out.open("w", encoding="utf-8") as f:
+        written = 0
+        while written < megabytes << 20:
+            line = " ".join(rng.choices(vocabulary, k=14)) + "\n"
+            f.write(line)
+            written += len(line)
+    return path
+
+
+class WordCount:
+    """W6's counting stage: each process counts the words of its lines, and gives its counts at the end."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, line: str) -> None:
+        self.counts.update(line.split())
+
+    def close(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class MergeCounts:
+    """W6's merge: adds the counts of every counting process, then prints the total and the distinct words."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def close(self) -> None:
+        sys.stdout.write(f"sum={sum(self.counts.values())} count={len(self.counts)}\n")
+        sys.stdout.flush()

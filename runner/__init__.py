@@ -4,7 +4,8 @@
           --supervise--> processes, pools, queues, manager --> RunResult (exit code, stats, collected)
     every process: structlog -> QueueHandler ~~~> QueueListener (main process) -> stderr / log_file
 
-Entry points: ``load_pipeline(path, overrides=None)`` and ``run_pipeline(path_or_pipeline, ...)``.
+Entry points: ``load_pipeline(path, overrides=None)`` and ``run_pipeline(path_or_pipeline, ...)``; stage
+functions send an item to a named route of their stage with ``route(name, item)``.
 """
 
 from __future__ import annotations
@@ -34,13 +35,38 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MprunError",
     "PipelineInvalid",
+    "Route",
     "RunFailed",
     "RunResult",
     "StageStats",
     "UsageError",
     "load_pipeline",
+    "route",
     "run_pipeline",
 ]
+
+
+class Route:
+    """An item sent to the named route of a stage whose ``output`` is a mapping (see ``route``)."""
+
+    __slots__ = ("item", "name")
+
+    def __init__(self, name: str, item: Any) -> None:
+        self.name, self.item = name, item
+
+    def __repr__(self) -> str:
+        return f"route({self.name!r}, {self.item!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Route) and (self.name, self.item) == (other.name, other.item)
+
+    __hash__ = None  # type: ignore[assignment]  # the item may be unhashable
+
+
+def route(name: str, item: Any) -> Route:
+    """Send ``item`` to the route ``name`` of the stage (``output: {name: queue, ...}``): return it, or yield
+    several; an item returned without a route goes to the route named ``default``."""
+    return Route(name, item)
 
 _SETTING_OPTIONS = ("start_method", "log_level", "log_format", "log_file", "backend")
 

@@ -2,7 +2,8 @@
 
     key = sha256(mprun's own sources (name, size, mtime), the Python version, the file's resolved path
           and bytes, the working directory, the --set overrides, --limit, the settings given on the
-          command line or in code, and the value of every ${VAR} the file or the overrides name)
+          command line or in code, the value of every ${VAR} the file or the overrides name, and how
+          many CPUs this process may use: `processes: auto`)
     $MPRUN_CACHE_DIR or $XDG_CACHE_HOME/mprun or ~/.cache/mprun / <key>.pickle
           = (Topology, the module:attribute references to import-check)
 
@@ -70,8 +71,10 @@ def key(path: Any, overrides: list[str] | None, limit: int | None, settings: dic
                 h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     text = raw.decode("utf-8", errors="replace") + "\n".join(overrides or ())
     names = sorted(set(_VARIABLE.findall(text)))
+    # The CPUs this process may use decide `processes: auto` (runner.compiler.cpu_count).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     inputs = (sys.version, resolved, os.getcwd(), overrides or [], limit, sorted(settings.items()),
-              [(n, os.environ.get(n)) for n in names])
+              [(n, os.environ.get(n)) for n in names], cpus)
     h.update(repr(inputs).encode())
     h.update(raw)
     return h.hexdigest()

@@ -3,7 +3,8 @@
 The graph has a node per stage (kind, process count, daemon) and per queue (type, maxsize), an edge from
 each writer to its queue and from each queue to its readers (fan-in and fan-out are several edges), and a
 dashed edge for every ``after`` (``A -.-> B``: B starts once A has finished) and for a stage's
-``dead_letter`` queue.
+``dead_letter`` queue.  Named routes (``output: {ROUTE: queue}``) are one edge per route, labelled with
+the route's name; the edge of a stage that feeds its own input queue is a loop, drawn back (``loop``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from runner.compiler import process_count
 from schemas import Pipeline
 from schemas.pipeline import DEFAULT_MAXSIZE
 
@@ -26,19 +28,25 @@ def graph_data(pipeline: Pipeline) -> dict[str, Any]:
             {
                 "name": s.name,
                 "kind": s.kind,
-                "processes": s.processes,
+                "processes": process_count(s),
                 "daemon": bool(getattr(s, "daemon", False)),
                 "function": getattr(s, "function", None),
                 "source": _source_kind(s),
                 "inputs": s.inputs,
                 "outputs": s.outputs,
+                "routes": s.routes,
                 "after": list(s.after),
             }
         )
         for q in s.inputs:
             edges.append({"from": f"queue:{q}", "to": f"stage:{s.name}", "kind": "input"})
-        for q in s.outputs:
-            edges.append({"from": f"stage:{s.name}", "to": f"queue:{q}", "kind": "output"})
+        for route, q in s.routes.items() or [(None, q) for q in s.outputs]:
+            edge: dict[str, Any] = {"from": f"stage:{s.name}", "to": f"queue:{q}", "kind": "output"}
+            if route is not None:
+                edge["route"] = route
+            if q in s.inputs:
+                edge["loop"] = True
+            edges.append(edge)
         dead = getattr(s, "dead_letter", None)
         if dead:
             edges.append({"from": f"stage:{s.name}", "to": f"queue:{dead}", "kind": "dead_letter"})
@@ -52,7 +60,7 @@ def graph_data(pipeline: Pipeline) -> dict[str, Any]:
                 "name": name,
                 "type": spec.type,
                 "maxsize": spec.maxsize,
-                "writers": [e["from"][6:] for e in edges if e["to"] == f"queue:{name}"],
+                "writers": list(dict.fromkeys(e["from"][6:] for e in edges if e["to"] == f"queue:{name}")),
                 "readers": [s.name for s in pipeline.stages if name in s.inputs],
             }
         )
@@ -67,6 +75,14 @@ def _source_kind(stage: Any) -> str | None:
     if source.function:
         return source.function
     return next(k for k in ("items", "range", "file") if getattr(source, k) is not None)
+
+
+def _edge_label(edge: dict[str, Any]) -> str:
+    """The label of an output edge: its route's name, and ``loop`` when it feeds the stage's own input."""
+    route, loop = edge.get("route"), edge.get("loop")
+    if route and loop:
+        return f"{route} (loop)"
+    return route or ("loop" if loop else "")
 
 
 def _stage_label(stage: dict[str, Any]) -> list[str]:
@@ -115,7 +131,8 @@ def mermaid(pipeline: Pipeline) -> str:
         out.append(f'  {ids["queue:" + q["name"]]}[("{label(_queue_label(q))}")]')
     arrows = {"after": " -.->|after| ", "dead_letter": " -.->|dead letter| "}
     for e in data["edges"]:
-        arrow = arrows.get(e["kind"], " --> ")
+        text = _edge_label(e)
+        arrow = arrows.get(e["kind"], f' -->|"{text}"| ' if text else " --> ")
         out.append(f"  {ids[e['from']]}{arrow}{ids[e['to']]}")
     return "\n".join(out)
 
@@ -137,7 +154,10 @@ def dot(pipeline: Pipeline) -> str:
         out.append(f"  {ids['queue:' + q['name']]} [shape=cylinder, label={quote(_queue_label(q))}];")
     styles = {"after": ' [style=dashed, label="after"]', "dead_letter": ' [style=dotted, label="dead letter"]'}
     for e in data["edges"]:
-        attrs = styles.get(e["kind"], "")
+        text = _edge_label(e)
+        # A loop goes back against the left-to-right flow: it must not pull its queue behind the stage.
+        extra = ([f"label={quote([text])}"] if text else []) + (["constraint=false"] if e.get("loop") else [])
+        attrs = styles.get(e["kind"], f" [{', '.join(extra)}]" if extra else "")
         out.append(f"  {ids[e['from']]} -> {ids[e['to']]}{attrs};")
     out.append("}")
     return "\n".join(out)

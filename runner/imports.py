@@ -30,8 +30,11 @@ CHECK_TIMEOUT = 60.0  # seconds the checker child gets to import everything
 
 
 # A keyword argument of a call is checked as the reference "module:attr?item-kwarg=KEY" (a stage function,
-# called with the item first) or "module:attr?kwarg=KEY" (a source function, called with kwargs only).
-ITEM_KWARG, KWARG = "?item-kwarg=", "?kwarg="
+# called with the item first, or a class, made with the kwargs) or "module:attr?kwarg=KEY" (a source
+# function, called with kwargs only).  A stage's function is "module:attr?stage" (a class must make callable
+# instances), and the routes a mapping `output` declares are "module:attr?routes=A,B" (the names the
+# function's source sends items to must be among them).
+ITEM_KWARG, KWARG, STAGE, ROUTES = "?item-kwarg=", "?kwarg=", "?stage", "?routes="
 
 
 def references(data: Any) -> list[tuple[PathKey, str]]:
@@ -56,7 +59,10 @@ def references(data: Any) -> list[tuple[PathKey, str]]:
     stages = data.get("stages")
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
         if isinstance(stage, dict):
-            add(("stages", i, "function"), stage.get("function"))
+            function, output = stage.get("function"), stage.get("output")
+            add(("stages", i, "function"), f"{function}{STAGE}" if isinstance(function, str) else function)
+            if isinstance(function, str) and isinstance(output, dict) and all(isinstance(k, str) for k in output):
+                add(("stages", i, "output"), f"{function}{ROUTES}{','.join(output)}")
             add(("stages", i, "init"), stage.get("init"))
             source(("stages", i, "source"), stage.get("source"))
             src = stage.get("source")
@@ -82,6 +88,12 @@ def check_reference(ref: str) -> str | None:
         if call in ref:
             target, _, key = ref.partition(call)
             return None if check_reference(target) else _keyword_problem(target, key, item=call == ITEM_KWARG)
+    if ref.endswith(STAGE):
+        target = ref.removesuffix(STAGE)
+        return check_reference(target) or _class_problem(target, _attribute(target))
+    if ROUTES in ref:
+        target, _, declared = ref.partition(ROUTES)
+        return None if check_reference(target) else _route_problem(target, _attribute(target), declared.split(","))
     module_name, _, attr = ref.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -108,20 +120,94 @@ def check_reference(ref: str) -> str | None:
     return None
 
 
+def _attribute(ref: str) -> Any:
+    """The object ``module:attribute`` names (imported already by ``check_reference``)."""
+    module_name, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _class_problem(ref: str, obj: Any) -> str | None:
+    """What keeps the class ``obj`` from being a stage function: instances that cannot be called, a ``close``
+    that is not a method."""
+    if not isinstance(obj, type):
+        return None
+    if not any("__call__" in vars(k) for k in obj.__mro__ if k is not object):
+        return (f"{ref} is a class without __call__: the stage calls one instance per process with each item, "
+                "so define __call__(self, item)")
+    close = getattr(obj, "close", None)
+    if close is not None and not callable(close):
+        return (f"{ref}.close must be a method (close() is called once in each process when the input ends), "
+                f"not a value of type {type(close).__name__}")
+    return None
+
+
+def routes_used(obj: Any) -> list[tuple[str, str, int]]:
+    """``(route, file, line)`` for each ``route("NAME", ...)`` / ``runner.route("NAME", ...)`` call in the
+    source of the function or class ``obj`` whose first argument is a string literal."""
+    import ast
+    import inspect
+    import textwrap
+
+    if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)):
+        return []
+    try:
+        lines, start = inspect.getsourcelines(obj)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        file = inspect.getsourcefile(obj) or "?"
+    except (OSError, TypeError, SyntaxError):
+        return []  # no source to read (a C function, a class made at run time): nothing seen, nothing said
+    module = sys.modules.get(getattr(obj, "__module__", ""), None)
+    names = vars(module) if module is not None else {}
+
+    def is_route(func: ast.expr) -> bool:
+        if isinstance(func, ast.Name) and func.id == "route":
+            found = names.get("route")  # not a global: imported inside the function
+            return found is None or str(getattr(found, "__module__", "")).split(".")[0] in ("runner", "mprun")
+        if isinstance(func, ast.Attribute) and func.attr == "route" and isinstance(func.value, ast.Name):
+            found = names.get(func.value.id)
+            if found is None:
+                return func.value.id in ("runner", "mprun")
+            return str(getattr(found, "__name__", "")).split(".")[0] in ("runner", "mprun")
+        return False
+
+    shown = os.path.relpath(file, sys.path[0]) if sys.path and file.startswith(sys.path[0] + os.sep) else file
+    return [
+        (node.args[0].value, shown, start + node.lineno - 1)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and is_route(node.func) and node.args
+        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+    ]
+
+
+def _route_problem(ref: str, obj: Any, declared: list[str]) -> str | None:
+    """A route that ``ref`` sends items to (as its source shows) and the stage's ``output`` does not declare."""
+    for name, file, line in sorted(routes_used(obj), key=lambda r: r[2]):
+        if name not in declared:
+            return (f"{ref} sends items to route {name!r} ({file}:{line}), which output does not declare; "
+                    f"its routes: {', '.join(declared)}" + suggest(name, declared))
+    return None
+
+
 def _keyword_problem(ref: str, key: str, *, item: bool) -> str | None:
-    """Whether ``ref`` (imported already) accepts the keyword argument ``key``; the problem if not."""
+    """Whether ``ref`` (imported already) accepts the keyword argument ``key``; the problem if not.
+
+    A class gets its kwargs when it is made: they are checked against ``Class.__init__`` (no item there).
+    """
     import inspect
 
-    module_name, _, attr = ref.partition(":")
-    fn: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        fn = getattr(fn, part)
+    fn = _attribute(ref)
+    item = item and not isinstance(fn, type)
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # no signature to check (a builtin written in C)
         return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
+    if item and inspect.isclass(fn):  # a class stage: kwargs go to the constructor, the item to the instance
+        item = False
     if item and params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         if params[0].name == key:
             return f"{ref} gets the item as {key!r}: a keyword argument of that name would be a second value for it"

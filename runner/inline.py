@@ -1,17 +1,22 @@
 """``mprun run --inline``: every stage in this one process, one after another, so ``breakpoint()`` and pdb work.
 
-    stage 1 (all its items) --list--> stage 2 (all its items) --list--> ... in topological order
-    (writers of a queue before its readers; ``after`` respected; file order otherwise)
+    stage 1 (all its items) --deque--> stage 2 (all its items) --deque--> ... in topological order
+    (writers of a queue before its readers, a stage's own writes to its input aside; ``after`` respected;
+    file order otherwise)
 
-A queue is a list: a FIFO queue is read in the order its items were put, a LIFO queue newest first (every
-writer has finished before a reader starts, as if the reader waited ``after`` them). Items are pickled
+A queue is a deque: a FIFO queue is read in the order its items were put, a LIFO queue newest first (every
+other writer has finished before a reader starts, as if the reader waited ``after`` them). A stage that feeds
+its own input (a work queue or stack) reads it until it is empty: what it puts there while it works is read
+too, FIFO or LIFO, so its stream ends when the queue is empty and no item of it is in hand. Items are pickled
 on their way through a queue, as in a normal run, so results are copies and an unpicklable item fails in
-the stage that made it. The functions, sources, built-ins and error policies (skip, retry, dead letters)
-are the worker's own (``make_function``, ``source_items``, ``run_chunk``); collected items, stats and
-errors come back as a ``RunResult`` with the same exit codes and one-line errors as a normal run. What
-needs processes does not apply: ``timeout`` (a call may sit in the debugger), ``restart``, ``lock``.
-Daemon stages never end, so they are skipped (a warning record says so); their queues are read only by
-daemon stages, which are skipped too.
+the stage that made it. The functions (class stages: one instance, closed at the end of its input, whose
+``close()`` outputs are emitted), sources, built-ins, error policies (skip, retry, dead letters), batches,
+concurrent calls and named routes are the worker's own (``make_function``, ``source_items``, ``run_items``,
+``close_result``); collected items, stats, per-queue counts and errors come back as a ``RunResult`` with the
+same exit codes and one-line errors as a normal run. What needs processes does not apply: ``restart``,
+``lock``, and ``timeout`` of a stage without ``concurrency`` (a call may sit in the debugger; with
+``concurrency`` the calls' own timeouts hold). Daemon stages never end, so they are skipped (a warning
+record says so); their queues are read only by daemon stages, which are skipped too.
 """
 
 from __future__ import annotations
@@ -24,15 +29,26 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from runner import logs
+from runner import calls, logs
 from runner.logs import logging_state, restore_logging
 from runner.queues import dumps
-from runner.results import RunResult, StageStats
+from runner.results import RunResult, StageStats, queue_accounts
 from runner.topology import StagePlan, Topology
-from runner.worker import PROGRESS_SLOTS, SourceError, make_function, resolve, run_chunk, source_items
+from runner.worker import (
+    PROGRESS_SLOTS,
+    ChunkResult,
+    SourceError,
+    by_target,
+    close_result,
+    make_function,
+    resolve,
+    run_items,
+    source_items,
+)
 from schemas import Pipeline
 
 
@@ -47,7 +63,7 @@ def stage_order(topo: Topology) -> list[StagePlan]:
     order = []
     while pending:
         for stage in pending:
-            upstream = set(stage.after) | {w.name for q in stage.inputs for w in topo.writers_of(q)}
+            upstream = set(stage.after) | {w.name for q in stage.inputs for w in topo.writers_of(q)} - {stage.name}
             if upstream <= done:
                 break
         else:  # validation rejects cycles; keep file order rather than loop forever
@@ -93,7 +109,7 @@ def run_inline(topo: Topology) -> RunResult:
     stats = {s.name: StageStats() for s in topo.stages}
     collected: dict[str, list[Any]] = {s.name: [] for s in topo.stages if s.function == "collect"}
     # Every queue of the run: the pickled items put on it, in the order they were put.
-    queues: dict[str, list[bytes]] = {name: [] for name in topo.queues}
+    queues: dict[str, deque[bytes]] = {name: deque() for name in topo.queues}
     exit_code, error = 0, None
     try:
         for stage in topo.stages:
@@ -118,10 +134,11 @@ def run_inline(topo: Topology) -> RunResult:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         me.name = own_name
+        calls.release()
         listener.stop()
         logs.close_handlers(listener)
         restore_logging(root)
-    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0)
+    result = RunResult(exit_code, stats, collected, error, time.perf_counter() - t0, queues=queue_accounts(topo, stats))
     result.log_format = topo.log_format
     return result
 
@@ -131,17 +148,45 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _run_stage(
-    topo: Topology, stage: StagePlan, queues: dict[str, list[bytes]], st: StageStats, sink: list[Any] | None, log: Any
+    topo: Topology, stage: StagePlan, queues: dict[str, deque[bytes]], st: StageStats, sink: list[Any] | None,
+    log: Any,
 ) -> str | None:
     """Run one stage over all its input; the one-line error of a normal run if it fails."""
     st.processes, st.kind = 1, stage.kind
-    outputs = [queues[q] for q in stage.outputs]
 
-    def emit(item: Any) -> None:
+    def emit(item: Any, target: int | None = None) -> None:
         data = dumps([item])
-        for out in outputs:
-            out.append(data)
+        if target is None:
+            for name in stage.outputs:
+                queues[name].append(data)
+        else:  # a named route: one queue
+            name = stage.outputs[target]
+            queues[name].append(data)
+            st.routed[name] = st.routed.get(name, 0) + 1
         st.items_out += 1
+
+    def emit_result(res: ChunkResult) -> str | None:
+        st.skipped += res.skipped
+        st.retried += res.retried
+        st.failed += res.failed
+        st.latency.add(res.latency)
+        if res.error is not None:
+            summary, tb, item = res.error
+            log.error("stage failed", error=summary, item=item, exception=tb)
+            on = f" on item {item}" if item else ""
+            return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
+        st.delivered += res.done - res.skipped - len(res.dead)
+        if res.targets is None:
+            for out in res.outputs:
+                emit(out)
+        else:  # named routes: each output to its own queue
+            for target, (outs, _) in enumerate(by_target(res.outputs, None, res.targets, len(stage.outputs))):
+                for out in outs:
+                    emit(out, target)
+        for letter in res.dead:
+            queues[str(stage.dead_letter)].append(dumps([letter]))
+            st.dead_lettered += 1
+        return None
 
     started = time.perf_counter()
     process = stage.process_names[0]
@@ -157,27 +202,29 @@ def _run_stage(
             if stage.init:
                 resolve(stage.init, topo.base_dir)()
             fn = make_function(stage, topo.base_dir, sink.append if sink is not None else None)
-            spec = topo.queues[stage.inputs[0]]
-            taken = queues[stage.inputs[0]]
-            progress = [0] * PROGRESS_SLOTS  # run_chunk reports the item in hand and its counts here
-            for data in reversed(taken) if spec.type == "lifo" else list(taken):
-                st.items_in += 1
-                # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
-                res = run_chunk(fn, stage, 0, [(pickle.loads(data)[0], 0)], None, progress, log)
-                st.skipped += res.skipped
-                st.retried += res.retried
-                st.failed += res.failed
-                if res.error is not None:
-                    summary, tb, item = res.error
-                    log.error("stage failed", error=summary, item=item, exception=tb)
-                    on = f" on item {item}" if item else ""
-                    return f"stage {stage.name!r} (process {process}) failed{on}: {summary}"
-                for out in res.outputs:
-                    emit(out)
-                for letter in res.dead:
-                    queues[str(stage.dead_letter)].append(dumps([letter]))
-                    st.dead_lettered += 1
-            taken.clear()
+            name = stage.inputs[0]
+            taken = queues[name]
+            take = taken.pop if topo.queues[name].type == "lifo" else taken.popleft
+            # Items per call of run_items: one (a debugger sees one item at a time), or enough for a batch per
+            # concurrent call.
+            size = (stage.batch or 1) * stage.concurrency
+            progress = [0] * PROGRESS_SLOTS  # run_items reports the item in hand and its counts here
+            seq, closed = 0, False
+            while True:
+                while taken:  # a stage fed by itself finds here what it put while it worked
+                    chunk = [pickle.loads(take())[0] for _ in range(min(size, len(taken)))]
+                    st.items_in += len(chunk)
+                    # The stage's error policy (fail, skip, retry, dead_letter), exactly as a worker applies it.
+                    error = emit_result(run_items(fn, stage, seq, chunk, None, None, progress, log))
+                    seq += 1
+                    if error:
+                        return error
+                if closed:
+                    break
+                closed = True  # close() once; what it puts on a stage's own input is read, then the stage ends
+                error = emit_result(close_result(fn, stage, seq, log))
+                if error:
+                    return error
     except Exception as e:  # noqa: BLE001 - reported like a normal run's failing stage
         summary = f"{type(e).__name__}: {e}"
         tb = "" if isinstance(e, SourceError) else traceback.format_exc()  # bad data names its file and line

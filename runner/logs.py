@@ -46,6 +46,8 @@ from runner import wire
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset(_PLAIN)
+NUMBERS = frozenset({int, float, bool, type(None)})  # JSON as long as the repr (-Infinity: 9 characters)
 
 item_id_source: Any = None  # set in a worker: () -> the item_id of the item in hand, or None
 
@@ -67,6 +69,8 @@ class Shown(str):
 
 def shown(value: Any, text: str, width: int = 200) -> str:
     """``text`` (the repr of ``value``), as a ``Shown`` when ``value`` is plain data whose JSON fits ``width``."""
+    if type(value) in NUMBERS and width >= 24:  # its JSON is no longer than its repr (or "Infinity")
+        return Shown(text, value)
     if not _json_like(value):  # holds something JSON has no form for: the repr says more
         return text
     plain = _plain(value)
@@ -85,18 +89,17 @@ def _json_like(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     """A value that pickles and renders as JSON: containers of plain values kept, the rest as repr."""
-    if isinstance(value, Shown):
-        return _plain(value.value)
+    if type(value) is Shown:
+        return value.value  # plain already (``shown``)
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [v if type(v) in _SCALARS else _plain(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {k if type(k) is str else str(k): v if type(v) in _SCALARS else _plain(v) for k, v in value.items()}
     return repr(value)
 
 
-_SCALARS = frozenset(_PLAIN)
 _STR = frozenset({str})
 _second: list[Any] = [None, ""]  # the whole second last formatted, and its text: one strftime a second
 
@@ -130,20 +133,28 @@ class _Event(logging.LogRecord):
 class _Batch(_Event):
     """Repeated warnings of one process, sent as one record.
 
-    ``msg``: ``{place: (name, levelno, levelname, first event, [(created, what differs from the first), ...])}``,
-    so what the repeats of a place share (stage, process, event, logger, traceback note...) crosses once.
+    ``msg``: ``{place: (name, levelno, levelname, first event, [(created, changed), ...], keys)}``, so what the
+    repeats of a place share (stage, process, event, logger, traceback note...) crosses once. ``changed``: what
+    differs from the first, or the values of the fields named by ``keys`` (a tuple pickles in a third of the time).
     """
 
     def events(self) -> Iterator[_Event]:
         """Every record of the batch, whole again."""
-        for name, levelno, levelname, first, rows in self.msg.values():
+        for name, levelno, levelname, first, rows, keys in self.msg.values():
             for created, changed in rows:
-                event = {**first, **changed}
+                event = {**first, **_fields(changed, keys)}
                 if "timestamp" not in changed:
                     event["timestamp"] = _timestamp(created)
                 if event.get("item_id", "") is None:
                     del event["item_id"]
                 yield _Event(name, levelno, levelname, event, created)
+
+
+def _fields(changed: dict[str, Any] | tuple[Any, ...], keys: tuple[str, ...] | None) -> dict[str, Any]:
+    """The fields of a repeat in a ``_Batch``."""
+    if isinstance(changed, tuple):
+        return dict(zip(keys or (), changed, strict=True))
+    return changed
 
 
 def place(event: dict[str, Any], levelno: int) -> tuple[Any, ...]:
@@ -171,8 +182,14 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
     def __init__(self, queue: Any, **context: Any) -> None:
         super().__init__(queue)
         self.context = context
+        self._stage = context.get("stage")
         self._seen: dict[tuple[Any, ...], int] = {}
         self._waiting: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # place -> as in a _Batch
+        # place -> the fields of its first record that a repeat must have too: a repeat takes the others
+        # (level, logger, time, this process's context) from the first, when it is made whole again
+        self._needs: dict[tuple[Any, ...], frozenset[str]] = {}
+        self._keys: dict[tuple[Any, ...], tuple[str, ...]] = {}  # place -> the fields of its repeats, in order
+        self._filled = frozenset({"level", "logger", "timestamp", "item_id", *context})
         self._count = 0  # records waiting
         self._pid = os.getpid()
         # Batches on a run's record pipe, multiprocessing's queues and inline runs' queue.Queue; a queue of its
@@ -198,26 +215,31 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         timestamp are filled in by the listener from the first of its place and its time.
         """
         created = time.time()
-        levelname = logging.getLevelName(levelno)
         with self.lock:  # type: ignore[union-attr]
             try:
                 if levelno >= logging.WARNING and self._batching:
                     error = event.get("error")
-                    where = (event.get("stage", self.context.get("stage")), levelno, event.get("logger", name),
-                             event.get("event"), error.partition(":")[0] if isinstance(error, str) else None)
+                    where = (event.get("stage", self._stage), levelno, event.get("logger", name), event.get("event"),
+                             error.partition(":")[0] if isinstance(error, str) else None)
                     group = self._waiting.get(where)
-                    if group is not None:
-                        self._seen[where] += 1
+                    # a repeat (its place is past SHOWN: _seen counts no further) with each field of the first
+                    if group is not None and self._needs[where] <= event.keys():
                         item_id = item_id_source() if item_id_source is not None else None
                         if item_id is not None or "item_id" in group[3]:
                             event["item_id"] = item_id
                         if not _SCALARS.issuperset(map(type, event.values())):
                             event = _plain(event)
-                        self._wait(group, created, event)
+                        keys = self._keys.get(where)
+                        if keys is None:
+                            keys = self._keys[where] = tuple(event)
+                        group[4].append((created, tuple(event.values()) if tuple(event) == keys else event))
+                        self._count += 1
+                        if self._count >= BATCH or self._timer is None:
+                            self._wait()
                         return
-                self._send(self._event(name, levelno, levelname, event, created))
+                self._send(self._event(name, levelno, logging.getLevelName(levelno), event, created))
             except Exception:  # noqa: BLE001 - as emit
-                self.handleError(_Event(name, levelno, levelname, event, created))
+                self.handleError(_Event(name, levelno, logging.getLevelName(levelno), event, created))
 
     def _send(self, record: _Event) -> None:
         if record.levelno >= logging.WARNING and self._batching:
@@ -226,37 +248,51 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             if seen > SHOWN:
                 event = record.msg
                 group = self._waiting.get(where)
-                if group is None:
+                if group is None or not self._needs[where] <= event.keys():  # this one starts the group anew
+                    if self._count:
+                        self._send_waiting()
                     group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                    self._needs[where] = frozenset(event.keys() - self._filled)
                 first = group[3]
-                self._wait(group, record.created, {k: v for k, v in event.items() if k not in first or first[k] != v})
+                changed = {k: v for k, v in event.items() if k not in first or first[k] != v}
+                if "item_id" in first and "item_id" not in event:
+                    changed["item_id"] = None  # none: dropped when made whole
+                group[4].append((record.created, changed))
+                self._count += 1
+                self._wait()
                 return
-        if self._waiting:
+        if self._count:
             self._send_waiting()
         self.enqueue(record)
 
-    def _wait(self, group: tuple[Any, ...], created: float, changed: dict[str, Any]) -> None:
-        """Keep a repeat to be sent in the next batch (sent now when it is full, else by the timer)."""
-        group[4].append((created, changed))
-        self._count += 1
+    def _wait(self) -> None:
+        """A repeat has been added to its group: send the batch when it is full, else see that the timer runs."""
         if self._count >= BATCH:
             self._send_waiting()
-        elif self._timer is None:
-            self._timer = threading.Timer(BATCH_SECONDS, self.send_waiting)
+        elif self._timer is None:  # left running when a full batch is sent: at most one thread start a period
+            self._timer = threading.Timer(BATCH_SECONDS, self._time_up)
             self._timer.daemon = True
             self._timer.start()
 
-    def send_waiting(self) -> None:
-        """Send the repeats waiting, if any (from the timer, at exit, when replaced)."""
+    def _time_up(self) -> None:
         with self.lock:  # type: ignore[union-attr]
+            self._timer = None
+            self._send_waiting()
+
+    def send_waiting(self) -> None:
+        """Send the repeats waiting, if any (at exit, when replaced)."""
+        with self.lock:  # type: ignore[union-attr]
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._send_waiting()
 
     def _send_waiting(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._waiting:
-            waiting, self._waiting, self._count = self._waiting, {}, 0
+        """Send what waits; each place keeps its group (emptied), so its next repeat waits at once again."""
+        if self._count:
+            waiting = {where: (*group, self._keys.get(where)) for where, group in self._waiting.items() if group[4]}
+            self._waiting = {where: (*group[:4], []) for where, group in self._waiting.items()}
+            self._count = 0
             self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
     def prepare(self, record: logging.LogRecord) -> _Event:
@@ -550,10 +586,10 @@ class Listener(logging.handlers.QueueListener):
 
     def handle(self, record: logging.LogRecord) -> None:
         if isinstance(record, _Batch):  # repeats: counted for stderr, each to the log file
-            for where, (_, _, _, first, rows) in record.msg.items():
+            for where, (_, _, _, first, rows, keys) in record.msg.items():
                 self._seen[where] = self._seen.get(where, 0) + len(rows)
                 count = self._pending.get(where, (0, first))[0]
-                self._pending[where] = (count + len(rows), {**first, **rows[-1][1]})
+                self._pending[where] = (count + len(rows), {**first, **_fields(rows[-1][1], keys)})
             files = [h for h in self.handlers if h is not self.console]
             events = list(record.events()) if files else []
             for handler in files:

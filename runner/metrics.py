@@ -53,7 +53,10 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runner.results import RunResult
 
 BUCKETS_PER_DOUBLING = 8
 _FLOOR = 1e-9  # seconds: smaller samples count as this
@@ -122,11 +125,11 @@ def utilisation(st: Any) -> float:
     return st.busy_seconds / capacity if capacity > 0 else 0.0
 
 
-def metrics(result: Any) -> dict[str, Any]:
-    """The report of ``result`` (a ``RunResult``) as plain data."""
+def metrics(result: RunResult) -> dict[str, Any]:
+    """The report of ``result`` as plain data (every backend fills every field of a ``RunResult``)."""
     stages = {}
     for name, st in result.stats.items():
-        latency = getattr(st, "latency", None)
+        latency = st.latency
         stages[name] = {
             "kind": st.kind,
             "processes": st.processes,
@@ -144,10 +147,9 @@ def metrics(result: Any) -> dict[str, Any]:
             "utilisation": round(utilisation(st), 4),
             "items_per_second": round(st.items_per_second, 3),
             "balanced": st.kind == "producer" or st.items_in == st.delivered + st.skipped + st.dead_lettered,
-            "latency": latency.report() if latency is not None and st.kind != "producer" else None,
+            "latency": latency.report() if st.kind != "producer" else None,
         }
-    restarts = getattr(result, "restarts", {})
-    stage_of = getattr(result, "process_stage", {})
+    restarts, stage_of = result.restarts, result.process_stage
     return {
         "exit_code": result.exit_code,
         "error": result.error,
@@ -155,7 +157,7 @@ def metrics(result: Any) -> dict[str, Any]:
         "slowest_stage": slowest_stage(result.stats),
         "stages": stages,
         "queues": result.queues,
-        "queue_high_water": {name: getattr(result, "high_water", {}).get(name, 0) for name in result.queues},
+        "queue_high_water": {name: result.high_water.get(name, 0) for name in result.queues},
         "processes": result.exit_codes,
         "process_stats": {
             name: {"stage": stage_of.get(name), "exit_code": code, "restarts": restarts.get(name, 0)}
@@ -164,6 +166,6 @@ def metrics(result: Any) -> dict[str, Any]:
     }
 
 
-def write_metrics(result: Any, path: str) -> None:
+def write_metrics(result: RunResult, path: str) -> None:
     """Write the report of ``result`` to ``path`` as JSON."""
     Path(path).write_text(json.dumps(metrics(result), indent=2) + "\n", encoding="utf-8")

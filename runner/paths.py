@@ -1,19 +1,24 @@
 """The files a run reads and writes, checked before any stage starts; free of pydantic (a cache hit uses it).
 
-    log file (relative to the working directory)      must be creatable: cannot_write
-    jsonl sinks' kwargs.path (relative to base_dir)    must be creatable: cannot_write; folders made by prepare_outputs
-    file sources' path (relative to base_dir)          must exist and be readable: cannot_read, unless a jsonl
-                                                       sink of the run writes it; ``-`` and glob patterns not checked
+    log file (relative to the working directory)   must be creatable: cannot_write
+    file sinks' kwargs.path (jsonl, csv, lines;    must be creatable: cannot_write; ``-`` (standard output) is
+      relative to base_dir)                        not checked; prepare_outputs makes their folders, empties them
+    file sources' path (relative to base_dir)      must exist and be readable: cannot_read, unless a file sink of
+                                                   the run writes it; ``-`` (standard input) is not checked; a
+                                                   glob pattern must match a file: cannot_match
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from pathlib import Path
 from typing import Any
 
 Where = Any  # whatever the caller locates a problem with (a field path)
+FILE_SINKS = ("jsonl", "csv", "lines")  # built-ins writing kwargs.path (schemas.stages.FILE_SINKS; no pydantic here)
+STDIO = "-"  # a path meaning standard input (a source) or standard output (a sink)
 
 
 def cannot_write(target: Path) -> str | None:
@@ -43,6 +48,17 @@ def cannot_read(source: Path) -> str | None:
     return None
 
 
+def cannot_match(base_dir: str, pattern: str, written: set[str]) -> str | None:
+    """Why the glob ``pattern`` of a file source would read nothing (no file matches, and no sink of the run
+    writes one that would), or None."""
+    if any(Path(base_dir, f).is_file() for f in glob.iglob(pattern, root_dir=base_dir, recursive=True)):
+        return None
+    full = os.path.normpath(Path(base_dir, pattern))
+    if any(fnmatch.fnmatch(path, full) for path in written):
+        return None
+    return f"no file matches {pattern} (a relative pattern starts at the pipeline file's folder)"
+
+
 def file_problems(
     base_dir: str, log_file: tuple[Where, str] | None, sinks: list[tuple[Where, str]], sources: list[tuple[Where, str]]
 ) -> list[tuple[Where, str]]:
@@ -52,15 +68,16 @@ def file_problems(
         why = cannot_write(Path(log_file[1]))
         if why is not None:
             found.append((log_file[0], why))
+    sinks = [(where, path) for where, path in sinks if path != STDIO]
     written = {os.path.normpath(Path(base_dir, path)) for _, path in sinks}
     for where, path in sinks:
         why = cannot_write(Path(base_dir, path))
         if why is not None:
             found.append((where, why))
     for where, path in sources:
-        if path == "-" or glob.has_magic(path) or os.path.normpath(Path(base_dir, path)) in written:
+        if path == STDIO or os.path.normpath(Path(base_dir, path)) in written:
             continue
-        why = cannot_read(Path(base_dir, path))
+        why = cannot_match(base_dir, path, written) if glob.has_magic(path) else cannot_read(Path(base_dir, path))
         if why is not None:
             found.append((where, why))
     return found
@@ -72,13 +89,16 @@ def plan_problems(topology: Any) -> list[tuple[Where, str]]:
     return file_problems(
         topology.base_dir,
         ("log_file", topology.log_file) if topology.log_file else None,
-        [(s.name, str(s.kwargs["path"])) for s in stages if s.function == "jsonl"],
+        [(s.name, str(s.kwargs["path"])) for s in stages if s.function in FILE_SINKS],
         [(s.name, s.source["file"]["path"]) for s in stages if s.source and "file" in s.source],
     )
 
 
 def prepare_outputs(topology: Any) -> None:
-    """Create the folders the ``jsonl`` sinks of a plan write into (checked creatable before)."""
+    """Create the folders the file sinks of a plan write into (checked creatable before), and empty the files:
+    each run writes its own (the sink's processes then append to it)."""
     for stage in topology.stages:
-        if stage.function == "jsonl":
-            Path(topology.base_dir, str(stage.kwargs["path"])).parent.mkdir(parents=True, exist_ok=True)
+        if stage.function in FILE_SINKS and str(stage.kwargs["path"]) != STDIO:
+            target = Path(topology.base_dir, str(stage.kwargs["path"]))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"")

@@ -29,7 +29,7 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol
 
 from runner import wire
 from runner.topology import BATCH_BYTES, LINGER, QueuePlan
@@ -253,10 +253,22 @@ class FifoChannel:
         self.queue.close()
 
 
-if TYPE_CHECKING:
-    from runner.lifo import LifoChannel
+class Channel(Protocol):
+    """A queue as its writers and readers see it: ``FifoChannel`` here, ``runner.lifo.LifoChannel`` (a stack in
+    the manager process) and, for writers, the Ray backend's ``RayChannel``."""
 
-    Channel: TypeAlias = FifoChannel | LifoChannel
+    name: str
+    batch: int  # most items per message
+    readers: int  # reading processes (one end marker each)
+
+    def put(self, batch: list[Any], ids: Ids | None = None) -> int | None:
+        """Put a batch (waiting for room); its pickled size when the channel measured it."""
+        ...
+
+    def get(self) -> list[Any] | None: ...
+    def get_ids(self) -> tuple[list[Any], Ids | None] | None: ...
+    def end(self, readers: int) -> None: ...
+    def close(self) -> None: ...
 
 
 def read(channel: Channel) -> Iterator[list[Any]]:
@@ -347,8 +359,9 @@ class Emitter:
         with self._flushing:
             if self._error is not None:
                 raise self._error
-            for channel in self._channels:
-                channel.put_packed(n, data, self._cancel)  # type: ignore[union-attr]
+            for channel in self._channels:  # packed_max > 0: every channel is a FifoChannel
+                assert isinstance(channel, FifoChannel)
+                channel.put_packed(n, data, self._cancel)
             self.sent += n
             if self._counter is not None:
                 self._counter[0] = self.sent

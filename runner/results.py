@@ -30,6 +30,7 @@ class StageStats:
     processes: int = 0
     kind: str = ""
     latency: Latency = field(default_factory=Latency)  # sampled per-item call times (consumer, pool)
+    routed: dict[str, int] = field(default_factory=dict)  # a stage with routes: outputs sent to each queue
 
     @property
     def items_per_second(self) -> float:
@@ -66,10 +67,12 @@ def new_stats(topo: Topology) -> dict[str, StageStats]:
 
 
 def queue_accounts(topo: Topology, stats: dict[str, StageStats]) -> dict[str, dict[str, Any]]:
-    """Per queue: items put by its writers (outputs and dead letters) and items taken by its readers."""
+    """Per queue: items put by its writers (outputs, those of its route for a stage with named routes, and dead
+    letters) and items taken by its readers."""
     accounts = {}
     for name in topo.queues:
-        produced = sum(stats[s.name].items_out for s in topo.stages if name in s.outputs)
+        produced = sum(stats[s.name].routed.get(name, 0) if s.routes else stats[s.name].items_out
+                       for s in topo.stages if name in s.outputs)
         produced += sum(stats[s.name].dead_lettered for s in topo.stages if s.dead_letter == name)
         delivered = sum(stats[s.name].items_in for s in topo.stages if name in s.inputs)
         accounts[name] = {"produced": produced, "delivered": delivered, "left": max(0, produced - delivered),

@@ -74,7 +74,8 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
     Built-in file sinks write into ``scratch`` (unless the case's ``set`` gives their kwargs); sinks calling
     a ``module:attribute`` function do nothing unless the case lists them in ``run_sinks``.  A dead-letter
     queue is tapped through a hidden ``identity`` stage its writers dead-letter into, which forwards every
-    letter to the queue and to the tap.
+    letter to the queue and to the tap; so is a queue that a stage writes through a named route (except
+    into the stage's own input: a relay there would make a cycle).
 
     Returns:
         The new pipeline (``tests`` removed) and, for each expected queue, the name of its tap stage.
@@ -102,6 +103,7 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
     taps = {queue: _fresh(TAP + queue, taken) for queue in case.expect}
     dead = {q: _fresh("_dead_" + q, taken) for q in taps
             if any(isinstance(s, dict) and s.get("dead_letter") == q for s in stages)}
+    routed: dict[str, str] = {}  # a tapped queue written through a route -> the queue its relay reads
     for index, stage in enumerate(stages):
         if not isinstance(stage, dict):  # a `set` made it so: validation below says what is wrong
             continue
@@ -118,9 +120,20 @@ def case_pipeline(pipeline: Pipeline, case: TestCase, scratch: str) -> tuple[Pip
         extra = [taps[q] for q in outputs if q in taps]
         if extra:
             stage["output"] = outputs + extra
+        if isinstance(output, dict):  # a route leads to one queue: a tapped one is reached through a relay
+            for route, queue in output.items():
+                if queue not in taps:
+                    continue
+                if queue == stage.get("input"):
+                    msg = (f"stage {stage.get('name')!r} feeds queue {queue!r} back to itself by its route {route!r}, "
+                           "which a case cannot watch; expect a queue its items reach later")
+                    raise CaseInvalid(("expect", queue), msg)
+                if queue not in routed:
+                    routed[queue] = _fresh("_routed_" + queue, taken)
+                output[route] = routed[queue]
         if stage.get("dead_letter") in dead:
             stage["dead_letter"] = dead[stage["dead_letter"]]
-    for queue, via in dead.items():
+    for queue, via in (dead | routed).items():
         stages.append(
             {"name": via, "kind": "consumer", "input": via, "function": "identity", "output": [queue, taps[queue]]}
         )

@@ -7,7 +7,11 @@ into processes, pools and queues; ``worker`` receives the parts of it a child ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+QueueType = Literal["fifo", "lifo"]
+StageKind = Literal["producer", "consumer", "pool"]
+OnError = Literal["fail", "skip", "retry"]
 
 MAX_BATCH = 4096  # most items one queue message carries
 BATCH_BYTES = 1 << 20  # about the most bytes one queue message or one chunk of a worker carries
@@ -26,7 +30,7 @@ class QueuePlan:
     """A queue: what it is, how big, and who is on each end."""
 
     name: str
-    type: str  # "fifo" | "lifo"
+    type: QueueType
     maxsize: int  # items; 0 = unbounded
     batch: int  # most items per message on this queue
     writers: tuple[str, ...]  # stage names
@@ -44,7 +48,7 @@ class StagePlan:
     """One stage, with every reference still a ``module:attribute`` string."""
 
     name: str
-    kind: str  # "producer" | "consumer" | "pool"
+    kind: StageKind
     process_names: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
@@ -59,7 +63,7 @@ class StagePlan:
     chunksize: int | None = None
     maxtasksperchild: int | None = None
     timeout: float | None = None
-    on_error: str = "fail"  # "fail" | "skip" | "retry"
+    on_error: OnError = "fail"
     retries: int = 3
     retry_backoff: float = 0.1
     dead_letter: str | None = None
@@ -97,7 +101,7 @@ class Topology:
     stages: tuple[StagePlan, ...]
     limit: int | None = None  # each producer emits at most this many items
     shutdown_timeout: float = 10.0
-    backend: str = "local"  # "local" | "ray"
+    backend: Literal["local", "ray"] = "local"
 
     def stage(self, name: str) -> StagePlan:
         """The stage called ``name``."""

@@ -6,8 +6,9 @@
          queues nobody reads, duplicate names, cycles)
       -> environment: every module:attribute (function, init, source.function) imported in ONE fresh
          process started with the pipeline's start method, the pipeline's folder first on sys.path;
-         the files the run reads (file sources) exist, the files it writes (jsonl sinks, log_file) can
-         be created (``path_problems``; ``validate`` leaves out paths that came from a ``${VAR}``)
+         the files the run reads (file sources) exist (a glob matches one), the files it writes (jsonl,
+         csv and lines sinks, log_file) can be created (``path_problems``; ``validate`` leaves out
+         paths that came from a ``${VAR}``)
 
 A syntax error stops the file there; the other tiers are reported together.  The environment check
 runs in a child because importing user code in the main process would run it before the fork and
@@ -25,7 +26,7 @@ from typing import Any
 
 from runner.diagnostics import Diagnostic, Marks, PathKey, render
 from runner.imports import import_problems, references
-from runner.paths import file_problems
+from runner.paths import FILE_SINKS, file_problems
 
 
 def environment_problems(data: Any, marks: Marks, base_dir: str, start_method: str) -> list[Diagnostic]:
@@ -109,7 +110,7 @@ def path_problems(
     log_file = path_at(data, (), "settings", "log_file")
     stages = data.get("stages")
     stages = stages if isinstance(stages, list) else []
-    sinks = [p for i, s in enumerate(stages) if isinstance(s, dict) and s.get("function") == "jsonl"
+    sinks = [p for i, s in enumerate(stages) if isinstance(s, dict) and s.get("function") in FILE_SINKS
              for p in path_at(s, ("stages", i), "kwargs", "path")]
     sources = [p for i, s in enumerate(stages) for p in path_at(s, ("stages", i), "source", "file", "path")]
     tests = data.get("tests")

@@ -1,7 +1,7 @@
 """Code that runs IN A CHILD process: bootstrap, the producer loop, the worker loop of consumers and pools.
 
     producer process: source --Emitter--> output channels          (shared queues, written directly)
-                      control pipe --> supervisor: ("error", ...), ("stats", ...)
+                      control pipe --> the driver: ProducerFailed, ProducerDone (runner.messages)
     worker process:   its own duplex pipe <--> the stage's runner thread in the main process
                       receives Task(seq, [(item, attempts)]), calls the function with the error policy,
                       sends back a ChunkResult (outputs, dead letters, counts, the error that stops the run)
@@ -9,6 +9,14 @@
 Workers never touch a shared queue, so a worker that dies or is killed cannot corrupt or block one; the
 runner knows which chunk it held, and ``progress`` (shared memory: index of the item being called, and
 when the call started) says which item was in its hands, for timeouts and deaths.
+
+A stage's function is made once per worker process (``make_function``: a class stage is one instance).
+Stages with ``batch``, ``concurrency``, an ``async def`` function or named routes go through ``run_units``
+(concurrent calls: ``runner.calls``). When the stage's input has ended the runner sends each worker a
+close request, the task ``(seq, CLOSE, None, None)``, answered by ``close_result`` (the outputs of the
+instance's ``close()``), and then the usual None. A result of a stage with named routes carries
+``targets``: each output goes to the one queue ``stage.outputs[target]`` (``by_target`` splits it per queue);
+such results are never packed as queue messages.
 
 Item ids: a producer numbers the items it emits (item k of process i of a stage with P processes is item
 ``n = i + k * P`` of the source, logged as ``item_id="<stage>:<n>"``); a task carries the ids of its
@@ -21,9 +29,13 @@ the loop pays nothing per item for it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
+import functools
+import glob
 import importlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -37,13 +49,13 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing import sharedctypes  # noqa: F401 - imported here so the forkserver preloads it for every worker
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import logs, queues
+from runner import Route, logs, queues
 from runner.messages import Decision, ProducerDone, ProducerFailed
 from runner.queues import Emitter, Ids
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
@@ -56,6 +68,10 @@ _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exac
 
 _id_names: tuple[str, ...] = ()  # producer stage names: an id n is item n // len of stage n % len
 _chunk: tuple[Ids | None, Any] = (None, None)  # ids of the chunk in hand and its progress array
+# The id of the item (or first item of the batch) a concurrent call is on: set in each call's asyncio task
+# and in the thread that runs it (runner.calls), so that its log records name their own item.
+_call_item: contextvars.ContextVar[int | None] = contextvars.ContextVar("mprun_call_item")
+_NO_ID: Any = object()
 
 
 def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | None:
@@ -71,11 +87,16 @@ def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | N
 
 def current_item_id() -> str | None:
     """The ``item_id`` of the item this worker is calling the stage function on, if any (read at log time)."""
+    n = _call_item.get(_NO_ID)
+    if n is not _NO_ID:
+        return item_id_text(n)
     ids, progress = _chunk
     if ids is None:
         return None
     index = int(progress[0])
-    return item_id_text(ids[index]) if index < len(ids) else None
+    if index >= len(ids) or not _id_names or (n := ids[index]) is None:
+        return None
+    return f"{_id_names[n % len(_id_names)]}:{n // len(_id_names)}"  # item_id_text, inlined: called per record
 
 
 def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
@@ -85,7 +106,9 @@ def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
     n = len(ends)
     if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
         return ids[:n]  # one output per item: the same ids (a range stays a range)
-    counts = map(int.__sub__, ends, [0, *ends[:-1]])
+    counts = list(map(int.__sub__, ends, [0, *ends[:-1]]))
+    if max(counts) == 1:  # one output or none per item (some failed, or were filtered out)
+        return list(itertools.compress(ids, counts))
     return list(itertools.chain.from_iterable(map(itertools.repeat, ids, counts)))
 
 
@@ -93,14 +116,28 @@ class FunctionFailed(Exception):
     """A stage function raised; carries the child-side traceback text, the item, and where it was raised.
 
     The traceback is formatted only when it is read (``tb``): formatting one costs ~150 us, far more than
-    the call, and a stage that skips many items logs the traceback of each place once.
+    the call, and a stage that skips many items logs the traceback of each place once.  The item's text
+    too (``item``): a warning holds a number as itself (``shown``), which is what its text would become.
     """
 
-    def __init__(
-        self, summary: str, tb: str | BaseException, item: str, where: tuple[str, str, int] | None = None
-    ) -> None:
+    def __init__(self, summary: str, tb: str | BaseException, item: str | None,
+                 where: tuple[str, str, int] | None = None, value: Any = None) -> None:
         super().__init__(summary)
-        self.summary, self._tb, self.item, self.where = summary, tb, item, where
+        self.summary, self._tb, self._item, self.where, self.value = summary, tb, item, where, value
+
+    @property
+    def item(self) -> str:
+        """The item as text (``short_repr``)."""
+        if self._item is None:
+            self._item = short_repr(self.value)
+        return self._item
+
+    @property
+    def shown(self) -> Any:
+        """The item as a log record holds it once made plain data (``logs._plain`` of ``item``)."""
+        if self._item is None and type(self.value) in logs.NUMBERS and len(repr(self.value)) <= SHORT:
+            return self.value
+        return self.item
 
     @property
     def tb(self) -> str:
@@ -117,15 +154,19 @@ class FunctionFailed(Exception):
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = (type(e).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
-        return cls(f"{type(e).__name__}: {e}", e, short_repr(item), where)
+        return cls(f"{type(e).__name__}: {e}", e, None, where, item)
 
     def traceback_fields(self, log: Any) -> dict[str, str]:
         """The traceback for a warning about this failure: the first from each place in this process;
         after that a note, so that a run that skips or retries many items logs each traceback once."""
-        return {"exception": self.tb} if log.first(self.where) else {"traceback": "as earlier in this process"}
+        return {"exception": self.tb} if log.first(self.where) else {"traceback": AS_EARLIER}
 
 
-def short_repr(value: Any, width: int = 200) -> str:
+SHORT = 200  # characters of an item's repr in messages
+AS_EARLIER = "as earlier in this process"  # a warning's traceback after the first of its place
+
+
+def short_repr(value: Any, width: int = SHORT) -> str:
     """``repr`` cut to ``width`` characters; a log record shows plain data as its JSON value (``logs.Shown``)."""
     text = repr(value)
     return logs.shown(value, text, width) if len(text) <= width else text[: width - 3] + "..."
@@ -159,7 +200,7 @@ class Control:
 
 
 STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
-PROGRESS_SLOTS = 6  # a worker's progress array: see WorkerSpec.progress
+PROGRESS_SLOTS = 7  # a worker's progress array: see WorkerSpec.progress
 _PR_SET_PDEATHSIG = 1
 
 
@@ -262,20 +303,157 @@ def make_function(stage: StagePlan, base_dir: str, collect: Callable[[Any], None
             return item
 
         return _collect
-    if name == "jsonl":
-        path = Path(base_dir, str(stage.kwargs["path"]))
-        path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
-        out = path.open("a", encoding="utf-8")
-
-        def _jsonl(item: Any) -> Any:
-            out.write(json.dumps(item, default=repr) + "\n")
-            out.flush()
-            return item
-
-        return _jsonl
-    fn = resolve(name, base_dir)
+    if name in FILE_SINKS:
+        return _file_sink(name, str(stage.kwargs["path"]), base_dir, stage.kwargs.get("columns"))
+    fn: Any = resolve(name, base_dir)
     kwargs = stage.kwargs
-    return (lambda item: fn(item, **kwargs)) if kwargs else fn
+    if inspect.isclass(fn):  # a class stage: one instance per worker process, made before its first item
+        instance: Any = fn(**kwargs)
+        return instance
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """``fn`` (a function, or an instance whose ``__call__`` is) is ``async def``: its calls run on an event loop."""
+    plain = fn.func if type(fn) is functools.partial else fn
+    if type(plain) is types.FunctionType:  # the common case, asked per chunk: ~0.2 us instead of ~10
+        return bool(plain.__code__.co_flags & _ASYNC_FLAGS)
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (fn, type(fn).__call__))
+
+
+class RouteError(ValueError):
+    """An output of a stage with named routes names no route of the stage, or has none and there is no ``default``."""
+
+
+def route_index(stage: StagePlan) -> dict[str, int] | None:
+    """Route name -> index in ``stage.outputs`` of its queue; None for a stage without named routes."""
+    return {name: stage.outputs.index(queue) for name, queue in stage.routes.items()} if stage.routes else None
+
+
+def route_outputs(
+    stage: StagePlan, outs: list[Any], index: dict[str, int] | None = None
+) -> tuple[list[Any], list[int]]:
+    """The outputs of a stage with named routes, unwrapped from ``runner.route``, and the index in
+    ``stage.outputs`` of the queue each goes to (``index``: ``route_index(stage)``, if at hand); an output
+    without a route goes to the route ``default``.
+
+    Raises:
+        RouteError: an output names no route of the stage, or has none and there is no ``default``.
+    """
+    index = (route_index(stage) or {}) if index is None else index
+    values, targets = [], []
+    for output in outs:
+        name, out = (output.name, output.item) if type(output) is Route else ("default", output)
+        target = index.get(name)
+        if target is None:
+            known = ", ".join(stage.routes)
+            if name == "default":
+                msg = (f"output {short_repr(out, 80)} has no route and stage {stage.name!r} has no route 'default' "
+                       f"(its routes: {known}): return runner.route(NAME, item)")
+            else:
+                msg = f"no route {name!r} in stage {stage.name!r} (its routes: {known})"
+            raise RouteError(msg)
+        values.append(out)
+        targets.append(target)
+    return values, targets
+
+
+def by_target(
+    outputs: list[Any], ids: Ids | None, targets: list[int], queues: int
+) -> list[tuple[list[Any], Ids | None]]:
+    """A routed result's outputs and their ids, per queue (index in ``stage.outputs``), each in its order."""
+    split: list[tuple[list[Any], list[Any] | None]] = [([], None if ids is None else []) for _ in range(queues)]
+    for i, (out, target) in enumerate(zip(outputs, targets, strict=True)):
+        outs, out_ids = split[target]
+        outs.append(out)
+        if out_ids is not None:
+            out_ids.append(ids[i])  # type: ignore[index]
+    return split  # type: ignore[return-value]
+
+
+def call_outputs(result: Any, batch: bool) -> list[Any]:
+    """The outputs of one call that returned ``result``: none for None, each item of a generator (of any
+    iterable for a ``batch`` call), else the one item.
+
+    Raises:
+        TypeError: a batch call returned something that is not an iterable of outputs.
+    """
+    if result is None:
+        return []
+    if batch:
+        if isinstance(result, str | bytes | bytearray | Mapping) or not isinstance(result, Iterable):
+            msg = (f"a stage with batch must return an iterable of outputs (a list, a generator) or None, "
+                   f"not {type(result).__name__}")
+            raise TypeError(msg)
+        return list(result)
+    return list(result) if isinstance(result, types.GeneratorType) else [result]
+
+
+def attempt(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any,
+            routes: dict[str, int] | None) -> tuple[list[Any], list[int] | None]:
+    """One call ``fn(arg)`` (``arg``: an item, or the list of a batch), holding ``lock`` if any: its outputs,
+    and their targets for a stage with named routes (``routes``: its ``route_index``; else None).
+
+    Raises:
+        FunctionFailed: the call raised, or returned what the stage cannot emit.
+    """
+    try:
+        if lock is None:
+            outs = call_outputs(fn(arg), bool(stage.batch))
+        else:
+            with lock:
+                outs = call_outputs(fn(arg), bool(stage.batch))
+        return (outs, None) if routes is None else route_outputs(stage, outs, routes)
+    except Exception as e:  # noqa: BLE001 - whatever the user's function raises fails this item (or batch)
+        raise FunctionFailed.of(e, arg) from None
+
+
+def close_result(fn: Any, stage: StagePlan, seq: int, log: Any) -> ChunkResult:
+    """The answer to a close request (``CLOSE``: the stage's input has ended): what ``fn.close()`` returns, as
+    outputs (``done=0``; no ids). A function, or an instance without ``close()``, answers with no output.
+
+    ``close()`` may return None, an iterable of items (a list, a generator...), or one item (anything else,
+    and a str, bytes or a dict); it may be ``async def``.  Its outputs are checked to pickle here.  Its
+    failure is an error of the stage, under ``on_error``: ``fail`` (or ``retry`` with no dead-letter queue)
+    sets ``result.error`` (``"close() failed: ..."``: the run stops); otherwise it is logged and its outputs
+    are dropped.
+    """
+    result = ChunkResult(seq, [], [], targets=[] if stage.routes else None)
+    close = getattr(fn, "close", None)
+    if inspect.isfunction(fn) or isinstance(fn, functools.partial) or not callable(close):
+        return result
+    t0 = time.perf_counter()
+    try:
+        out = close()
+        if inspect.isawaitable(out) or inspect.isasyncgen(out):
+            from runner import calls
+
+            out = calls.run(calls.settle_awaitable(out))
+        if out is None:
+            outs = []
+        elif isinstance(out, str | bytes | bytearray | Mapping) or not isinstance(out, Iterable):
+            outs = [out]
+        else:
+            outs = list(out)
+        queues.dumps(outs)  # what cannot cross to the output queues fails close(), not the runner
+        if stage.routes:
+            result.outputs, result.targets = route_outputs(stage, outs)
+        else:
+            result.outputs = outs
+    except Exception as e:  # noqa: BLE001 - an error of the stage, under its policy
+        failure = FunctionFailed.of(e, None)
+        summary = f"close() failed: {failure.summary}"
+        result.outputs, result.failed = [], 1
+        result.targets = [] if stage.routes else None
+        if verdict(stage, 1, retryable=False) is Decision.FAIL:
+            result.error = (summary, failure.tb, "")
+        else:
+            log.error("close() failed: its outputs are lost", error=failure.summary, exception=failure.tb)
+    result.busy = time.perf_counter() - t0
+    return result
 
 
 def call(fn: Callable[[Any], Any], item: Any, lock: Any, emit: Callable[[Any], None]) -> None:
@@ -366,18 +544,66 @@ def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) 
         result = resolve(source["function"], base_dir)(**kwargs)
         return () if result is None else result
     spec = source["file"]
-    return _read_file(Path(base_dir, spec["path"]), spec.get("format", "lines"), spec["path"])
+    path, fmt = spec["path"], spec.get("format", "lines")
+    if path == "-":
+        return _read_file(STDIN, fmt, "<stdin>")
+    if glob.has_magic(path):
+        return _read_glob(base_dir, path, fmt)
+    return _read_file(Path(base_dir, path), fmt, path)
 
 
 class SourceError(ValueError):
     """A file source holds data its format does not allow; the message starts with ``FILE:LINE:``."""
 
 
-def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
-    """The items of a file source; bad data stops it with a ``SourceError`` naming ``shown`` (the path as
-    written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer fields than the header."""
+STDIN = "-"  # the path of a file source that reads standard input
+
+
+def _open_source(path: Path | str, fmt: str) -> Any:
+    """A text stream of a file source's file, or of standard input for ``STDIN``.
+
+    In a child of the run, multiprocessing has put ``/dev/null`` in place of standard input (and so has the
+    forkserver), so a producer process opens the main process's descriptor 0 through ``/proc`` (Linux): a
+    pipe or terminal is then read from where it stands, a redirected file from its start.
+    """
+    newline = "" if fmt == "csv" else None
+    if path != STDIN:
+        return Path(path).open(encoding="utf-8", newline=newline)
+    parent = multiprocessing.parent_process()
+    if parent is None:  # the main process (--inline): its own standard input
+        return open(0, encoding="utf-8", newline=newline, closefd=False)  # closed by the caller
+    try:
+        return open(f"/proc/{parent.pid}/fd/0", encoding="utf-8", newline=newline)
+    except OSError as e:
+        msg = f"<stdin>: cannot read the standard input of mprun from a producer process: {e.strerror or e}"
+        raise SourceError(msg) from None
+
+
+def _read_glob(base_dir: str, pattern: str, fmt: str) -> Iterator[Any]:
+    """The items of every file matching ``pattern`` (relative to ``base_dir``), file by file in sorted order.
+
+    Item ids count on across the files; a record ``reading file`` (``file``, ``first_item``: the index of its
+    first item in the source) says where each file starts, and bad data is named by its file and line.
+    """
+    files = sorted(f for f in glob.glob(pattern, root_dir=base_dir, recursive=True) if Path(base_dir, f).is_file())
+    if not files:
+        msg = f"{pattern}: no file matches (a relative pattern starts at the pipeline file's folder)"
+        raise SourceError(msg)
+    log = logs.get_logger("mprun")
+    n = 0
+    for name in files:
+        log.info("reading file", file=name, first_item=n)
+        for item in _read_file(Path(base_dir, name), fmt, name):
+            n += 1
+            yield item
+
+
+def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator[Any]:
+    """The items of a file source (``STDIN``: standard input); bad data stops it with a ``SourceError`` naming
+    ``shown`` (the path as written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer
+    fields than the header."""
     name, line = shown or str(path), 0
-    with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+    with _open_source(path, fmt) as f:
         try:
             if fmt == "csv":
                 rows = csv.reader(f)
@@ -409,6 +635,116 @@ def _read_file(path: Path, fmt: str, shown: str | None = None) -> Iterator[Any]:
         except csv.Error as e:
             msg = f"{name}:{line + 1}: {e}"
             raise SourceError(msg) from None
+
+
+# -- built-in file sinks (called by make_function) ---------------------------------------------------
+
+
+FILE_SINKS = ("jsonl", "csv", "lines")  # the built-ins writing kwargs.path (schemas.stages.FILE_SINKS)
+
+
+def _file_sink(kind: str, path: str, base_dir: str, columns: list[str] | None) -> Callable[[Any], Any]:
+    """The built-in sink ``kind`` writing to ``path`` (``-``: standard output), one line per item.
+
+    Each line is one ``write`` of an append-mode file (emptied by ``paths.prepare_outputs`` when the run
+    starts), flushed at once: lines of the stage's processes and threads never interleave, and a killed run
+    loses at most the line being written.  ``csv`` takes its columns from ``columns``, else from the file's
+    header if another process of the stage wrote it, else from the first item's keys: the process that
+    finds the file empty writes the header, holding an exclusive ``flock`` so that two never both do.  An
+    item that is not a dict, or has keys that are not columns, fails as that item's error.
+    """
+    lock = threading.Lock()  # the calls of one process may run in several threads (concurrency)
+    if path == "-":
+        out: Any = sys.stdout
+    else:
+        target = Path(base_dir, path)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created (SPEC 1b)
+        out = target.open("a+" if kind == "csv" else "a", encoding="utf-8", newline="")  # csv reads its header
+    if kind == "lines":
+
+        def _lines(item: Any) -> Any:
+            line = f"{item}\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _lines
+    if kind == "jsonl":
+
+        def _jsonl(item: Any) -> Any:
+            line = json.dumps(item, default=repr) + "\n"
+            with lock:
+                out.write(line)
+                out.flush()
+            return item
+
+        return _jsonl
+    header: list[str] | None = list(columns) if columns else None
+    started = False
+
+    def row(values: list[Any]) -> str:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(values)
+        return text.getvalue()
+
+    def _csv(item: Any) -> Any:
+        nonlocal header, started
+        if not isinstance(item, dict):
+            msg = f"the csv sink writes dicts (one column per key), got {type(item).__name__}: {short_repr(item)}"
+            raise TypeError(msg)
+        with lock:
+            if not started:
+                with _exclusive(out):
+                    found = _csv_header(out)
+                    header = header or found or [str(k) for k in item]
+                    if not found:
+                        out.write(row(header))
+                        out.flush()
+                    started = True
+        assert header is not None
+        extra = [k for k in item if str(k) not in header]
+        if extra:
+            msg = (f"the item has keys that are not columns of the csv sink: {', '.join(map(str, extra))} "
+                   f"(columns: {', '.join(header)})")
+            raise ValueError(msg)
+        values = {str(k): v for k, v in item.items()}
+        line = row([values.get(c, "") for c in header])
+        with lock:
+            out.write(line)
+            out.flush()
+        return item
+
+    return _csv
+
+
+@contextlib.contextmanager
+def _exclusive(out: Any) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``out`` (nothing for standard output)."""
+    if out is sys.stdout:
+        yield
+        return
+    import fcntl
+
+    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+
+
+def _csv_header(out: Any) -> list[str] | None:
+    """The columns of the header an append-mode csv file already starts with, or None when it is empty."""
+    if out is sys.stdout:
+        return None
+    fd, data = out.fileno(), b""
+    while b"\n" not in data:  # read without moving the file's offset (appends go to the end anyway)
+        chunk = os.pread(fd, 1 << 16, len(data))
+        if not chunk:
+            break
+        data += chunk
+    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return next(csv.reader([first]), None) or None
 
 
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
@@ -447,7 +783,9 @@ class WorkerSpec:
     results: Any  # the write end of its result pipe (ChunkResults to the runner)
     # RawArray('q', PROGRESS_SLOTS), written here, read by the runner: index of the item in hand in its chunk,
     # its call's start (monotonic_ns; 0: none), the chunk's seq, and items skipped, failed attempts and retries
-    # of the chunk since its last (partial) result
+    # of the chunk since its last (partial) result. With concurrency (run_units): [0] is the first item not yet
+    # settled, [3:6] count the settled items before it, [1] is a heartbeat of the worker's event loop, and [6]
+    # is one past the last item whose call has started: items [0] .. [6] may be in its hands (else [6] is 0).
     progress: Any
     lock: Any = None
     id_names: tuple[str, ...] = ()  # producer stages of the run, in order (how ids are named)
@@ -476,6 +814,15 @@ class ChunkResult:
     # messages follow as frames of their own (see _result_frames).
     packed: list[tuple[int, bytes]] | None = None
     partial: bool = False  # more results of the chunk follow (this one ends at an item given up on)
+    # A stage with routes: for each output, the index in stage.outputs of the queue it goes to (None: a list
+    # `output`, every output to every queue).
+    targets: list[int] | None = None
+
+
+# The runner's request to close a worker's stage function, sent once the stage's input has ended and every
+# chunk of the worker is answered: the task ``(seq, CLOSE, None, None)``. The worker answers it with
+# ``close_result`` (an ordinary ChunkResult with done=0), then waits for the usual None to exit.
+CLOSE = "close"
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -506,8 +853,16 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         if task is None:
             return
-        tasks += 1
         seq, items, tries, ids = task
+        if type(items) is str:  # CLOSE: the input has ended
+            progress[2] = seq  # a death in close() is seen as a death with this task in hand
+            progress[0] = 0
+            progress[1] = time.monotonic_ns() if stage.timeout is not None else 0  # close() has `timeout` too
+            closed = close_result(fn, stage, seq, log)
+            progress[1] = 0
+            _Answer(send, stage, spec.pack, [], None, log)(closed)
+            continue
+        tasks += 1
         if items is None:  # a whole batch of the input queue, as it travelled: the next frame
             items, ids = pickle.loads(conn.recv_bytes())
         progress[2] = seq  # the runner can tell a chunk it started from one still in its pipe
@@ -546,7 +901,7 @@ def _result_frames(stage: StagePlan, pack: int, result: ChunkResult, items: list
     ends, result.ends = result.ends, []
     result.ids = output_ids(ids, ends, len(result.outputs)) if stage.outputs else None
     pieces: list[tuple[int, bytes]] = []
-    if 0 < len(result.outputs) <= pack and result.error is None:
+    if 0 < len(result.outputs) <= pack and result.error is None and result.targets is None:
         with contextlib.suppress(Exception):  # an unpicklable output: handled below, under the policy
             pieces = pack_pieces(result.outputs, result.ids)
             result.packed = [n for n, _ in pieces]  # type: ignore[misc]
@@ -573,11 +928,14 @@ def _without_unpicklable(
     stage: StagePlan, result: ChunkResult, chunk: list[Any], log: Any, ids: Ids | None = None
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
-    kept, kept_ids = [], []
+    kept: list[Any] = []
+    kept_ids: list[int | None] = []
+    kept_targets: list[int] = []
     starts = [0, *result.ends]
     sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]
     out_ids = list(result.ids) if result.ids is not None else [None] * len(result.outputs)
-    for out, item, item_id in zip(result.outputs, sources, out_ids, strict=True):
+    targets: list[int] = result.targets if result.targets is not None else [0] * len(result.outputs)
+    for out, item, item_id, target in zip(result.outputs, sources, out_ids, targets, strict=True):
         try:
             pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001
@@ -588,6 +946,7 @@ def _without_unpicklable(
             if decided == "fail":
                 result.error = (summary, "", short_repr(item))
                 result.outputs = []
+                result.targets = None if result.targets is None else []
                 return result
             if decided == "dead_letter":
                 result.dead.append(give_up_letter(stage, item, summary, 1))
@@ -597,8 +956,10 @@ def _without_unpicklable(
             continue
         kept.append(out)
         kept_ids.append(item_id)
+        kept_targets.append(target)
     result.outputs, result.ends = kept, []
     result.ids = kept_ids if ids is not None else None
+    result.targets = kept_targets if result.targets is not None else None
     return result
 
 
@@ -663,7 +1024,12 @@ def run_items(
     the loop goes on with a new result: a dead letter never dies with its worker, so the runner knows
     exactly which items of a chunk are settled if the worker dies later (see ``StageRunner._recover``).
     ``progress[3:6]`` mirror the result's skipped, failed and retried counts, for the same reason.
+
+    A stage with ``batch``, ``concurrency`` above 1, an ``async def`` function or named routes goes through
+    ``run_units`` (same contract; see there).
     """
+    if stage.batch or stage.concurrency > 1 or stage.routes or is_async(fn):
+        return run_units(fn, stage, seq, items, tries, lock, progress, log, ids, partial)
     result = ChunkResult(seq, [], [])
     outputs, ends, samples = result.outputs, result.ends, result.latency
     append, extend = outputs.append, outputs.extend
@@ -675,6 +1041,7 @@ def run_items(
     t0 = clock()
     progress[3] = progress[4] = progress[5] = 0
     simple = lock is None and tries is None and not timed  # the common case: a tight loop
+    skipping = stage.on_error == "skip" and not stage.dead_letter  # a failed item is given up on at once
     # While every item so far gave exactly one output (regular) or none (silent: a sink), `ends` is implicit
     # and filled in later; the first item that breaks the pattern makes it explicit.
     regular = silent = True
@@ -693,7 +1060,17 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failure: FunctionFailed | None = FunctionFailed.of(e, item)
+                failed = FunctionFailed.of(e, item)
+                failure: FunctionFailed | None = failed
+                if skipping:  # what _with_policy would do, without leaving the loop
+                    if regular or silent:
+                        ends.extend(_implicit_ends(regular, index))
+                        regular = silent = False
+                    result.failed += 1
+                    progress[4] = result.failed
+                    _skip(failed, 1, result, progress, log)
+                    ends.append(len(outputs))
+                    continue
             else:
                 if out is None:
                     if silent:
@@ -790,8 +1167,8 @@ def _with_policy(
         if decided == "retry":
             result.retried += 1
             progress[5] = result.retried
-            tb = error.traceback_fields(log)
-            log.warning("retrying", error=error.summary, item=error.item, attempt=attempts, **tb)
+            log.warning("retrying", error=error.summary, item=error.shown, attempt=attempts,
+                        **error.traceback_fields(log))
             time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
             continue
         if decided == "fail":
@@ -799,9 +1176,214 @@ def _with_policy(
             return True
         if decided == "dead_letter":
             result.dead.append(give_up_letter(stage, item, error.summary, attempts))
+            _given_up(error, attempts, log)
         else:
-            result.skipped += 1
-            progress[3] = result.skipped
-        tb = error.traceback_fields(log)
-        log.warning("item given up", error=error.summary, item=error.item, attempts=attempts, **tb)
+            _skip(error, attempts, result, progress, log)
         return False
+
+
+def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, log: Any) -> None:
+    """Count an item skipped after ``attempts`` failures (the last one ``e``) and say so."""
+    result.skipped += 1
+    progress[3] = result.skipped
+    _given_up(e, attempts, log)
+
+
+def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
+    if log.first(e.where):
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
+    else:
+        log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, traceback=AS_EARLIER)
+
+
+# -- batches, concurrent calls, async functions and named routes -------------------------------------------
+
+
+@dataclass(slots=True)
+class Settled:
+    """How one unit (an item, or the items of a batch) ended under the policy, after its last attempt."""
+
+    outputs: list[Any] = field(default_factory=list)
+    targets: list[int] | None = None  # with named routes: the queue index of each output
+    failed: int = 0  # failed attempts, per item (a failed batch call counts one for each of its items)
+    retried: int = 0
+    skipped: int = 0  # items
+    dead: list[dict[str, Any]] = field(default_factory=list)  # one dead letter per item given up on
+    error: tuple[str, str, str] | None = None  # (summary, traceback, item): the run stops
+    seconds: float = 0.0  # from the start of its first call to the end of its last (backoff included)
+
+
+def unit_failed(stage: StagePlan, e: FunctionFailed, unit: list[Any], attempts: int, s: Settled, log: Any) -> bool:
+    """Apply the policy to a unit whose ``attempts``-th call failed with ``e``: count it in ``s``, log it,
+    give it up (a dead letter per item, its items skipped, or ``s.error``). True: call it again (after the
+    backoff, which the caller waits)."""
+    n = len(unit)
+    s.failed += n
+    decided = verdict(stage, attempts)
+    if decided is Decision.RETRY:
+        s.retried += n
+        log.warning("retrying", error=e.summary, item=e.shown, attempt=attempts, **e.traceback_fields(log))
+        return True
+    if decided is Decision.FAIL:
+        s.error = (e.summary, e.tb, e.item)
+        return False
+    if decided is Decision.DEAD_LETTER:
+        s.dead = [give_up_letter(stage, item, e.summary, attempts) for item in unit]
+    else:
+        s.skipped = n
+    _given_up(e, attempts, log)
+    return False
+
+
+def settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts: int, lock: Any, progress: Any,
+           log: Any, routes: dict[str, int] | None, failure: FunctionFailed | None = None) -> Settled:
+    """Call ``fn`` on a unit in this thread (unless it has just failed with ``failure``), under the policy
+    (``attempts``: failed attempts so far); with a ``timeout``, ``progress[1]`` holds when the call in hand
+    started (the runner kills a worker past it)."""
+    s = Settled()
+    t0 = time.perf_counter()
+    arg = unit if stage.batch else unit[0]
+    timed = stage.timeout is not None
+    while True:
+        if failure is None:
+            if timed:
+                progress[1] = time.monotonic_ns()
+            try:
+                s.outputs, s.targets = attempt(fn, stage, arg, lock, routes)
+                break
+            except FunctionFailed as e:
+                failure = e
+        error, failure = failure, None
+        progress[1] = 0
+        attempts += 1
+        if not unit_failed(stage, error, unit, attempts, s, log):
+            break
+        time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+    progress[1] = 0
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+class Fold:
+    """Builds a chunk's ``ChunkResult`` from its units' ``Settled``, taken in input order (``add``)."""
+
+    def __init__(self, stage: StagePlan, seq: int, n_units: int, ids: Ids | None, progress: Any,
+                 partial: Callable[[ChunkResult], None] | None) -> None:
+        self.stage, self.seq, self.ids, self.progress, self.partial = stage, seq, ids, progress, partial
+        self.stride = max(1, math.ceil(n_units / LATENCY_SAMPLES))  # which units are latency samples
+        self.units = 0
+        self.result = self._new()
+        progress[0] = progress[3] = progress[4] = progress[5] = progress[6] = 0
+
+    def _new(self) -> ChunkResult:
+        self.t0 = time.perf_counter()
+        return ChunkResult(self.seq, [], [], targets=[] if self.stage.routes else None)
+
+    def add(self, start: int, n: int, s: Settled) -> bool:
+        """Take the unit of items ``start .. start + n``; True when the run must stop (``result.error``)."""
+        r, progress = self.result, self.progress
+        r.failed += s.failed
+        r.retried += s.retried
+        r.skipped += s.skipped
+        if self.units % self.stride == 0:
+            r.latency.append(s.seconds)
+        self.units += 1
+        if s.error is not None:
+            r.error = s.error
+            return True
+        r.outputs.extend(s.outputs)
+        if r.targets is not None and s.targets is not None:
+            r.targets.extend(s.targets)
+        r.ends.extend(itertools.repeat(len(r.outputs), n))  # a batch's outputs all come from its first item
+        progress[0] = start + n
+        progress[3], progress[4], progress[5] = r.skipped, r.failed, r.retried
+        if s.dead:
+            r.dead.extend(s.dead)
+            r.dead_ids.extend(self.ids[start : start + n] if self.ids is not None else [None] * n)
+            if self.partial is not None:  # a dead letter never dies with its worker (see run_items)
+                r.done, r.busy, r.partial = len(r.ends), time.perf_counter() - self.t0, True
+                self.partial(r)
+                progress[3] = progress[4] = progress[5] = 0
+                self.result = self._new()
+        return False
+
+    def ok(self, start: int, n: int, outputs: list[Any], targets: list[int] | None) -> None:
+        """Take a unit whose first call succeeded and which is no latency sample (``sampled`` is False)."""
+        r = self.result
+        self.units += 1
+        r.outputs.extend(outputs)
+        if targets is not None:
+            r.targets.extend(targets)  # type: ignore[union-attr]
+        r.ends.extend(itertools.repeat(len(r.outputs), n))
+        self.progress[0] = start + n
+
+    @property
+    def sampled(self) -> bool:
+        """The next unit is a latency sample."""
+        return self.units % self.stride == 0
+
+    def finish(self) -> ChunkResult:
+        """The result of the chunk (after the last partial one)."""
+        r = self.result
+        r.done = len(r.ends)
+        r.busy = time.perf_counter() - self.t0
+        self.progress[1] = 0
+        return r
+
+
+def run_units(
+    fn: Callable[[Any], Any],
+    stage: StagePlan,
+    seq: int,
+    items: list[Any],
+    tries: list[int] | None,
+    lock: Any,
+    progress: Any,
+    log: Any,
+    ids: Ids | None = None,
+    partial: Callable[[ChunkResult], None] | None = None,
+) -> ChunkResult:
+    """``run_items`` for a stage with ``batch``, ``concurrency``, an ``async def`` function or named routes.
+
+    The chunk is cut into units: batches of ``stage.batch`` items (the function gets the list), else single
+    items.  Each unit is settled under the policy: skip, retry and dead letters apply to the whole unit,
+    counted per item (a failed batch call is a failed attempt of each of its items; a dead letter per item).
+    Results are taken in input order, so outputs leave in input order within the chunk; ``ends`` stays per
+    item (a batch's outputs count as its first item's: they inherit its id); ``targets`` gives each output's
+    queue for named routes.  With ``concurrency`` above 1 or an async function, up to ``concurrency`` units
+    are called at once (``runner.calls``); else one after another in this thread.
+
+    ``progress[0]``: the first item of the earliest unit not yet settled (with concurrency, later units may be
+    done or in hand too; everything before it is settled).  ``progress[3:6]``: counts of the settled units
+    before it.  ``progress[1]``: without concurrency, when the call in hand started, as in ``run_items``;
+    with it, the worker enforces ``timeout`` itself and ``progress[1]`` is a heartbeat of its event loop
+    while calls are in flight (see ``runner.calls``), and ``progress[6]`` is one past the last item whose
+    call has started (the items from ``progress[0]`` to it may be in hand: a death cannot be pinned on one).
+    """
+    size = stage.batch or 1
+    starts = range(0, len(items), size)
+    fold = Fold(stage, seq, len(starts), ids, progress, partial)
+    routes = route_index(stage)
+    if stage.concurrency > 1 or is_async(fn):
+        from runner import calls
+
+        calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids, routes))
+        return fold.finish()
+    simple = lock is None and tries is None and stage.timeout is None
+    for start in starts:
+        unit = items[start : start + size]
+        progress[0] = start
+        failure = None
+        if simple and not fold.sampled:  # the common case in short: a first call that succeeds
+            try:
+                outputs, targets = attempt(fn, stage, unit if stage.batch else unit[0], None, routes)
+            except FunctionFailed as e:
+                failure = e
+            else:
+                fold.ok(start, len(unit), outputs, targets)
+                continue
+        attempts = max(tries[start : start + size]) if tries else 0
+        s = settle(fn, stage, unit, attempts, lock, progress, log, routes, failure)
+        if fold.add(start, len(unit), s):
+            break
+    return fold.finish()

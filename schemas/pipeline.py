@@ -152,14 +152,17 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
                 problems.append((("stages", i, "input"), f"queue {q!r} has readers but no stage writes to it"))
         for j, q in enumerate(stage.outputs):
             if q not in readers:
-                loc = ("stages", i, "output") if isinstance(stage.output, str) else ("stages", i, "output", j)
-                problems.append((loc, f"queue {q!r} is written but no stage reads it"))
+                problems.append((_output_loc(stage, i, j, q), f"queue {q!r} is written but no stage reads it"))
         dead = getattr(stage, "dead_letter", None)
         if dead and dead not in readers:
             message = f"dead-letter queue {dead!r} is written but no stage reads it"
             problems.append((("stages", i, "dead_letter"), message))
         if dead and dead in stage.inputs:
             problems.append((("stages", i, "dead_letter"), "a stage cannot dead-letter into its own input"))
+        fed = next((q for q in stage.inputs if q in stage.outputs and q in pipeline.queues), None)
+        if fed and pipeline.queues[fed].model_fields_set & {"maxsize", "max_bytes"}:
+            problems.append((("queues", fed), f"queue {fed!r} is fed by its own reader ({stage.name}), so it "
+                             "cannot be bounded (a full queue would wait for itself): remove maxsize/max_bytes"))
         for j, name in enumerate(stage.after):
             if name not in seen:
                 problems.append((("stages", i, "after", j), f"unknown stage {name!r} in after"))
@@ -179,11 +182,38 @@ def topology_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         if not _valid_name(name):
             problems.append((("queues", name), f"queue name {name!r} must match {NAME_PATTERN}"))
     problems += _builtin_problems(pipeline)
+    problems += _stdin_problems(pipeline)
     problems += _test_problems(pipeline, writers)
     cycle = _find_cycle(pipeline, writers)
     if cycle:
         i = seen[cycle[0]]
         problems.append((("stages", i, "name"), "cycle that can never end: " + " -> ".join([*cycle, cycle[0]])))
+    return problems
+
+
+def _output_loc(stage: Stage, i: int, j: int, queue: str) -> tuple[str | int, ...]:
+    """Where output queue number ``j`` (``queue``) of stage ``i`` is written in the file."""
+    if isinstance(stage.output, str):
+        return ("stages", i, "output")
+    if isinstance(stage.output, dict):
+        return ("stages", i, "output", next(r for r, q in stage.output.items() if q == queue))
+    return ("stages", i, "output", j)
+
+
+def _stdin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], str]]:
+    """Standard input (``file: {path: "-"}``) read by more than one process: each would take lines at random."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    first: str | None = None
+    for i, stage in enumerate(pipeline.stages):
+        source = getattr(stage, "source", None)
+        if source is None or source.file is None or source.file.path != "-":
+            continue
+        loc = ("stages", i, "source", "file", "path")
+        if stage.processes != 1:
+            problems.append((loc, f"standard input is read by one process, not {stage.processes}: give processes: 1"))
+        if first is not None:
+            problems.append((loc, f"standard input is already read by stage {first!r}: one stage can read it"))
+        first = first or stage.name
     return problems
 
 
@@ -195,6 +225,10 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         if function not in BUILTIN_KWARGS:
             continue
         known, needed = BUILTIN_KWARGS[function]
+        if stage.routes and "default" not in stage.routes:
+            message = (f"the built-in {function!r} picks no route, so every item goes to the route 'default', "
+                       "which output does not declare")
+            problems.append((("stages", i, "output"), message))
         kwargs = getattr(stage, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue
@@ -210,6 +244,15 @@ def _builtin_problems(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], s
         if "path" in known and "path" in kwargs and (not isinstance(path, str) or not path):
             message = f"the path of the built-in {function!r} must be a non-empty string, got {path!r}"
             problems.append((("stages", i, "kwargs", "path"), message))
+        columns = kwargs.get("columns")
+        if "columns" in kwargs and (not isinstance(columns, list) or not columns
+                                    or not all(isinstance(c, str) and c for c in columns)):
+            message = f"columns must be a non-empty list of column names, got {columns!r}"
+            problems.append((("stages", i, "kwargs", "columns"), message))
+        if function == "csv" and path == "-" and stage.processes != 1:
+            why = ("a csv sink writing to standard output runs in one process: each process would write its own "
+                   "header; give processes: 1, or a file path")
+            problems.append((("stages", i, "processes"), why))
     return problems
 
 
@@ -258,11 +301,15 @@ def _valid_name(name: str) -> bool:
 
 
 def _find_cycle(pipeline: Pipeline, writers: dict[str, list[str]]) -> list[str] | None:
-    """A cycle of 'must finish before' edges (queue writer -> reader, after -> stage), if any."""
+    """A cycle of 'must finish before' edges (queue writer -> reader, after -> stage), if any.
+
+    A stage writing to its own input is no such cycle: it feeds itself a work queue, whose stream ends when
+    its other writers have finished, the queue is empty and none of its items is in flight.
+    """
     upstream: dict[str, set[str]] = {s.name: set(s.after) for s in pipeline.stages}
     for stage in pipeline.stages:
         for q in stage.inputs:
-            upstream[stage.name].update(writers.get(q, []))
+            upstream[stage.name].update(w for w in writers.get(q, []) if w != stage.name)
     state: dict[str, int] = {}
     path: list[str] = []
 

@@ -327,6 +327,6 @@ def test_invalid_value_on_the_command_line_is_one_line_and_exit_2(tmp_pipeline):
     assert result.stderr.strip().splitlines() == [
         (
             "--set stages.dbl.processes=zero: error: stages[1].processes: "
-            "Input should be a valid integer, unable to parse string as an integer, got 'zero'"
+            "Input should be a whole number or 'auto', got 'zero'"
         )
     ]

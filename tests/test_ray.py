@@ -218,7 +218,7 @@ def test_raising_function_fails_like_local(tmp_pipeline, ray_run, kind):
     text = f"""version: 1
 stages:
   - {{name: src, kind: producer, source: {{range: {{start: 7, stop: 8}}}}, output: a}}
-  - {{name: fragile, kind: {kind}, input: a, function: "tasks_t:bad_sevens"}}
+  - {{name: fragile, kind: {kind}, processes: 1, input: a, function: "tasks_t:bad_sevens"}}
 """
     path = tmp_pipeline(text, TASKS)
     local = run_pipeline(path, start_method="forkserver")

@@ -9,7 +9,7 @@
 A backend subclasses it and says how to start a stage, tell that it ended, end a queue, count what a
 producer has sent so far and stop the producers (``runner.backends.local.driver``,
 ``runner.backends.ray.driver``). Its stage runners share one small interface: ``finished``, ``error``,
-``emitter`` (and ``dead_emitter``), ``stop()``, ``in_hand()`` and ``idle()``.
+``emitted``, ``sent_to(queue)``, ``dead_emitter``, ``stop()``, ``in_hand()`` and ``idle()``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ class StageRunnerLike(Protocol):
 
     finished: bool
     error: str | None
-    emitter: Emitter
+    emitted: int
     dead_emitter: Emitter | None
 
     def stop(self) -> None: ...
+    def sent_to(self, queue: str) -> int: ...
     def in_hand(self) -> int: ...
     def idle(self) -> bool: ...
 
@@ -161,12 +162,15 @@ class Driver:
 
     # -- live counts -----------------------------------------------------------------------------------
 
-    def sent(self, stage: StagePlan) -> int:
-        """Items the stage has emitted so far."""
+    def sent(self, stage: StagePlan, queue: str | None = None) -> int:
+        """Items the stage has emitted so far (into ``queue``, for a stage with routes)."""
         if stage.kind == "producer":
             return self.producer_sent(stage)
         runner = self.runners.get(stage.name)
-        return runner.emitter.sent if runner is not None else self.stats[stage.name].items_out
+        if runner is None:
+            st = self.stats[stage.name]
+            return st.routed.get(queue, 0) if stage.routes and queue else st.items_out
+        return runner.sent_to(queue) if queue else runner.emitted
 
     def queue_depth(self, name: str) -> int:
         """Items waiting in queue ``name`` now (sent by its writers, not yet taken by its readers); keeps the maximum.
@@ -174,7 +178,7 @@ class Driver:
         Called by the monitor thread and by a queue's runner right before it takes a batch (when the
         queue is deepest): a few additions per batch, nothing per item.
         """
-        put = sum(self.sent(s) for s in self._writers[name])
+        put = sum(self.sent(s, name) for s in self._writers[name])
         for s in self._dead_writers[name]:
             runner = self.runners.get(s.name)
             if runner is not None and runner.dead_emitter is not None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from runner import worker
@@ -33,6 +35,10 @@ from runner.topology import StagePlan
 
 KILL_GRACE = 2.0  # seconds a worker gets to stop when asked before it is killed
 
+# What a worker answered for (part of) a chunk, as the runner passes it on: outputs, their ids, the
+# outputs packed as queue messages by the worker ((n, bytes) each), and the queue of each output (routes).
+Piece = tuple[list[Any], Any, "list[tuple[int, bytes]] | None", "list[int] | None"]
+
 
 class StageFailed(Exception):
     """A stage cannot go on; the message names the stage and says why."""
@@ -41,22 +47,31 @@ class StageFailed(Exception):
 class StageRunnerCore:
     """The part of a stage runner that is the same on every backend (see the module docstring)."""
 
-    def __init__(self, sup: Any, plan: StagePlan, emitter: Emitter, dead_emitter: Emitter | None) -> None:
+    def __init__(self, sup: Any, plan: StagePlan, emitter: Callable[[list[Any]], Emitter], outputs: list[Any],
+                 dead_emitter: Emitter | None) -> None:
+        """``emitter(channels)``: the backend's Emitter of outputs into those channels; ``outputs``: the channels
+        of ``plan.outputs``."""
         self.sup, self.plan = sup, plan
         self.stats: StageStats = sup.stats[plan.name]
-        self.emitter, self.dead_emitter = emitter, dead_emitter
+        # A list `output`: one emitter sends every output to every queue. Routes: one emitter per queue.
+        self.emitter = emitter([] if plan.routes else outputs)
+        self.routed = [emitter([channel]) for channel in outputs] if plan.routes else []
+        self.dead_emitter = dead_emitter
+        self.emitters = [e for e in (self.emitter, *self.routed, self.dead_emitter) if e is not None]
         # Outputs of chunks waiting for their turn (ordered): seq -> pieces (outputs, ids, packed); `ready`:
         # the chunks whose last piece has come.
-        self.results: dict[int, list[tuple[list[Any], Any, Any]]] = {}
+        self.results: dict[int, list[Piece]] = {}
         self.ready: set[int] = set()
         self.next_seq = 0
         self.next_out = 0
         self.emitted = 0  # outputs of the stage's calls (sent on, or left behind by a stop)
         self.input_done = False
+        self.closing = False  # close requests sent to the workers (after the input has ended)
         self.stopping = False
         self.aborted = False
         self.finished = False
         self.quiet = False  # a self-fed stage: nothing in flight, waiting or buffered (see idle)
+        self.waiting_since = 0.0  # when the first of the items now waiting for a worker arrived (time.monotonic)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"stage-{plan.name}", daemon=True)
 
@@ -76,6 +91,11 @@ class StageRunnerCore:
         raise NotImplementedError
 
     def _stop_workers(self) -> None:
+        raise NotImplementedError
+
+    def _close_workers(self) -> None:
+        """Send every worker a close request (``worker.CLOSE``); each answers with what its ``close()`` gives,
+        and counts as busy until then."""
         raise NotImplementedError
 
     def _wake(self) -> None:
@@ -112,9 +132,14 @@ class StageRunnerCore:
         return self.quiet
 
     def _abandon(self) -> None:
-        for emitter in (self.emitter, self.dead_emitter):
-            if emitter is not None:
-                emitter.abandon()
+        for emitter in self.emitters:
+            emitter.abandon()
+
+    def sent_to(self, queue: str) -> int:
+        """Outputs sent into ``queue`` so far (dead letters aside)."""
+        if self.routed:
+            return self.routed[self.plan.outputs.index(queue)].sent
+        return self.emitter.sent
 
     # -- the runner thread -----------------------------------------------------------------------------
 
@@ -124,7 +149,11 @@ class StageRunnerCore:
                 self._dispatch()
             busy, waiting = self._busy(), self.unhanded()
             if not busy and (self.stopping or (self.input_done and not waiting)):
-                return
+                if self.stopping or self.closing:
+                    return
+                self.closing = True  # the input has ended and every item is settled: close() in each worker
+                self._close_workers()
+                continue
             if self.plan.self_fed:
                 self._settle_quiet(busy, waiting)
             self._wait()
@@ -133,9 +162,8 @@ class StageRunnerCore:
         try:
             self._loop()
             if not self.aborted and not self.stopping:
-                self.emitter.close()
-                if self.dead_emitter is not None:
-                    self.dead_emitter.close()
+                for emitter in self.emitters:
+                    emitter.close()
         except StageFailed as e:
             self.error = str(e)
         except Cancelled:  # a put that waited for room, given up as the run stops: counted as left behind
@@ -145,9 +173,8 @@ class StageRunnerCore:
                 self.error = f"stage {self.plan.name!r} failed: {type(e).__name__}: {e}"
         finally:
             self._stop_workers()
-            for emitter in (self.emitter, self.dead_emitter):
-                if emitter is not None:
-                    emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
+            for emitter in self.emitters:
+                emitter.stop(KILL_GRACE)  # after close: at once; else its linger thread sends nothing more
             if self.stopping:  # read, never handed out: they count as still in the input queue
                 self.stats.items_in -= self.unhanded()
             self.stats.items_out = self.emitted
@@ -159,7 +186,8 @@ class StageRunnerCore:
         """A self-fed stage that has just run out of work says so (the driver may then end its input)."""
         quiet = not busy and not waiting
         if quiet and not self.quiet:
-            self.emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
+            for emitter in (self.emitter, *self.routed):
+                emitter.flush()  # what it fed itself is in the queue, and counted, before it says so
             self.quiet = True
             self.sup.ring()
         elif not quiet:
@@ -168,7 +196,23 @@ class StageRunnerCore:
     def _taking(self, n: int) -> None:
         """Count ``n`` items taken from the input queue."""
         self.quiet = False  # before the count: the driver must never see it quiet with this batch taken
+        if not self.unhanded():
+            self.waiting_since = time.monotonic()
         self.stats.items_in += n
+
+    def _holding(self, waiting: int) -> float | None:
+        """A ``batch`` stage holds fewer than ``batch`` waiting items while more input may come, for at most
+        ``batch_timeout`` from when the first of them arrived: the seconds left, or None (hand them out)."""
+        plan = self.plan
+        if not plan.batch or not waiting or waiting >= plan.batch or self.input_done or self.stopping:
+            return None
+        left = self.waiting_since + plan.batch_timeout - time.monotonic()
+        return left if left > 0 else None
+
+    def _whole_batches(self, size: int) -> int:
+        """A chunk of ``size`` items cut to whole batches of a ``batch`` stage (at least one batch)."""
+        batch = self.plan.batch
+        return size if not batch else max(batch, size - size % batch)
 
     def _count(self, process: str, res: worker.ChunkResult) -> None:
         """Count a (partial) result per item; a result with an error fails the stage."""
@@ -188,7 +232,7 @@ class StageRunnerCore:
         for letter, item_id in zip(res.dead, res.dead_ids or [None] * len(res.dead), strict=True):
             self._dead_letter(letter, item_id)
 
-    def _emit(self, seq: int, pieces: list[tuple[list[Any], Any, Any]], *, final: bool = True) -> None:
+    def _emit(self, seq: int, pieces: list[Piece], *, final: bool = True) -> None:
         """Send a chunk's outputs on (in input order for ``ordered: true``, once its ``final`` piece is in)."""
         if not self.plan.ordered:
             for piece in pieces:
@@ -203,10 +247,14 @@ class StageRunnerCore:
                 self._send_on(*piece)
             self.next_out += 1
 
-    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None) -> None:
-        """Emit outputs (``packed``: as output queue messages made by the worker). While the run stops they are
-        counted and left behind."""
+    def _send_on(self, outputs: list[Any], ids: Any, packed: list[tuple[int, bytes]] | None,
+                 targets: list[int] | None = None) -> None:
+        """Emit outputs (``packed``: as output queue messages made by the worker; ``targets``: the queue of each,
+        for a stage with routes). While the run stops they are counted and left behind."""
         self.emitted += sum(n for n, _ in packed) if packed else len(outputs)
+        if targets is not None:
+            self._send_routed(outputs, ids, targets)
+            return
         if self.stopping and self.plan.outputs:
             return
         for n, data in packed or ():
@@ -214,6 +262,21 @@ class StageRunnerCore:
                 self.emitter.emit_many(*pickle.loads(data))
         if outputs:
             self.emitter.emit_many(outputs, ids)
+
+    def _send_routed(self, outputs: list[Any], ids: Any, targets: list[int]) -> None:
+        """Each output to the queue of its route (counted per queue, even when a stop leaves them behind)."""
+        groups: dict[int, tuple[list[Any], list[Any]]] = {}
+        for out, target, item_id in zip(outputs, targets, ids if ids is not None else [None] * len(outputs),
+                                        strict=True):
+            group = groups.setdefault(target, ([], []))
+            group[0].append(out)
+            group[1].append(item_id)
+        routed = self.stats.routed
+        for target, (outs, out_ids) in groups.items():
+            queue = self.plan.outputs[target]
+            routed[queue] = routed.get(queue, 0) + len(outs)
+            if not self.stopping:
+                self.routed[target].emit_many(outs, out_ids)
 
     def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
         assert self.dead_emitter is not None
@@ -239,6 +302,14 @@ class StageRunnerCore:
         self.sup.log.warning("item in a dead worker", stage=plan.name, process=process, item=worker.short_repr(item),
                              item_id=worker.item_id_text(item_id, self.sup.id_names), attempts=attempts, reason=reason)
         return decided
+
+    def died_closing(self, process: str, seq: int, reason: str) -> None:
+        """A worker died in its ``close()``: what it held is gone (under ``on_error: fail`` the stage fails)."""
+        if self.plan.on_error == "fail":
+            raise StageFailed(f"stage {self.plan.name!r} (process {process}) failed in close(): {reason}")
+        self.sup.log.warning("worker died in close(): what it held is lost", stage=self.plan.name, process=process,
+                             reason=reason)
+        self._emit(seq, [])
 
     def replaced(self, process: str, reason: str) -> None:
         """Count and log a worker that died or timed out and is replaced."""

@@ -138,9 +138,10 @@ class Supervisor(Driver):
 
                 if self.manager is None:
                     # Serves the LIFO stacks of this run; private socket, random key, shut down with the run.
-                    self.manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
+                    manager = StackManager(authkey=os.urandom(32), ctx=self.ctx)
                     with stop_signals_blocked():
-                        self.manager.start(manager_init, (self.pid,))
+                        manager.start(manager_init, (self.pid,))
+                    self.manager = manager
                 self.channels[plan.name] = LifoChannel(self.manager, plan)
             else:
                 self.channels[plan.name] = FifoChannel(self.ctx, plan)

@@ -77,7 +77,7 @@ class _Task:
     """A chunk handed to a worker, as the runner keeps it in case the worker dies holding it."""
 
     seq: int
-    items: list[Any] | bytes  # bytes: a whole batch of the input queue, still pickled (items and ids)
+    items: list[Any] | bytes | str  # bytes: a whole batch of the input queue, still pickled; str: worker.CLOSE
     tries: list[int] | None  # failed attempts of each item so far (None: none failed yet)
     ids: Any
     n: int  # items in it
@@ -126,7 +126,11 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: Supervisor, plan: StagePlan, outputs: list[Channel]) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        super().__init__(sup, plan, Emitter(outputs, on_batch=collect, ids=bool(outputs)),  # a sink passes no ids on
+
+        def emitter(channels: list[Channel]) -> Emitter:
+            return Emitter(channels, on_batch=collect, ids=bool(channels))  # a sink passes no ids on
+
+        super().__init__(sup, plan, emitter, outputs,
                          Emitter([sup.channels[plan.dead_letter]], ids=True) if plan.dead_letter else None)
         self.sup: Supervisor = sup
         self.input = sup.channels[plan.inputs[0]]
@@ -219,6 +223,16 @@ class StageRunner(StageRunnerCore):
 
     # -- the runner thread -----------------------------------------------------------------------------
 
+    def _close_workers(self) -> None:
+        for w in self.workers:
+            if w.retiring:  # maxtasksperchild: it leaves, and its state with it
+                continue
+            task = _Task(self.next_seq, worker.CLOSE, None, None, 0)
+            self.next_seq += 1
+            w.tasks.append(task)
+            with contextlib.suppress(OSError):  # it died: its sentinel is ready, and _exited settles the request
+                w.outbox.send(ForkingPickler.dumps((task.seq, worker.CLOSE, None, None), pickle.HIGHEST_PROTOCOL))
+
     def _busy(self) -> bool:
         return any(w.tasks for w in self.workers)
 
@@ -294,9 +308,9 @@ class StageRunner(StageRunnerCore):
         """The next chunk to hand out: a dead worker's first, then what waits (None: nothing)."""
         if self.again:
             return self.again.popleft()
-        if not self.waiting:
+        if not self.waiting or self._holding(self.waiting) is not None:
             return None
-        size = self.plan.chunksize or self._chunk_size()
+        size = self._whole_batches(self.plan.chunksize or self._chunk_size())
         # Once the time per item is known and while more input comes, a batch that is not too much
         # work for one worker goes whole (the others get the next ones); the first items are split.
         known = self.stats.busy_seconds > 0 and not self.input_done
@@ -380,7 +394,7 @@ class StageRunner(StageRunnerCore):
         else:
             w.tasks.popleft()
             w.retiring = res.retire
-        self._emit(res.seq, [(res.outputs, res.ids, res.packed)], final=not res.partial)
+        self._emit(res.seq, [(res.outputs, res.ids, res.packed, res.targets)], final=not res.partial)
 
     def _exited(self, w: _Worker) -> None:
         code = exit_code_of(w.process)
@@ -397,7 +411,9 @@ class StageRunner(StageRunnerCore):
             if w.timed_out
             else died_message(self.plan.name, w.name, code)
         )
-        if w.tasks and int(w.progress[2]) == w.tasks[0].seq:
+        if w.tasks and w.tasks[0].items == worker.CLOSE:
+            self.died_closing(w.name, w.tasks.popleft().seq, reason)
+        elif w.tasks and int(w.progress[2]) == w.tasks[0].seq:
             self._recover(w, reason)
         else:  # it died between chunks: nothing was in its hands
             self.again.extendleft(reversed(w.tasks))
@@ -453,6 +469,9 @@ class StageRunner(StageRunnerCore):
         """Seconds until the runner must look at its workers again without being woken (None: never)."""
         now = time.monotonic()
         deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
+        held = self._holding(self.waiting)
+        if held is not None:
+            deadlines.append(now + held)
         if self.plan.timeout:
             for w in self.workers:
                 if w.tasks:

@@ -527,7 +527,8 @@ class _ProducerActor:
             pass
         except Exception as e:  # noqa: BLE001 - reported to the driver, never lost
             error = f"{type(e).__name__}: {e}"
-            self.log.error("source failed", error=error, exception=traceback.format_exc())
+            tb = "" if isinstance(e, worker.SourceError) else traceback.format_exc()  # bad data: its file and line
+            self.log.error("source failed", error=error, **({"exception": tb} if tb else {}))
         finally:
             _flush(self.relay)
             self.ended.set()
@@ -574,28 +575,31 @@ class _WorkerActor:
             return summary, _where()
         return None, _where()
 
-    def _items(self, part: tuple[RefBatch, int, int]) -> list[Any]:
-        """Items ``start:stop`` of a batch in the object store, read on this node (the last batch is kept)."""
-        message, start, stop = part
-        ref, items = self.last
-        if ref != message.ref:
-            items = pickle.loads(ray.get(message.ref))
-            self.last = (message.ref, items)
-        return items[start:stop]
+    def _items(self, parts: list[tuple[RefBatch, int, int]]) -> list[Any]:
+        """Items ``start:stop`` of each message in the object store, read on this node (the last one is kept)."""
+        got: list[Any] = []
+        for message, start, stop in parts:
+            ref, items = self.last
+            if ref != message.ref:
+                items = pickle.loads(ray.get(message.ref))
+                self.last = (message.ref, items)
+            got += items[start:stop]
+        return got
 
     @ray.method(num_returns=2)
     def run_chunk(
-        self, seq: int, chunk: list[tuple[Any, int]], part: tuple[RefBatch, int, int] | None = None
+        self, seq: int, chunk: list[tuple[Any, int]], parts: list[tuple[RefBatch, int, int]] | None = None
     ) -> tuple[tuple[worker.ChunkResult, int | None, int], bytes | None]:
-        """Run a chunk: ``chunk`` (item, failed attempts) pairs, or ``part``, a slice of a batch in the object store.
+        """Run a chunk: ``chunk`` (item, failed attempts) pairs, or ``parts``: (message, start, stop) slices of
+        messages in the object store.
 
         Returns ((result, outputs, size), data): with ``by_ref``, the outputs leave as ``data`` (pickled,
         ``size`` bytes; None for a stage without outputs) and ``outputs`` counts them; else they are in the
         result and ``outputs`` is None.
         """
         stage, spec = self.spec.stage, self.spec
-        if part is not None:
-            items = self._items(part)
+        if parts:
+            items = self._items(parts)
             result = worker.run_items(self.fn, stage, seq, items, None, spec.lock, self.progress, self.log)
         else:
             items = [item for item, _ in chunk]
@@ -619,6 +623,16 @@ class _WorkerActor:
         if not self.spec.outputs:  # pickled as the local backend does, and dropped: nobody reads them
             return (result, n, 0), None
         return (result, n, len(data) if data else 0), data
+
+    def close_stage(self, seq: int) -> worker.ChunkResult:
+        """The stage's input has ended: what the instance's ``close()`` gives (``worker.close_result``)."""
+        stage = self.spec.stage
+        self.progress[0] = 0
+        self.progress[1] = time.monotonic_ns() if stage.timeout is not None else 0  # close() has `timeout` too
+        try:
+            return worker.close_result(self.fn, stage, seq, self.log)
+        finally:
+            self.progress[1] = 0
 
     def elapsed(self) -> tuple[int, float]:
         """(index of the item in hand, seconds its call has run; -1 when no call runs)."""

@@ -393,8 +393,9 @@ def _stop_actor(actor: Any) -> Any:
 
 def by_reference(stage: StagePlan, outputs: list[RayChannel]) -> bool:
     """A stage's outputs go by reference (its workers return them pickled, the driver forwards the reference)
-    unless the driver needs the items: a ``collect`` stage, or an output that is a LIFO stack."""
-    return stage.function != "collect" and all(c.kind == "fifo" for c in outputs)
+    unless the driver needs the items: a ``collect`` stage, routes (the driver sends each output to the queue
+    of its route), or an output that is a LIFO stack."""
+    return stage.function != "collect" and not stage.routes and all(c.kind == "fifo" for c in outputs)
 
 
 def _no_auto_connect() -> None:
@@ -420,18 +421,20 @@ def _kill(actor: Any) -> None:
 
 @dataclass
 class _Task:
-    """A chunk a worker holds: ``part``, a slice of a batch in the object store (first attempts), or ``chunk``,
+    """A chunk a worker holds: ``parts``, slices of messages in the object store (first attempts), or ``chunk``,
     (item, failed attempts so far) pairs by value; ``pos`` set: sent one item at a time (by value)."""
 
     seq: int
     chunk: list[tuple[Any, int]]
-    part: tuple[RefBatch, int, int] | None = None  # (batch, start, stop)
+    parts: list[tuple[RefBatch, int, int]] = field(default_factory=list)  # (message, start, stop) each
     pos: int | None = None  # after a worker died holding the chunk: the item being run alone
     acc: worker.ChunkResult | None = None  # results of the items before pos
     outs: list[tuple[int, RefBatch]] = field(default_factory=list)  # their outputs by reference
+    closing: bool = False  # the close request (worker.CLOSE): no items
 
-    def __len__(self) -> int:
-        return self.part[2] - self.part[1] if self.part is not None else len(self.chunk)
+    def size(self) -> int:
+        """Items of the chunk."""
+        return sum(stop - start for _, start, stop in self.parts) if self.parts else len(self.chunk)
 
 
 @dataclass
@@ -447,6 +450,7 @@ class _Worker:
     check_at: float | None = None  # when to ask how long the current call has run (timeouts)
     timed_out: int | None = None  # index in the sent piece of the item whose call timed out
     where: dict[str, Any] = field(default_factory=dict)  # its pid and node, once started
+    close_after_start: bool = False  # the stage's input ended while it was starting: close it once started
 
 
 class StageRunner(StageRunnerCore):
@@ -463,11 +467,13 @@ class StageRunner(StageRunnerCore):
 
     def __init__(self, sup: RaySupervisor, plan: StagePlan) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
-        outputs = [sup.channels[q] for q in plan.outputs]
-        emitter = RayEmitter(outputs, on_batch=collect)
+        self.outputs = [sup.channels[q] for q in plan.outputs]
+
+        def emitter(channels: list[RayChannel]) -> RayEmitter:
+            return RayEmitter(channels, on_batch=collect)
+
         dead = RayEmitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
-        super().__init__(sup, plan, emitter, dead)
-        self.emitter: RayEmitter = emitter
+        super().__init__(sup, plan, emitter, self.outputs, dead)
         self.sup: RaySupervisor = sup
         self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
@@ -498,12 +504,25 @@ class StageRunner(StageRunnerCore):
         return 0
 
     def unhanded(self) -> int:
-        return self.buffered + sum(len(t) - (t.pos or 0) for t in self.again)
+        return self.buffered + sum(t.size() - (t.pos or 0) for t in self.again)
 
     # -- the runner thread -----------------------------------------------------------------------------
 
+    def _close_workers(self) -> None:
+        for w in self.workers:
+            if w.ready is not None:  # still starting: asked once it has started
+                w.close_after_start = True
+            elif w.task is None:
+                self._send_close(w)
+
+    def _send_close(self, w: _Worker) -> None:
+        w.task = _Task(self.next_seq, [], closing=True)
+        self.next_seq += 1
+        w.ref = w.actor.close_stage.remote(w.task.seq)
+        w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
+
     def _busy(self) -> bool:
-        return any(w.task is not None for w in self.workers)
+        return any(w.task is not None or w.close_after_start for w in self.workers)
 
     def _wait(self) -> None:
         # Up to two messages ahead: a chunk is at most what is left of one, and a fair share of what is read.
@@ -547,23 +566,30 @@ class StageRunner(StageRunnerCore):
                 self.item_bytes = len(pickle.dumps(got[0], pickle.HIGHEST_PROTOCOL))
 
     def _next_task(self) -> _Task | None:
-        """A chunk from the dead workers' chunks, else cut from what was read (never across two batches)."""
+        """A chunk from the dead workers' chunks, else cut from what was read: within one message, but for a
+        ``batch`` stage, whose chunks are whole batches."""
         if self.again:
             return self.again.popleft()
-        if not self.buffered:
+        if not self.buffered or self._holding(self.buffered) is not None:
             return None
-        size = min(self._chunk_size(), self.buffered)
+        size = min(self._whole_batches(self._chunk_size()), self.buffered)
+        task = _Task(self.next_seq, [])
         if self.parts:
-            part = self.parts[0]
-            message, start = part
-            stop = min(message.n, start + size)
-            task = _Task(self.next_seq, [], (message, start, stop))
-            part[1] = stop
-            if stop == message.n:
-                self.parts.popleft()
+            if not self.plan.batch:
+                size = min(size, self.parts[0][0].n - self.parts[0][1])
+            left = size
+            while left:
+                part = self.parts[0]
+                message, start = part
+                stop = min(message.n, start + left)
+                task.parts.append((message, start, stop))
+                left -= stop - start
+                part[1] = stop
+                if stop == message.n:
+                    self.parts.popleft()
         else:
-            task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(size)])
-        self.buffered -= len(task)
+            task.chunk = [self.buffer.popleft() for _ in range(size)]
+        self.buffered -= size
         self.next_seq += 1
         return task
 
@@ -576,8 +602,8 @@ class StageRunner(StageRunnerCore):
                 if w.task is None:
                     continue
             task = w.task
-            if task.part is not None:
-                w.ref, w.out = w.actor.run_chunk.remote(task.seq, [], task.part)
+            if task.parts:
+                w.ref, w.out = w.actor.run_chunk.remote(task.seq, [], task.parts)
             else:
                 piece = task.chunk if task.pos is None else task.chunk[task.pos : task.pos + 1]
                 w.ref, w.out = w.actor.run_chunk.remote(task.seq, piece)
@@ -591,7 +617,7 @@ class StageRunner(StageRunnerCore):
             return self.plan.chunksize
         fair = math.ceil(self.buffered / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
-        most = min([c.batch for c in self.emitter.fifo], default=RAY_CHUNK)
+        most = min([c.batch for c in self.outputs if c.kind == "fifo"], default=RAY_CHUNK)
         return max(1, min(RAY_CHUNK, most, fair, paced, RAY_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
@@ -611,9 +637,15 @@ class StageRunner(StageRunnerCore):
             error, w.where = value
             if error is not None:
                 raise StageFailed(f"stage {self.plan.name!r} (process {w.name}) failed: {error}")
+            if w.close_after_start:
+                w.close_after_start = False
+                self._send_close(w)
             return
         w.ref = None
-        res, n, size = value
+        if isinstance(value, worker.ChunkResult):  # the answer to a close request: by value
+            res, n, size = value, None, 0
+        else:
+            res, n, size = value
         outs = [(n, RefBatch(n, size, w.out if size else None))] if n else []
         w.out = None
         self._result(w, res, outs)
@@ -634,8 +666,10 @@ class StageRunner(StageRunnerCore):
             pace = res.busy / res.done
             self.per_item = pace if self.per_item is None else 0.7 * self.per_item + 0.3 * pace
         if task.pos is not None:  # one item of a chunk sent alone: add it up until the chunk is done
-            acc = task.acc = task.acc or worker.ChunkResult(task.seq, [], [])
+            acc = task.acc = task.acc or self._empty(task.seq)
             acc.outputs += res.outputs
+            if acc.targets is not None and res.targets is not None:
+                acc.targets += res.targets
             task.outs += outs
             acc.dead += res.dead
             for name in ("done", "skipped", "retried", "failed", "busy"):
@@ -653,11 +687,16 @@ class StageRunner(StageRunnerCore):
         if retire:
             self._retire(w)
 
+    def _empty(self, seq: int) -> worker.ChunkResult:
+        """A result with nothing in it yet (with routes: no targets yet)."""
+        return worker.ChunkResult(seq, [], [], targets=[] if self.plan.routes else None)
+
     def _finish(self, seq: int, res: worker.ChunkResult, outs: list[tuple[int, RefBatch]]) -> None:
         """Count a finished chunk, send its dead letters and emit its outputs (``outs``: by reference, which
         ``RayEmitter.emit_packed`` forwards)."""
         self._count(self.plan.name, res)
-        self._emit(seq, [(res.outputs, None, outs or None)])
+        packed: Any = outs or None  # RayEmitter.emit_packed takes a RefBatch where a local emitter takes bytes
+        self._emit(seq, [(res.outputs, None, packed, res.targets)])
 
     def _retire(self, w: _Worker) -> None:
         """maxtasksperchild: replace the worker with a fresh one of the same name."""
@@ -678,7 +717,9 @@ class StageRunner(StageRunnerCore):
         reason = f"call timed out after {self.plan.timeout:g}s (worker {w.name} replaced)" if timed_out else died
         self.exited(w.name, None, reason=reason, **w.where)
         task = w.task
-        if task is not None:
+        if task is not None and task.closing:
+            self.died_closing(w.name, task.seq, reason)
+        elif task is not None:
             self._by_value(task)
             if task.pos is not None:
                 index: int | None = task.pos
@@ -721,21 +762,23 @@ class StageRunner(StageRunnerCore):
             del chunk[index]
         task.chunk = chunk
         if task.pos is not None and task.pos >= len(chunk):
-            self._finish(task.seq, task.acc or worker.ChunkResult(task.seq, [], []), task.outs)
+            self._finish(task.seq, task.acc or self._empty(task.seq), task.outs)
         elif not chunk:
             self._emit(task.seq, [])
         else:
             self.again.appendleft(task)
 
     def _by_value(self, task: _Task) -> None:
-        """The items of a slice of a batch, fetched (a worker died holding them: the policy names the item)."""
-        if task.part is not None:
-            message, start, stop = task.part
-            items = pickle.loads(ray.get(message.ref))[start:stop]
-            task.chunk, task.part = [(item, 0) for item in items], None
+        """The items of a chunk by reference, fetched (a worker died holding them: the policy names the item)."""
+        for message, start, stop in task.parts:
+            task.chunk += [(item, 0) for item in pickle.loads(ray.get(message.ref))[start:stop]]
+        task.parts = []
 
     def _next_deadline(self) -> float | None:
         checks = [w.check_at for w in self.workers if w.ref is not None and w.check_at is not None]
+        held = self._holding(self.buffered)
+        if held is not None:
+            checks.append(time.monotonic() + held)
         return None if not checks else max(0.0, min(checks) - time.monotonic())
 
     def _enforce_timeouts(self) -> None:
