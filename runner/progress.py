@@ -159,13 +159,16 @@ class LiveDisplay:
                 ``processes``, ``items_in``, ``items_out``, ``finished`` (items done, counting those done in
                 chunks still in the workers' hands: what the rate counts),
                 ``failed``, ``skipped``, ``dead_lettered``, ``restarts``, ``queue`` (its input queue's name
-                or None) and ``depth`` (items waiting in it).
+                or None) and ``depth`` (items waiting in it); ``calls`` (optional): calls in flight of a stage
+                with ``concurrency`` (a column of its own when any stage has it).
         """
         rates = self._rates(rows)
         running = sum(r["state"] in ("running", "stopping") for r in rows)
         stopping = any(r["state"] == "stopping" for r in rows)
         ahead = self._ahead(rows, rates) if any(total is not None for total, _ in self.plan.values()) else None
-        head = ("stage", "state", "procs", "in", "out", "items/s", "failed", "skipped", "dead", "restarts",
+        concurrent = any(r.get("calls") is not None for r in rows)
+        head = ("stage", "state", "procs", *(("calls",) if concurrent else ()), "in", "out", "items/s", "failed",
+                "skipped", "dead", "restarts",
                 *(("done", "eta") if ahead else ()), "input queue")
         table = [head]
         for r in rows:
@@ -175,6 +178,7 @@ class LiveDisplay:
                 r["stage"],
                 r["state"],
                 str(r["processes"]),
+                *(("-" if r.get("calls") is None else f"{r['calls']:,}",) if concurrent else ()),
                 "-" if producer else f"{r['items_in']:,}",
                 f"{r['items_out']:,}",
                 "-" if rate is None or r["state"] not in ("running", "stopping") else f"{rate:,.0f}",

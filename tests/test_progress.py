@@ -171,6 +171,52 @@ def test_display_clears_writes_and_redraws():
     assert [line for line in screen(out.getvalue()) if line] == ["a log line"]
 
 
+def test_calls_in_flight_column_only_when_a_stage_has_concurrency():
+    """A stage with concurrency shows its calls in flight in a column of their own; without one, no column."""
+    display = LiveDisplay(io.StringIO(), "demo", colors=False)
+    base = {"kind": "consumer", "state": "running", "processes": 2, "items_in": 5, "items_out": 4, "finished": 4,
+            "failed": 0, "skipped": 0, "dead_lettered": 0, "restarts": 0, "queue": "q", "depth": 3}
+    lines = display.render([{**base, "stage": "fetch", "calls": 37}, {**base, "stage": "sink", "calls": None}])
+    assert lines[1].split()[:4] == ["stage", "state", "procs", "calls"]
+    assert lines[2].split()[:4] == ["fetch", "running", "2", "37"]
+    assert lines[3].split()[:4] == ["sink", "running", "2", "-"]
+    plain = display.render([{**base, "stage": "sink"}])
+    assert "calls" not in plain[1].split()
+
+
+def test_live_snapshot_counts_the_calls_in_flight_of_a_concurrent_stage(tmp_pipeline):
+    """While 2 processes x 20 concurrent calls wait, the driver's snapshot reports calls in flight (> 1)."""
+    import threading
+
+    from runner import plan_run
+    from runner.backends.local.driver import Supervisor
+
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 400}}, output: a}
+  - {name: fetch, kind: pool, processes: 2, concurrency: 20, input: a, function: "tasks_t:wait", output: b}
+  - {name: sink, kind: consumer, input: b, function: collect}
+"""
+    tasks = "import time\n\ndef wait(x):\n    time.sleep(0.05)\n    return x\n"
+    sup = Supervisor(plan_run(tmp_pipeline(text, tasks), start_method="forkserver", log_level="warning"))
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.02):
+            rows = {r["stage"]: r for r in sup.snapshot()} if sup.runners else {}
+            if rows.get("fetch", {}).get("calls"):
+                seen.append(rows["fetch"]["calls"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = sup.run()
+    done.set()
+    watcher.join(5)
+    assert result.exit_code == 0, result.error
+    assert seen and max(seen) > 1
+
+
 def test_percent_and_eta_when_totals_are_known(monkeypatch):
     """With the producers' totals known, each stage shows how far it is and its ETA at its recent rate, and the
     first line the run's (least advanced stage, latest ETA); a stage downstream expects what its writers send;

@@ -42,6 +42,7 @@ class StageRunnerLike(Protocol):
     def stop(self) -> None: ...
     def sent_to(self, queue: str) -> int: ...
     def in_hand(self) -> int: ...
+    def calls(self) -> int | None: ...
     def idle(self) -> bool: ...
 
 
@@ -203,11 +204,13 @@ class Driver:
             runner = self.runners.get(stage.name)
             if runner is not None:  # items done in chunks still in workers' hands
                 finished += runner.in_hand()
+            calls = runner.calls() if runner is not None and stage.concurrency > 1 else None
             rows.append({
                 "stage": stage.name, "kind": stage.kind, "state": self.schedule.state[stage.name].value,
                 "processes": stage.processes, "items_in": st.items_in, "items_out": out, "finished": finished,
                 "failed": st.failed, "skipped": st.skipped, "dead_lettered": st.dead_lettered,
                 "restarts": st.restarts, "queue": queue, "depth": depths.get(queue, 0) if queue else 0,
+                "calls": calls,
             })
         return rows
 

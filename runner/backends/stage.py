@@ -31,7 +31,7 @@ from runner import worker
 from runner.messages import Decision
 from runner.queues import Cancelled, Emitter
 from runner.results import StageStats
-from runner.topology import StagePlan
+from runner.topology import LINGER, StagePlan
 
 KILL_GRACE = 2.0  # seconds a worker gets to stop when asked before it is killed
 
@@ -105,6 +105,10 @@ class StageRunnerCore:
     def in_hand(self) -> int:
         """Items finished in chunks still in workers' hands (0 when the backend cannot know)."""
         raise NotImplementedError
+
+    def calls(self) -> int | None:
+        """Calls in flight now, for a stage with ``concurrency`` (None: not shown, or not known)."""
+        return None
 
     def unhanded(self) -> int:
         """Items read from the input and never handed out (or handed back by dead workers)."""
@@ -202,11 +206,14 @@ class StageRunnerCore:
 
     def _holding(self, waiting: int) -> float | None:
         """A ``batch`` stage holds fewer than ``batch`` waiting items while more input may come, for at most
-        ``batch_timeout`` from when the first of them arrived: the seconds left, or None (hand them out)."""
+        ``batch_timeout`` from when the first of them arrived; a stage with ``concurrency`` holds fewer items
+        than it has calls at once for at most ``LINGER`` (a call of one item would make a worker wait for it
+        alone): the seconds left, or None (hand them out)."""
         plan = self.plan
-        if not plan.batch or not waiting or waiting >= plan.batch or self.input_done or self.stopping:
+        want, hold = (plan.batch, plan.batch_timeout) if plan.batch else (plan.concurrency, LINGER)
+        if want < 2 or not waiting or waiting >= want or self.input_done or self.stopping:
             return None
-        left = self.waiting_since + plan.batch_timeout - time.monotonic()
+        left = self.waiting_since + hold - time.monotonic()
         return left if left > 0 else None
 
     def _whole_batches(self, size: int) -> int:

@@ -215,6 +215,12 @@ class StageRunner(StageRunnerCore):
         """Items finished in chunks still in workers' hands (``progress[0]``: the index of the item in hand)."""
         return sum(int(w.progress[0]) for w in list(self.workers) if w.tasks)
 
+    def calls(self) -> int | None:
+        """Calls in flight (``progress[6]``: one past the last item started; ``[0]``: the first unsettled one)."""
+        if self.plan.concurrency == 1:
+            return None
+        return sum(max(0, int(w.progress[6]) - int(w.progress[0])) for w in list(self.workers) if w.tasks)
+
     def unhanded(self) -> int:
         return self.waiting + sum(t.n - t.settled for t in self.again)
 
@@ -315,7 +321,7 @@ class StageRunner(StageRunnerCore):
         # work for one worker goes whole (the others get the next ones); the first items are split.
         known = self.stats.busy_seconds > 0 and not self.input_done
         whole = self.plan.chunksize or (self._chunk_size(MAX_BATCH) if known else size)
-        if not self.buffer and self.packed and self.packed[0][0] <= whole:
+        if not self.buffer and self.packed and self._least() <= self.packed[0][0] <= whole:
             n, data = self.packed.popleft()  # a whole batch: the worker unpickles it
             self.packed_items -= n
             self.packed_bytes -= len(data)
@@ -350,10 +356,12 @@ class StageRunner(StageRunnerCore):
     def _depth(self) -> int:
         """Chunks in flight per worker: DEPTH, so that a worker finds its next short chunk waiting in its
         pipe; one once items take SLOW_ITEM or more, so that at the end of the input no chunk waits behind
-        a busy worker while another worker has nothing left to do."""
+        a busy worker while another worker has nothing left to do. With ``concurrency`` a worker waits on its
+        calls, not on its CPU: it always has its next chunk waiting."""
         st = self.stats
         done = st.delivered + st.skipped + st.dead_lettered
-        return 1 if done and st.busy_seconds / done >= SLOW_ITEM else DEPTH
+        slow = done and st.busy_seconds / done >= SLOW_ITEM and self.plan.concurrency == 1
+        return 1 if slow else DEPTH
 
     def _chunk_size(self, share: int = 0) -> int:
         """Items for the next chunk: a share of what waits, about CHUNK_SECONDS of work once the time per
@@ -363,10 +371,18 @@ class StageRunner(StageRunnerCore):
         share = min(most, share or max(1, math.ceil(self.waiting / len(self.workers))))
         st = self.stats
         done = st.delivered + st.skipped + st.dead_lettered
+        wave = min(most, self._least())
         if not done:
-            return min(share, FIRST_CHUNK)
+            return max(min(share, FIRST_CHUNK), wave)
         per_item = st.busy_seconds / done
-        return share if per_item <= 0 else max(1, min(share, int(CHUNK_SECONDS / per_item)))
+        paced = share if per_item <= 0 else int(CHUNK_SECONDS / per_item)
+        more = 8 * wave if self.plan.concurrency > 1 else wave  # a worker ends a chunk before it starts the next
+        return max(1, min(share, max(paced, more)), wave)
+
+    def _least(self) -> int:
+        """The fewest items a chunk should hold (however few wait per worker): a batch of a ``batch`` stage,
+        times ``concurrency``: the calls a worker makes at once take as long as one."""
+        return (self.plan.batch or 1) * self.plan.concurrency
 
     def _worker_ready(self, ready: Any) -> None:
         for w in list(self.workers):

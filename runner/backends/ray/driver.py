@@ -617,8 +617,9 @@ class StageRunner(StageRunnerCore):
             return self.plan.chunksize
         fair = math.ceil(self.buffered / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
+        slots = self.plan.concurrency * (self.plan.batch or 1)  # items a worker can have in calls at once
         most = min([c.batch for c in self.outputs if c.kind == "fifo"], default=RAY_CHUNK)
-        return max(1, min(RAY_CHUNK, most, fair, paced, RAY_BYTES // max(1, self.item_bytes)))
+        return max(1, min(RAY_CHUNK, most, fair, max(paced, slots), RAY_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
