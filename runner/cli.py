@@ -344,7 +344,7 @@ def _run(ns: argparse.Namespace) -> int:
 def _run_inline(ns: argparse.Namespace) -> Any:
     """``run --inline``: the same run in this process; options about processes do not apply."""
     from runner.errors import UsageError
-    from runner.inline import run_inline_pipeline
+    from runner.backends.inline import run_inline_pipeline
 
     if ns.start_method:
         msg = "--inline starts no process: --start-method does not apply"

@@ -65,6 +65,6 @@ class Inline:
     """Every stage in this process, one after another (``breakpoint()`` works)."""
 
     def run(self, topology: Topology) -> RunResult:
-        from runner.inline import run_inline
+        from runner.backends.inline import run_inline
 
         return run_inline(topology)

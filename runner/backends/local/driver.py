@@ -30,7 +30,6 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import logs, wire, worker
@@ -147,9 +146,6 @@ class Supervisor(Driver):
                 self.channels[plan.name] = FifoChannel(self.ctx, plan)
         # One lock per name, held around each call of the stages that name it.
         self.locks = {name: self.ctx.Lock() for name in self.topo.locks}
-        for stage in self.topo.stages:
-            if stage.function == "jsonl":
-                Path(self.topo.base_dir, str(stage.kwargs["path"])).write_text("")
 
     def _loop(self, sig_r: int) -> None:
         self.advance()

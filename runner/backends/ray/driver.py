@@ -36,7 +36,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import ray
@@ -203,9 +202,6 @@ class RaySupervisor(Driver):
         self.relay_thread = threading.Thread(target=self._relay, name="ray-relay", daemon=True)
         self.relay_thread.start()
         self.channels = {plan.name: RayChannel(self.hub, plan) for plan in plans}
-        for stage in self.topo.stages:
-            if stage.function == "jsonl":
-                Path(self.topo.base_dir, str(stage.kwargs["path"])).write_text("")
 
     def _relay(self) -> None:
         """Relay thread: records to the listener's queue, output lines to this process's streams.

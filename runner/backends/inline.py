@@ -112,9 +112,6 @@ def run_inline(topo: Topology) -> RunResult:
     queues: dict[str, deque[bytes]] = {name: deque() for name in topo.queues}
     exit_code, error = 0, None
     try:
-        for stage in topo.stages:
-            if stage.function == "jsonl":
-                Path(topo.base_dir, str(stage.kwargs["path"])).write_text("")
         for stage in stage_order(topo):
             me.name = stage.process_names[0]
             logs.configure(log_queue, topo.log_level, stage=stage.name, process=me.name)
