@@ -643,14 +643,14 @@ _node = []
 
 def node_of(x, marks):
     """(2x, the custom resource naming the Ray node this runs on: node_a or node_b). A worker's first call
-    waits (at most 60 s) until a worker of each node has begun: one node's workers cannot take every item
-    while the other node still prepares the run's environment."""
+    waits (at most 150 s) until a worker of each node has begun: one node's workers cannot take every item
+    while the other node still prepares the run's environment (slow on a loaded machine)."""
     if not _node:
         here = ray.get_runtime_context().get_node_id()
         resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == here)
         _node.append(next(k for k in resources if k.startswith("node_")))
         Path(marks, _node[0]).touch()
-        end = time.monotonic() + 60
+        end = time.monotonic() + 150
         while len(os.listdir(marks)) < 2 and time.monotonic() < end:
             time.sleep(0.02)
     return [2 * x, _node[0]]
@@ -708,7 +708,7 @@ def two_nodes():
         assert left == [], "Ray processes left after stopping the two nodes"
 
 
-@pytest.mark.timeout(240)  # two nodes to start, the run's environment to prepare on each
+@pytest.mark.timeout(360)  # two nodes to start, the run's environment to prepare on each
 def test_a_two_node_cluster_runs_the_items_on_both_nodes(tmp_pipeline, two_nodes, tmp_path):
     """On a cluster of two nodes (`--ray-address`), the pool's worker actors on both nodes take items (batches
     read by reference across nodes), and the results and counts are exact."""
@@ -723,7 +723,7 @@ stages:
     marks.mkdir()
     path = tmp_pipeline(text.replace("MARKS", json.dumps(str(marks))), NODES)
     result = run_cli("run", str(path), "--no-summary", "--backend", "ray", "--ray-address", two_nodes,
-                     "--metrics-json", str(metrics), env={"RAY_AUTH_MODE": "disabled"}, timeout=180)
+                     "--metrics-json", str(metrics), env={"RAY_AUTH_MODE": "disabled"}, timeout=270)
     assert result.returncode == 0, result.stderr
     pairs = json.loads(result.stdout.splitlines()[0])
     assert sorted(x for x, _ in pairs) == [2 * i for i in range(3000)]
