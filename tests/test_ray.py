@@ -519,6 +519,220 @@ def test_ray_address_needs_the_ray_backend(tmp_pipeline):
     assert "--ray-address applies to the ray backend" in result.stderr and "Traceback" not in result.stderr
 
 
+COUNTED = '''
+import os
+from pathlib import Path
+
+DRIVER, LOG = {driver}, {log!r}
+
+
+class Item:
+    """An item whose unpickling in the driver process leaves a line in LOG."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __reduce__(self):
+        return (revive, (self.x,))
+
+
+def revive(x):
+    if os.getpid() == DRIVER:
+        with open(LOG, "a") as f:
+            f.write(f"{{x}}\\n")
+    return Item(x)
+
+
+def items(stop, start=0):
+    for i in range(start, stop):
+        yield Item(i)
+
+
+def bump(item):
+    return Item(item.x + 1)
+
+
+def value(item):
+    return item.x
+'''
+
+
+def test_the_driver_never_unpickles_the_items_of_a_fifo_queue(tmp_pipeline, ray_run, tmp_path, monkeypatch):
+    """Items through FIFO queues (ordered pools, a fan-out) travel by reference: the driver
+    unpickles none of them; it does unpickle what it must hold, the items a `collect` stage gathers."""
+    unpickled = tmp_path / "unpickled"
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {function: "counted_t:items"}, kwargs: {stop: 3000}, output: a}
+  - {name: bump, kind: pool, processes: 2, ordered: true, input: a, function: "counted_t:bump", output: [b, c]}
+  - {name: again, kind: pool, processes: 2, ordered: true, input: b, function: "counted_t:bump", output: d}
+  - {name: values, kind: consumer, input: d, function: "counted_t:value", output: e}
+  - {name: sink, kind: consumer, input: e, function: collect}
+  - {name: drop, kind: consumer, input: c, function: "counted_t:value"}
+  - {name: few, kind: producer, source: {function: "counted_t:items"}, kwargs: {start: 10000, stop: 10003},
+     output: f}
+  - {name: held, kind: consumer, input: f, function: collect}
+"""
+    path = tmp_pipeline(text)
+    (path.parent / "counted_t.py").write_text(COUNTED.format(driver=os.getpid(), log=str(unpickled)))
+    monkeypatch.syspath_prepend(str(path.parent))  # the driver imports Item to unpickle what `held` collects
+    result = ray_run(path)
+    assert result.exit_code == 0, result.error
+    assert result.collected["sink"] == list(range(2, 3002))
+    assert sorted(item.x for item in result.collected["held"]) == [10000, 10001, 10002]
+    assert sorted(unpickled.read_text().split()) == ["10000", "10001", "10002"]
+
+
+METRICS = """version: 1
+queues:
+  stack: {type: lifo}
+  small: {maxsize: 100}
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 2000}}, output: [a, stack]}
+  - {name: sevens, kind: pool, processes: 2, input: a, function: "tasks_t:bad_sevens", on_error: skip, output: small}
+  - {name: inc, kind: pool, processes: 2, ordered: true, input: small, function: "tasks_t:add", kwargs: {n: 1},
+     output: b}
+  - {name: letters, kind: consumer, input: b, function: "tasks_t:bad_sevens", on_error: skip, dead_letter: dlq,
+     output: ok}
+  - {name: ok, kind: consumer, input: ok, function: collect}
+  - {name: dead, kind: consumer, input: dlq, function: collect}
+  - {name: lifo_read, kind: consumer, after: [src], input: stack, function: identity}
+"""
+
+
+def _comparable(report: dict) -> dict:
+    """The fields of a --metrics-json report that do not depend on timing or on how chunks were cut."""
+    stages = {
+        name: {k: v for k, v in st.items() if k in {"kind", "processes", "items_in", "items_out", "delivered", "skipped",
+                                                    "retried", "failed", "dead_lettered", "restarts", "balanced"}}
+        | {"latency": st["latency"] is not None}
+        for name, st in report["stages"].items()
+    }
+    return {"exit_code": report["exit_code"], "error": report["error"], "stages": stages, "queues": report["queues"],
+            "high_water": sorted(report["queue_high_water"]), "processes": report["processes"],
+            "process_stats": report["process_stats"]}
+
+
+def test_metrics_json_of_a_ray_run_equals_a_local_one(tmp_pipeline, ray_instance, tmp_path):
+    """`mprun run --metrics-json` on both backends: the same counts per stage, queue accounts, processes and
+    their exit codes; a high-water mark for every queue; only timings differ."""
+    from runner import cli
+
+    path = tmp_pipeline(METRICS, TASKS)
+    reports = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.json"
+        assert cli.main(["run", str(path), "--no-summary", "--backend", backend, "--metrics-json", str(out)]) == 0
+        reports[backend] = json.loads(out.read_text())
+    local, ray = (_comparable(reports[b]) for b in ("local", "ray"))
+    assert ray == local
+    assert local["stages"]["sevens"]["skipped"] == 286 and local["stages"]["letters"]["dead_lettered"] > 0
+    assert all(q["balanced"] for q in reports["ray"]["queues"].values())
+    assert set(reports["ray"]["queue_high_water"]) == set(reports["ray"]["queues"]) == {"a", "stack", "small", "b",
+                                                                                        "ok", "dlq"}
+    assert reports["ray"]["queue_high_water"]["a"] > 0
+
+
+NODES = '''
+import os, time
+from pathlib import Path
+import ray
+
+_node = []
+
+
+def node_of(x, marks):
+    """(2x, the custom resource naming the Ray node this runs on: node_a or node_b). A worker's first call
+    waits (at most 150 s) until a worker of each node has begun: one node's workers cannot take every item
+    while the other node still prepares the run's environment (slow on a loaded machine)."""
+    if not _node:
+        here = ray.get_runtime_context().get_node_id()
+        resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == here)
+        _node.append(next(k for k in resources if k.startswith("node_")))
+        Path(marks, _node[0]).touch()
+        end = time.monotonic() + 150
+        while len(os.listdir(marks)) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+    return [2 * x, _node[0]]
+'''
+
+
+@pytest.fixture
+def two_nodes():
+    """A Ray cluster of two nodes on this machine (`ray start --head`, then `ray start --address`), each with a
+    custom resource naming it; yields its address. Both are stopped at the end and leave no process."""
+    pytest.importorskip("ray")
+    token, port = uuid.uuid4().hex, free_port()
+    env = {**os.environ, "MPRUN_TEST_TOKEN": token, "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    common = ["--block", "--num-cpus", "1", f"--temp-dir={temp}", "--disable-usage-stats"]
+    nodes = [subprocess.Popen(
+        [ray_cli, "start", "--head", "--port", str(port), "--include-dashboard", "false", "--resources",
+         '{"node_a": 10}', f"--dashboard-agent-listen-port={free_port()}", *common],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )]
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and nodes[0].poll() is None, "the head node did not start"
+                time.sleep(0.1)
+        nodes.append(subprocess.Popen(
+            [ray_cli, "start", "--address", address, "--resources", '{"node_b": 10}',
+             f"--dashboard-agent-listen-port={free_port()}", *common],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        wait = (f"import ray, time, logging\nray.init(address={address!r}, logging_level=logging.ERROR)\n"
+                "end = time.monotonic() + 60\n"
+                "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() < end:\n    time.sleep(0.1)\n"
+                "print(sum(n['Alive'] for n in ray.nodes()))\n")
+        joined = subprocess.run([sys.executable, "-c", wait], env=env, capture_output=True, text=True, timeout=120,
+                                check=False)
+        assert joined.stdout.strip() == "2", joined.stderr[-2000:]
+        yield address
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait(10)
+        left = wait_gone(token, 20)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert left == [], "Ray processes left after stopping the two nodes"
+
+
+@pytest.mark.timeout(360)  # two nodes to start, the run's environment to prepare on each
+def test_a_two_node_cluster_runs_the_items_on_both_nodes(tmp_pipeline, two_nodes, tmp_path):
+    """On a cluster of two nodes (`--ray-address`), the pool's worker actors on both nodes take items (batches
+    read by reference across nodes), and the results and counts are exact."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3000}}, output: a}
+  - {name: work, kind: pool, processes: 4, input: a, function: "tasks_t:node_of", kwargs: {marks: MARKS},
+     output: b}
+  - {name: keep, kind: consumer, input: b, function: collect}
+"""
+    metrics, marks = tmp_path / "metrics.json", tmp_path / "marks"
+    marks.mkdir()
+    path = tmp_pipeline(text.replace("MARKS", json.dumps(str(marks))), NODES)
+    result = run_cli("run", str(path), "--no-summary", "--backend", "ray", "--ray-address", two_nodes,
+                     "--metrics-json", str(metrics), env={"RAY_AUTH_MODE": "disabled"}, timeout=270)
+    assert result.returncode == 0, result.stderr
+    pairs = json.loads(result.stdout.splitlines()[0])
+    assert sorted(x for x, _ in pairs) == [2 * i for i in range(3000)]
+    assert Counter(node for _, node in pairs).keys() == {"node_a", "node_b"}
+    report = json.loads(metrics.read_text())
+    assert report["stages"]["work"]["items_in"] == report["stages"]["keep"]["items_in"] == 3000
+    assert all(q["balanced"] for q in report["queues"].values())
+
+
 @pytest.mark.parametrize("example", ["wordcount", "crawl", "router", "async_fetch", "batched_writer"])
 def test_stages_for_real_work_match_local(ray_run, example, tmp_path, monkeypatch):
     """Each shipped example of class stages with close(), batches, concurrency, routes and a self-fed stack

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from runner import Route, route, worker
-from runner.compiler import compile_pipeline
 from runner.backends.inline import run_inline
+from runner.compiler import compile_pipeline
 from runner.loader import load_pipeline
 from runner.metrics import metrics
 from runner.topology import StagePlan

@@ -2,19 +2,23 @@
 
     driver (this process)                              Ray actors (one actor = one process of a stage)
     ---------------------                              ------------------------------------------------
-    RaySupervisor (a runner.backends.driver.Driver):   producer actors --put--> _Hub: queues (fifo | lifo)
-       bell loop, starts stages, ends queues                                          named locks
-    StageRunner thread per consumer/pool stage <--get-- _Hub                         relay, wake-up flags
-        --run_chunk--> its worker actors (process_names) --ChunkResult--> runner --Emitter--put--> _Hub
-    relay thread <--take-- _Hub <--post-- every stage actor: log records, stdout/stderr lines
-    relay thread --> log queue --> Listener (stderr, log_file); stdout lines --> sys.stdout
+    RaySupervisor (a runner.backends.driver.Driver):   producer actors --RefBatch--> _Hub: FIFO queues of
+       bell loop, starts stages, ends queues               RefBatch, LIFO stacks of items, named locks,
+    StageRunner thread per consumer/pool stage <--get-- _Hub       relay, wake-up flags
+        --run_chunk(slice of a RefBatch)--> its worker actors --(ChunkResult, outputs ref)--> runner
+        runner --RayEmitter--RefBatch of the outputs--> _Hub
+    relay thread <--take-- _Hub <--post-- every stage actor: log records, stdout/stderr lines, items sent
+    relay thread --> log queue --> Listener (stderr, log_file); stdout lines --> sys.stdout;
+                     producers' items sent so far --> producer_sent (live display, queue depths)
 
-The actors, the hub and what crosses to them are ``runner.backends.ray.actors``. Each consumer or pool
-stage is read by one ``StageRunner`` thread of the driver, as on the local backend: it fetches one batch
-at a time from its input queue, hands chunks to its worker actors, emits their results (in input order for
-``ordered: true``) and applies the error policy to items held by a worker that died or timed out, then
-replaces it.  Everything moves in batches: a Ray call costs about a millisecond, an item a microsecond.
-When a stage may start, when a queue ends and the stop are the shared ``Schedule`` and ``Driver``.
+The actors, the hub and what crosses to them are ``runner.backends.ray.actors`` (whose docstring says how
+items stay in Ray's object store: this process handles references, counts and control). Each consumer or
+pool stage is read by one ``StageRunner`` thread of the driver, as on the local backend: it fetches one
+message at a time from its input queue, hands slices of it to its worker actors, forwards their outputs (in
+input order for ``ordered: true``) and applies the error policy to items held by a worker that died or
+timed out, then replaces it.  Everything moves in batches: a Ray call costs about a millisecond, an item a
+microsecond.  When a stage may start, when a queue ends and the stop are the shared ``Schedule`` and
+``Driver``.
 """
 
 from __future__ import annotations
@@ -48,20 +52,21 @@ from runner.backends.ray.actors import (
     FIRST_CHUNK,
     KILL_GRACE,
     RAY_BATCH,
+    RAY_BYTES,
     RAY_CHUNK,
     SPREAD,
     START_TIMEOUT,
     ActorSpec,
     RayChannel,
+    RayEmitter,
     RayLock,
-    _slots,
+    RefBatch,
 )
 from runner.backends.stage import StageFailed, StageRunnerCore
 from runner.errors import RunFailed, UsageError
 from runner.messages import Decision
-from runner.queues import Emitter
 from runner.results import RunResult
-from runner.topology import BATCH_BYTES, StagePlan, Topology
+from runner.topology import StagePlan, Topology
 
 # The actor classes (Ray's type stubs know how to call remote functions, not actor classes).
 _Hub: Any = actors._Hub
@@ -114,6 +119,7 @@ class RaySupervisor(Driver):
         self.given_address = address
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.producers: list[_Producer] = []
+        self.sent_live: dict[str, int] = {}  # items each producer has sent so far, as it reported (see _relay)
         self.channels: dict[str, RayChannel] = {}
         self.hub: Any = None
         self.relay_thread: threading.Thread | None = None
@@ -192,7 +198,7 @@ class RaySupervisor(Driver):
 
     def _setup(self) -> None:
         plans = self.topo.queues.values()
-        self.hub = _Hub.remote({q.name: (q.type, _slots(q), q.maxsize, q.max_bytes) for q in plans})
+        self.hub = _Hub.remote({q.name: (q.type, q.maxsize, q.max_bytes) for q in plans})
         self.relay_thread = threading.Thread(target=self._relay, name="ray-relay", daemon=True)
         self.relay_thread.start()
         self.channels = {plan.name: RayChannel(self.hub, plan) for plan in plans}
@@ -220,6 +226,8 @@ class RaySupervisor(Driver):
             for entry in entries:
                 if entry[0] == "log":
                     self.log_queue.put_nowait(entry[1])
+                elif entry[0] == "sent":
+                    self.sent_live[entry[1]] = entry[2]
                 else:
                     stream = sys.stdout if entry[1] == "stdout" else sys.stderr
                     stream.write(entry[2])
@@ -251,10 +259,12 @@ class RaySupervisor(Driver):
         for p in self.producers:
             if not p.done:
                 p.stopping = True
-                self._stopped(p, _stop_actor(p.actor))
+                self._stopped(p, _ask_stop(p.actor))  # not killed: it owns its batches still queued
 
     def producer_sent(self, stage: StagePlan) -> int:
-        return self.stats[stage.name].items_out  # known once each producer has ended
+        """What its ended producers sent, plus what the others reported so far (after each batch)."""
+        live = sum(self.sent_live.get(p.name, 0) for p in self.producers if p.stage == stage.name and not p.counted)
+        return self.stats[stage.name].items_out + live
 
     def stage_ended(self, stage: StagePlan) -> bool:
         r = self.runners.get(stage.name)
@@ -288,12 +298,14 @@ class RaySupervisor(Driver):
                 self.failure = died_message(p.stage, p.name)
         else:
             self._stopped(p, (sent, seconds, p.where))
-            if error is not None:
+            if p.stopping:
+                code = None
+            elif error is not None:
                 code = 1
                 self.failure = self.failure or f"stage {p.stage!r} (process {p.name}) failed: {error}"
         self.exit_codes[p.name] = code
         self.log.info("process exited", stage=p.stage, process=p.name, exitcode=code, **p.where)
-        _kill(p.actor)  # its run is over (a no-op for a dead actor)
+        # Its run is over, its actor stays: it owns the batches it put into the object store (killed at the end).
 
     def start_stage(self, stage: StagePlan) -> None:
         if stage.kind != "producer":
@@ -314,7 +326,8 @@ class RaySupervisor(Driver):
         """The spec of a worker actor of ``stage``."""
         lock = RayLock(self.hub, stage.lock, name) if stage.lock else None
         outputs = [self.channels[q] for q in stage.outputs]
-        return ActorSpec(stage, name, 0, self.base_dir, self.topo.log_level, self.hub, outputs, lock)
+        return ActorSpec(stage, name, 0, self.base_dir, self.topo.log_level, self.hub, outputs, lock,
+                         by_ref=by_reference(stage, outputs))
 
     # -- the end ---------------------------------------------------------------------------------------
 
@@ -324,7 +337,7 @@ class RaySupervisor(Driver):
             r.abort()
         for p in self.producers:
             if not p.done:
-                self._stopped(p, _stop_actor(p.actor))
+                self._stopped(p, _ask_stop(p.actor))
                 p.done = True
                 self.exit_codes[p.name] = None
                 self.log.info("process exited", stage=p.stage, process=p.name, exitcode=None, **p.where)
@@ -333,6 +346,8 @@ class RaySupervisor(Driver):
                 ray.get(self.hub.drop_queues.remote(), timeout=KILL_GRACE)
         for r in self.runners.values():
             r.thread.join(KILL_GRACE * 4 + START_TIMEOUT)
+        for p in self.producers:  # nothing reads their batches any more
+            _kill(p.actor)
         self.close_stats()
         if self.hub is not None:
             with contextlib.suppress(Exception):  # a lost hub: the relay thread has ended already
@@ -358,13 +373,25 @@ def _check_reachable(address: str) -> None:
         raise UsageError(msg) from None
 
 
+def _ask_stop(actor: Any) -> Any:
+    """Ask a stage actor to stop and send its buffered records (bounded); what its ``stop`` returned, or None."""
+    with contextlib.suppress(Exception):  # dead or stuck: None
+        return ray.get(actor.stop.remote(), timeout=KILL_GRACE)
+    return None
+
+
 def _stop_actor(actor: Any) -> Any:
-    """Let a stage actor send its buffered records (bounded), then kill it; what its ``stop`` returned, or None."""
-    said = None
-    with contextlib.suppress(Exception):  # dead or stuck: killed all the same
-        said = ray.get(actor.stop.remote(), timeout=KILL_GRACE)
+    """``_ask_stop``, then kill the actor; what its ``stop`` returned, or None."""
+    said = _ask_stop(actor)
     _kill(actor)
     return said
+
+
+def by_reference(stage: StagePlan, outputs: list[RayChannel]) -> bool:
+    """A stage's outputs go by reference (its workers return them pickled, the driver forwards the reference)
+    unless the driver needs the items: a ``collect`` stage, routes (the driver sends each output to the queue
+    of its route), or an output that is a LIFO stack."""
+    return stage.function != "collect" and not stage.routes and all(c.kind == "fifo" for c in outputs)
 
 
 def _no_auto_connect() -> None:
@@ -390,13 +417,20 @@ def _kill(actor: Any) -> None:
 
 @dataclass
 class _Task:
-    """A chunk a worker holds: (item, failed attempts so far) pairs; ``pos`` set: sent one item at a time."""
+    """A chunk a worker holds: ``parts``, slices of messages in the object store (first attempts), or ``chunk``,
+    (item, failed attempts so far) pairs by value; ``pos`` set: sent one item at a time (by value)."""
 
     seq: int
     chunk: list[tuple[Any, int]]
+    parts: list[tuple[RefBatch, int, int]] = field(default_factory=list)  # (message, start, stop) each
     pos: int | None = None  # after a worker died holding the chunk: the item being run alone
     acc: worker.ChunkResult | None = None  # results of the items before pos
+    outs: list[tuple[int, RefBatch]] = field(default_factory=list)  # their outputs by reference
     closing: bool = False  # the close request (worker.CLOSE): no items
+
+    def size(self) -> int:
+        """Items of the chunk."""
+        return sum(stop - start for _, start, stop in self.parts) if self.parts else len(self.chunk)
 
 
 @dataclass
@@ -406,7 +440,8 @@ class _Worker:
     name: str
     actor: Any
     ready: Any  # the ref of start(), until it is done
-    ref: Any = None  # the ref of the call in flight
+    ref: Any = None  # the ref of the call in flight (its result)
+    out: Any = None  # the ref of its outputs (by reference)
     task: _Task | None = None
     check_at: float | None = None  # when to ask how long the current call has run (timeouts)
     timed_out: int | None = None  # index in the sent piece of the item whose call timed out
@@ -418,26 +453,32 @@ class StageRunner(StageRunnerCore):
     """A consumer or pool stage, run from one thread of the driver (see the module docstring).
 
     What it does with results, dead workers' items and a stop is ``StageRunnerCore``'s, as on the local
-    backend; here: fetching by reference from the hub and calling the worker actors. A worker that dies
-    holding a chunk says nothing of how far it got: unless a timeout told which item was in hand, the
-    chunk runs again one item at a time, to find the item that kills it.
+    backend; here: fetching messages from the hub and calling the worker actors.  From a FIFO queue it
+    gets ``RefBatch`` messages and hands out slices of them; the workers' outputs come back as references
+    that it forwards (the items are fetched only for a ``collect`` stage, a LIFO output, or the chunk of a
+    worker that died).  A worker that dies holding a chunk says nothing of how far it got: unless a
+    timeout told which item was in hand, the chunk runs again one item at a time, to find the item that
+    kills it.
     """
 
     def __init__(self, sup: RaySupervisor, plan: StagePlan) -> None:
         collect = sup.collected[plan.name].extend if plan.function == "collect" else None
+        self.outputs = [sup.channels[q] for q in plan.outputs]
 
-        def emitter(channels: list[RayChannel]) -> Emitter:
-            return Emitter(channels, on_batch=collect)  # type: ignore[arg-type]
+        def emitter(channels: list[RayChannel]) -> RayEmitter:
+            return RayEmitter(channels, on_batch=collect)
 
-        dead = Emitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None  # type: ignore[list-item]
-        super().__init__(sup, plan, emitter, [sup.channels[q] for q in plan.outputs], dead)
+        dead = RayEmitter([sup.channels[plan.dead_letter]]) if plan.dead_letter else None
+        super().__init__(sup, plan, emitter, self.outputs, dead)
         self.sup: RaySupervisor = sup
         self.input = sup.channels[plan.inputs[0]]
         self.workers: list[_Worker] = []
-        self.buffer: deque[tuple[Any, int]] = deque()  # (item, failed attempts so far), waiting for a worker
+        self.buffer: deque[tuple[Any, int]] = deque()  # (item, failed attempts so far) from a LIFO, for a worker
+        self.parts: deque[list[Any]] = deque()  # [RefBatch, next item to hand out] from a FIFO, for workers
+        self.buffered = 0  # items in buffer and parts
         self.again: deque[_Task] = deque()  # chunks of dead workers, to hand out again
         self.per_item: float | None = None  # seconds one item takes a worker (moving average), for chunk sizes
-        self.item_bytes = 0  # pickled bytes of an item, sampled from the last batch read (chunks of ~BATCH_BYTES)
+        self.item_bytes = 0  # pickled bytes of an item, from the last batch read (chunks of at most ~RAY_BYTES)
         self.fetch: Any = None  # the ref of the input get in flight
         self.wake: Any = None
 
@@ -459,7 +500,7 @@ class StageRunner(StageRunnerCore):
         return 0
 
     def unhanded(self) -> int:
-        return len(self.buffer) + sum(len(t.chunk) - (t.pos or 0) for t in self.again)
+        return self.buffered + sum(t.size() - (t.pos or 0) for t in self.again)
 
     # -- the runner thread -----------------------------------------------------------------------------
 
@@ -477,10 +518,11 @@ class StageRunner(StageRunnerCore):
         w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
 
     def _busy(self) -> bool:
-        return any(w.task or w.close_after_start for w in self.workers)
+        return any(w.task is not None or w.close_after_start for w in self.workers)
 
     def _wait(self) -> None:
-        if not (self.input_done or self.stopping) and self.fetch is None and len(self.buffer) < RAY_BATCH:
+        # Up to two messages ahead: a chunk is at most what is left of one, and a fair share of what is read.
+        if not (self.input_done or self.stopping) and self.fetch is None and self.buffered < 2 * RAY_BATCH:
             self.fetch = self.input.get_ref()
         refs = ([self.wake] if self.wake is not None else []) + ([self.fetch] if self.fetch is not None else [])
         refs += [w.ready for w in self.workers if w.ready is not None]
@@ -496,43 +538,84 @@ class StageRunner(StageRunnerCore):
         self._enforce_timeouts()
 
     def _take_fetched(self) -> None:
-        batch = ray.get(self.fetch)
+        got, held = ray.get(self.fetch)  # a RefBatch (FIFO), a list of items (LIFO), None at the end
         self.fetch = None
-        if batch is None:
+        if got is None:
             self.input_done = True
-        elif not self.stopping:
-            self._taking(len(batch))
-            self.buffer.extend((item, 0) for item in batch)
-            if batch:  # chunks of about BATCH_BYTES, as the local backend cuts them
-                self.item_bytes = len(pickle.dumps(batch[0], pickle.HIGHEST_PROTOCOL))
+            return
+        if self.stopping:  # never counted as taken: it stays in the count of the input queue
+            return
+        # The queue is deepest now: a high-water sample, from the counts as on every backend, and from the hub.
+        name = self.plan.inputs[0]
+        self.sup.queue_depth(name)
+        self.sup.high_water[name] = max(self.sup.high_water[name], held)
+        if isinstance(got, RefBatch):
+            self._taking(got.n)
+            self.buffered += got.n
+            self.parts.append([got, 0])
+            self.item_bytes = got.size // max(1, got.n)
+        else:
+            self._taking(len(got))
+            self.buffered += len(got)
+            self.buffer.extend((item, 0) for item in got)
+            if got:
+                self.item_bytes = len(pickle.dumps(got[0], pickle.HIGHEST_PROTOCOL))
+
+    def _next_task(self) -> _Task | None:
+        """A chunk from the dead workers' chunks, else cut from what was read: within one message, but for a
+        ``batch`` stage, whose chunks are whole batches."""
+        if self.again:
+            return self.again.popleft()
+        if not self.buffered or self._holding(self.buffered) is not None:
+            return None
+        size = min(self._whole_batches(self._chunk_size()), self.buffered)
+        task = _Task(self.next_seq, [])
+        if self.parts:
+            if not self.plan.batch:
+                size = min(size, self.parts[0][0].n - self.parts[0][1])
+            left = size
+            while left:
+                part = self.parts[0]
+                message, start = part
+                stop = min(message.n, start + left)
+                task.parts.append((message, start, stop))
+                left -= stop - start
+                part[1] = stop
+                if stop == message.n:
+                    self.parts.popleft()
+        else:
+            task.chunk = [self.buffer.popleft() for _ in range(size)]
+        self.buffered -= size
+        self.next_seq += 1
+        return task
 
     def _dispatch(self) -> None:
         for w in self.workers:
             if w.ready is not None or w.ref is not None:
                 continue
             if w.task is None:
-                if self.again:
-                    w.task = self.again.popleft()
-                elif self.buffer and self._holding(len(self.buffer)) is None:
-                    size = min(self._whole_batches(self._chunk_size()), len(self.buffer))
-                    w.task = _Task(self.next_seq, [self.buffer.popleft() for _ in range(size)])
-                    self.next_seq += 1
-                else:
+                w.task = self._next_task()
+                if w.task is None:
                     continue
             task = w.task
-            piece = task.chunk if task.pos is None else task.chunk[task.pos : task.pos + 1]
-            w.ref = w.actor.run_chunk.remote(task.seq, piece)
+            if task.parts:
+                w.ref, w.out = w.actor.run_chunk.remote(task.seq, [], task.parts)
+            else:
+                piece = task.chunk if task.pos is None else task.chunk[task.pos : task.pos + 1]
+                w.ref, w.out = w.actor.run_chunk.remote(task.seq, piece)
             w.timed_out = None
             w.check_at = time.monotonic() + self.plan.timeout if self.plan.timeout else None
 
     def _chunk_size(self) -> int:
-        """``chunksize``, else a fair share of the buffer that takes about CHUNK_SECONDS at the measured pace."""
+        """``chunksize``, else a fair share of what was read that takes about CHUNK_SECONDS at the measured pace,
+        within a message of the output queues (a worker's outputs go on as one)."""
         if self.plan.chunksize:
             return self.plan.chunksize
-        fair = math.ceil(len(self.buffer) / len(self.workers))
+        fair = math.ceil(self.buffered / len(self.workers))
         paced = FIRST_CHUNK if self.per_item is None else int(CHUNK_SECONDS / max(self.per_item, 1e-7))
         slots = self.plan.concurrency * (self.plan.batch or 1)  # items a worker can have in calls at once
-        return max(1, min(RAY_CHUNK, fair, max(paced, slots), BATCH_BYTES // max(1, self.item_bytes)))
+        most = min([c.batch for c in self.outputs if c.kind == "fifo"], default=RAY_CHUNK)
+        return max(1, min(RAY_CHUNK, most, fair, max(paced, slots), RAY_BYTES // max(1, self.item_bytes)))
 
     def _worker_ready(self, ref: Any) -> None:
         w = next(w for w in self.workers if ref in (w.ready, w.ref))
@@ -556,14 +639,21 @@ class StageRunner(StageRunnerCore):
                 self._send_close(w)
             return
         w.ref = None
-        self._result(w, value)
+        if isinstance(value, worker.ChunkResult):  # the answer to a close request: by value
+            res, n, size = value, None, 0
+        else:
+            res, n, size = value
+        outs = [(n, RefBatch(n, size, w.out if size else None))] if n else []
+        w.out = None
+        self._result(w, res, outs)
         if w.timed_out is not None and w in self.workers:  # it finished just before being killed: replace it
             self.workers.remove(w)
             self.exited(w.name, None, **w.where)
             self.replaced(w.name, f"call timed out after {self.plan.timeout:g}s")
             self._spawn(w.name)
 
-    def _result(self, w: _Worker, res: worker.ChunkResult) -> None:
+    def _result(self, w: _Worker, res: worker.ChunkResult, outs: list[tuple[int, RefBatch]]) -> None:
+        """A worker's answer; ``outs``: its outputs by reference (else they are in ``res``)."""
         if res.error is not None:
             self._count(w.name, res)  # raises StageFailed
         task = w.task
@@ -573,8 +663,11 @@ class StageRunner(StageRunnerCore):
             pace = res.busy / res.done
             self.per_item = pace if self.per_item is None else 0.7 * self.per_item + 0.3 * pace
         if task.pos is not None:  # one item of a chunk sent alone: add it up until the chunk is done
-            acc = task.acc = task.acc or worker.ChunkResult(task.seq, [], [])
+            acc = task.acc = task.acc or self._empty(task.seq)
             acc.outputs += res.outputs
+            if acc.targets is not None and res.targets is not None:
+                acc.targets += res.targets
+            task.outs += outs
             acc.dead += res.dead
             for name in ("done", "skipped", "retried", "failed", "busy"):
                 setattr(acc, name, getattr(acc, name) + getattr(res, name))
@@ -585,16 +678,22 @@ class StageRunner(StageRunnerCore):
                     w.task = None
                     self._retire(w)
                 return
-            res = acc
+            res, outs = acc, task.outs
         w.task = None
-        self._finish(task.seq, res)
+        self._finish(task.seq, res, outs)
         if retire:
             self._retire(w)
 
-    def _finish(self, seq: int, res: worker.ChunkResult) -> None:
-        """Count a finished chunk, send its dead letters and emit its outputs."""
+    def _empty(self, seq: int) -> worker.ChunkResult:
+        """A result with nothing in it yet (with routes: no targets yet)."""
+        return worker.ChunkResult(seq, [], [], targets=[] if self.plan.routes else None)
+
+    def _finish(self, seq: int, res: worker.ChunkResult, outs: list[tuple[int, RefBatch]]) -> None:
+        """Count a finished chunk, send its dead letters and emit its outputs (``outs``: by reference, which
+        ``RayEmitter.emit_packed`` forwards)."""
         self._count(self.plan.name, res)
-        self._emit(seq, [(res.outputs, None, None, res.targets)])
+        packed: Any = outs or None  # RayEmitter.emit_packed takes a RefBatch where a local emitter takes bytes
+        self._emit(seq, [(res.outputs, None, packed, res.targets)])
 
     def _retire(self, w: _Worker) -> None:
         """maxtasksperchild: replace the worker with a fresh one of the same name."""
@@ -618,6 +717,7 @@ class StageRunner(StageRunnerCore):
         if task is not None and task.closing:
             self.died_closing(w.name, task.seq, reason)
         elif task is not None:
+            self._by_value(task)
             if task.pos is not None:
                 index: int | None = task.pos
             elif timed_out:
@@ -659,15 +759,21 @@ class StageRunner(StageRunnerCore):
             del chunk[index]
         task.chunk = chunk
         if task.pos is not None and task.pos >= len(chunk):
-            self._finish(task.seq, task.acc or worker.ChunkResult(task.seq, [], []))
+            self._finish(task.seq, task.acc or self._empty(task.seq), task.outs)
         elif not chunk:
             self._emit(task.seq, [])
         else:
             self.again.appendleft(task)
 
+    def _by_value(self, task: _Task) -> None:
+        """The items of a chunk by reference, fetched (a worker died holding them: the policy names the item)."""
+        for message, start, stop in task.parts:
+            task.chunk += [(item, 0) for item in pickle.loads(ray.get(message.ref))[start:stop]]
+        task.parts = []
+
     def _next_deadline(self) -> float | None:
         checks = [w.check_at for w in self.workers if w.ref is not None and w.check_at is not None]
-        held = self._holding(len(self.buffer))
+        held = self._holding(self.buffered)
         if held is not None:
             checks.append(time.monotonic() + held)
         return None if not checks else max(0.0, min(checks) - time.monotonic())
