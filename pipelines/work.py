@@ -40,7 +40,7 @@ class RowWriter:
     """Writes rows to an SQLite table, one transaction per batch; at the end, how many rows it wrote."""
 
     def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path)
+        self.db = sqlite3.connect(path, check_same_thread=False)  # calls may come from another thread (Ray)
         self.db.execute("CREATE TABLE IF NOT EXISTS readings (sensor TEXT, value REAL)")
         self.rows = 0
 

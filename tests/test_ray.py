@@ -250,6 +250,7 @@ def test_a_hub_ray_never_starts_fails_the_run_instead_of_hanging(tmp_pipeline, r
     one line saying so, and every actor it started is gone (the fixture checks)."""
     ray_backend = pytest.importorskip("runner.backends.ray.driver")
     monkeypatch.setattr(ray_backend, "START_TIMEOUT", 2.0)
+    monkeypatch.setattr(ray_backend, "KILL_GRACE", 0.5)  # each bounded wait on the hub that never started
     monkeypatch.setattr(ray_backend, "_Hub", ray_backend._Hub.options(resources={"mprun-test-never": 1}))
     result = ray_run(tmp_pipeline(FIVE, TASKS))
     assert result.exit_code == 1
