@@ -218,8 +218,12 @@ def _warm_up(ns: argparse.Namespace, settings: dict[str, Any]) -> None:
     from runner.topology import FORKSERVER_PRELOAD
 
     hit = cache.load(cache.key(ns.file, ns.overrides, ns.limit, settings))  # memoized: the run reads it for free
-    # structlog (~30 ms) only if the stage code imported it when this plan was checked; not on a first run.
-    _start_forkserver([m for m in FORKSERVER_PRELOAD if m != "structlog" or (hit is not None and hit[2])])
+    # structlog (~30 ms) only if the stage code imported it when this plan was checked; not on a first run;
+    # runner.calls (asyncio, ~80 ms per worker otherwise) when a stage of the plan makes concurrent calls.
+    preload = [m for m in FORKSERVER_PRELOAD if m != "structlog" or (hit is not None and hit[2])]
+    if hit is not None and any(s.concurrency > 1 for s in hit[0].stages):
+        preload.append("runner.calls")
+    _start_forkserver(preload)
     if hit is not None:
         topology, refs, _ = hit
         prefetch(refs, topology.base_dir, topology.start_method)

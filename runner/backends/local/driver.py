@@ -74,7 +74,8 @@ class Supervisor(Driver):
         self.progress = progress
         self.ctx: Any = multiprocessing.get_context(topology.start_method)
         if topology.start_method == "forkserver":
-            self.ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+            concurrent = any(s.concurrency > 1 for s in topology.stages)
+            self.ctx.set_forkserver_preload([*FORKSERVER_PRELOAD, *(["runner.calls"] if concurrent else [])])
         self.pid = os.getpid()
         self.producers: list[_Producer] = []
         self.manager: StackManager | None = None
