@@ -8,8 +8,9 @@
 
 A backend subclasses it and says how to start a stage, tell that it ended, end a queue, count what a
 producer has sent so far and stop the producers (``runner.backends.local.driver``,
-``runner.backends.ray.driver``). Its stage runners share one small interface: ``finished``, ``error``,
-``emitted``, ``sent_to(queue)``, ``dead_emitter``, ``stop()``, ``in_hand()`` and ``idle()``.
+``runner.backends.ray.driver``). Its stage runners (``runner.backends.stage.StageRunnerCore``) give it
+``finished``, ``error``, ``emitted``, ``sent_to(queue)``, ``dead_emitter``, ``stop()``, ``in_hand()`` and
+``idle()``.
 """
 
 from __future__ import annotations
@@ -18,32 +19,16 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from runner import logs
 from runner.backends.scheduler import Schedule
 from runner.errors import RunFailed
-from runner.queues import Emitter
 from runner.results import RunResult, new_stats, queue_accounts
 from runner.topology import StagePlan, Topology
 
 MONITOR_TICK = 0.05  # seconds between samples of the queue depths
 DISPLAY_EVERY = 4  # monitor ticks between two frames of the live display
-
-
-class StageRunnerLike(Protocol):
-    """What a driver needs of a consumer or pool stage's runner, on any backend."""
-
-    finished: bool
-    error: str | None
-    emitted: int
-    dead_emitter: Emitter | None
-
-    def stop(self) -> None: ...
-    def sent_to(self, queue: str) -> int: ...
-    def in_hand(self) -> int: ...
-    def calls(self) -> int | None: ...
-    def idle(self) -> bool: ...
 
 
 class Driver:

@@ -25,7 +25,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 from runner import worker
 from runner.messages import Decision
@@ -33,6 +33,7 @@ from runner.queues import Cancelled, Emitter
 from runner.results import StageStats, count_result
 from runner.topology import LINGER, StagePlan
 
+T = TypeVar("T")
 KILL_GRACE = 2.0  # seconds a worker gets to stop when asked before it is killed
 
 # What a worker answered for (part of) a chunk, as the runner passes it on: outputs, their ids, the
@@ -196,6 +197,18 @@ class StageRunnerCore:
             self.sup.ring()
         elif not quiet:
             self.quiet = False
+
+    def _accepting(self, got: T | None) -> TypeGuard[T]:
+        """Whether a read of the input brought items to take: not its end (``None``: the input is done), nor
+        anything read while the run stops (never counted as taken: it stays in the count of the input queue).
+        Taken, it is sampled as the queue's high-water mark: the queue is deepest now."""
+        if got is None:
+            self.input_done = True
+            return False
+        if self.stopping:
+            return False
+        self.sup.queue_depth(self.plan.inputs[0])
+        return True
 
     def _taking(self, n: int) -> None:
         """Count ``n`` items taken from the input queue."""

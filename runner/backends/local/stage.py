@@ -275,12 +275,8 @@ class StageRunner(StageRunnerCore):
         while self.fetched:
             batch = self.fetched.popleft()
             self.fetching = False
-            if batch is None:
-                self.input_done = True
+            if not self._accepting(batch):
                 continue
-            if self.stopping:  # never counted as taken: it stays in the count of the input queue
-                continue
-            self.sup.queue_depth(self.plan.inputs[0])  # the queue is deepest now: a high-water sample
             if self.packed is not None:
                 n, data = batch
                 self.packed.append(batch)

@@ -540,14 +540,9 @@ class StageRunner(StageRunnerCore):
     def _take_fetched(self) -> None:
         got, held = ray.get(self.fetch)  # a RefBatch (FIFO), a list of items (LIFO), None at the end
         self.fetch = None
-        if got is None:
-            self.input_done = True
+        if not self._accepting(got):
             return
-        if self.stopping:  # never counted as taken: it stays in the count of the input queue
-            return
-        # The queue is deepest now: a high-water sample, from the counts as on every backend, and from the hub.
-        name = self.plan.inputs[0]
-        self.sup.queue_depth(name)
+        name = self.plan.inputs[0]  # the hub's count of the queue is a high-water sample too
         self.sup.high_water[name] = max(self.sup.high_water[name], held)
         if isinstance(got, RefBatch):
             self._taking(got.n)
