@@ -1,12 +1,13 @@
 """Code that runs IN A WORKER process (or inline): concurrent calls of a stage function (``concurrency: N``,
 or an ``async def`` function or ``__call__``), imported only by stages that need it.
 
-    chunk --settle_all--> up to N unit tasks on this process's one asyncio event loop (kept across chunks)
-        async function: the loop awaits fn(arg) itself, each call under asyncio.wait_for(timeout)
-        plain function: each call runs in a thread of ``Threads`` (daemon threads, started as needed);
-                        the loop awaits it under asyncio.wait_for(timeout)
-    a unit's failures go through the policy here (retries wait with asyncio.sleep); settled units are
-    folded into the chunk's result in input order (``worker.Fold``), so outputs keep input order
+    plain function: chunk --settle_threads--> every unit a job of ``Lanes``: N daemon threads (kept across
+                    chunks) that each take the next job, call it under the policy (retries sleep in the
+                    thread) and hand back its ``Settled``, as a ThreadPoolExecutor's workers would
+    async function: chunk --settle_all--> up to N unit tasks on this process's one asyncio event loop (kept
+                    across chunks), each call under asyncio.wait_for(timeout)
+    settled units are folded into the chunk's result in input order (``worker.Fold``), so outputs keep
+    input order
 
 Timeouts are the worker's here: an async call past its timeout is cancelled. A thread cannot be killed, so
 a plain call past its timeout is abandoned: it counts as a failed attempt ("call timed out"), its thread
@@ -22,8 +23,6 @@ The loop and the threads belong to one process: a forked child starts its own (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import inspect
 import os
 import queue
@@ -40,92 +39,194 @@ from runner.worker import Fold, FunctionFailed, Settled, attempt, call_outputs, 
 _TIMED_OUT = ("TimeoutError", "<timeout>", 0)  # where a timeout "was raised": its warnings name no traceback
 
 
-class Threads:
-    """Daemon threads that make blocking calls for the event loop: one starts whenever no thread is idle,
-    so there are as many as calls in flight, plus abandoned calls still running."""
+class _Chunk:
+    """What the lanes share about the chunk being settled (``settle_threads``)."""
+
+    def __init__(self, fn: Callable[[Any], Any], stage: StagePlan, lock: Any, log: Any,
+                 routes: dict[str, int] | None, progress: Any) -> None:
+        self.fn, self.stage, self.lock, self.log, self.routes, self.progress = fn, stage, lock, log, routes, progress
+        self.settled: queue.SimpleQueue[tuple[int, Settled]] = queue.SimpleQueue()  # (unit index, how it ended)
+        self.stopped = False  # a unit stopped the run: the jobs still queued are dropped
+
+
+class _Job:
+    """One unit of a chunk for a lane: called under the policy until it is settled, unless abandoned."""
+
+    def __init__(self, chunk: _Chunk, index: int, start: int, unit: list[Any], attempts: int, item_id: int | None,
+                 settled: Settled | None = None, backoff: float = 0.0) -> None:
+        self.chunk, self.index, self.start, self.unit, self.attempts = chunk, index, start, unit, attempts
+        self.item_id, self.backoff = item_id, backoff
+        self.s = settled or Settled()
+        self.t0 = time.perf_counter()
+        self.guard = threading.Lock()  # between the lane that calls and the thread that may abandon the call
+        self.called_at = 0.0  # time.monotonic() when the call in hand started (0: none)
+        self.abandoned = False
+
+    def run(self) -> bool:
+        """Settle the unit in this thread and hand its ``Settled`` over; False: the call was abandoned."""
+        c = self.chunk
+        if c.stopped:
+            return True
+        stage, s = c.stage, self.s
+        worker._call_item.set(self.item_id)  # its log records name their own item
+        end = self.start + len(self.unit)
+        c.progress[6] = max(c.progress[6], end)
+        arg = self.unit if stage.batch else self.unit[0]
+        while True:
+            if self.backoff:
+                time.sleep(self.backoff)
+            self.called_at = time.monotonic()
+            failure = None
+            try:
+                outputs, targets = attempt(c.fn, stage, arg, c.lock, c.routes)
+            except FunctionFailed as e:
+                failure = e
+            with self.guard:
+                if self.abandoned:  # timed out: its outputs are dropped and this thread leaves the lanes
+                    return False
+                self.called_at = 0.0
+                if failure is None:
+                    s.outputs, s.targets = outputs, targets
+                    break
+                self.attempts += 1
+                if not unit_failed(stage, failure, self.unit, self.attempts, s, c.log):
+                    break
+            self.backoff = stage.retry_backoff * 2 ** (self.attempts - 1)
+        s.seconds = time.perf_counter() - self.t0
+        c.settled.put((self.index, s))
+        return True
+
+    def time_out(self, lanes: Lanes) -> _Job | None:
+        """Abandon the call in hand (past the stage's timeout; another thread takes its place): a failed
+        attempt under the policy. Returns the job that calls the unit again (queued), else None."""
+        c = self.chunk
+        with self.guard:
+            if self.called_at == 0.0 or self.abandoned:
+                return None
+            self.abandoned = True
+        lanes.replace()
+        self.attempts += 1
+        how = "abandoned: its thread runs on to its end"
+        e = FunctionFailed(f"TimeoutError: call timed out after {c.stage.timeout:g}s ({how})", "",
+                           short_repr(self.unit if c.stage.batch else self.unit[0]), _TIMED_OUT)
+        token = worker._call_item.set(self.item_id)
+        again = unit_failed(c.stage, e, self.unit, self.attempts, self.s, c.log)
+        worker._call_item.reset(token)
+        if not again:
+            self.s.seconds = time.perf_counter() - self.t0
+            c.settled.put((self.index, self.s))
+            return None
+        backoff = c.stage.retry_backoff * 2 ** (self.attempts - 1)
+        job = _Job(c, self.index, self.start, self.unit, self.attempts, self.item_id, self.s, backoff)
+        lanes.jobs.put(job)
+        return job
+
+
+class Lanes:
+    """The daemon threads that call a stage's plain function concurrently: each takes the next job from one
+    queue, as many threads as the stage's ``concurrency`` (plus abandoned calls still running)."""
 
     def __init__(self) -> None:
-        # Calls for the threads: (loop, future, fn, args), or None: "end"; put by ``run``, taken by ``_serve``.
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._idle = 0
-        self._closed = False
-        self._lock = threading.Lock()
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: a thread ends
+        self.count = 0  # threads taking jobs (an abandoned call's thread no longer counts)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Call ``fn(*args)`` in a thread; the future (of the running loop) gets its value or exception."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            start = self._idle == 0
-            self._idle -= not start
-        if start:
-            threading.Thread(target=self._serve, name="mprun-call", daemon=True).start()
-        self._jobs.put((loop, future, fn, args))
-        return future
+    def ensure(self, n: int) -> None:
+        """Have ``n`` threads taking jobs."""
+        while self.count < n:
+            self.replace()
+            self.count += 1
+
+    def replace(self) -> None:
+        """Start a thread in the place of one whose call was abandoned."""
+        threading.Thread(target=self._serve, name="mprun-call", daemon=True).start()
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            try:
-                value, error = fn(*args), None
-            except BaseException as e:  # noqa: BLE001 - handed to whoever awaits the call
-                value, error = None, e
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for this call any more
-                loop.call_soon_threadsafe(_resolve, future, value, error)
-            job = loop = future = fn = args = value = error = None
-            with self._lock:
-                if self._closed:
-                    return
-                self._idle += 1
+        while (job := self.jobs.get()) is not None and job.run():
+            job = None
 
     def close(self) -> None:
-        """End the idle threads now and the busy ones after their call."""
-        with self._lock:
-            idle, self._idle, self._closed = self._idle, 0, True
-        for _ in range(idle):
-            self._jobs.put(None)
-
-
-def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():  # cancelled: the call timed out and was abandoned
-        return
-    if error is None:
-        future.set_result(value)
-    else:
-        future.set_exception(error)
+        """End the threads after their jobs."""
+        for _ in range(self.count):
+            self.jobs.put(None)
+        self.count = 0
 
 
 class _Here:
-    """This process's event loop and threads, made on first use (a forked child forgets its parent's)."""
+    """This process's event loop and lanes (per stage), made on first use (a forked child forgets its
+    parent's)."""
 
-    state: tuple[asyncio.AbstractEventLoop, Threads] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    lanes: dict[str, Lanes] = {}  # noqa: RUF012 - one process's state, reset by ``forget``
 
     @classmethod
     def forget(cls) -> None:
-        cls.state = None
+        cls.loop, cls.lanes = None, {}
 
 
 os.register_at_fork(after_in_child=_Here.forget)
 
 
-def _loop_and_threads() -> tuple[asyncio.AbstractEventLoop, Threads]:
-    if _Here.state is None or _Here.state[0].is_closed():
-        _Here.state = (asyncio.new_event_loop(), Threads())
-    return _Here.state
-
-
 def run(awaitable: Awaitable[Any]) -> Any:
     """Run ``awaitable`` to its end on this process's event loop (made on first use, kept for the next)."""
-    return _loop_and_threads()[0].run_until_complete(awaitable)
+    if _Here.loop is None or _Here.loop.is_closed():
+        _Here.loop = asyncio.new_event_loop()
+    return _Here.loop.run_until_complete(awaitable)
 
 
 def release() -> None:
-    """Close this process's event loop and end its threads (the inline backend, at the end of a run)."""
-    if _Here.state is not None:
-        loop, threads = _Here.state
-        _Here.state = None
-        threads.close()
+    """Close this process's event loop and end its lanes (the inline backend, at the end of a run)."""
+    loop, lanes = _Here.loop, _Here.lanes
+    _Here.forget()
+    for each in lanes.values():
+        each.close()
+    if loop is not None:
         loop.close()
+
+
+def settle_threads(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any], tries: list[int] | None,
+                   lock: Any, log: Any, fold: Fold, ids: Ids | None, routes: dict[str, int] | None) -> None:
+    """Settle a chunk's units (batches, or single items) of a plain function, up to ``stage.concurrency`` at
+    once in this process's lanes, into ``fold`` in input order; stop at the first that stops the run."""
+    size = stage.batch or 1
+    lanes = _Here.lanes.setdefault(stage.name, Lanes())
+    lanes.ensure(stage.concurrency)
+    chunk = _Chunk(fn, stage, lock, log, routes, fold.progress)
+    jobs = []
+    for index, start in enumerate(range(0, len(items), size)):
+        attempts = max(tries[start : start + size]) if tries else 0
+        job = _Job(chunk, index, start, items[start : start + size], attempts, ids[start] if ids is not None else None)
+        jobs.append(job)
+        lanes.jobs.put(job)
+    period = None if stage.timeout is None else min(float(stage.timeout) / 4, 1.0)
+    settled: dict[int, Settled] = {}
+    behind = 0  # the first unit not folded yet
+    try:
+        while behind < len(jobs):
+            if period is not None:
+                fold.progress[1] = time.monotonic_ns()
+            try:
+                index, s = chunk.settled.get(timeout=period)
+            except queue.Empty:
+                _time_out(jobs, lanes, float(stage.timeout or 0))
+                continue
+            settled[index] = s
+            while behind in settled:
+                job = jobs[behind]
+                if fold.add(job.start, len(job.unit), settled.pop(behind)):
+                    return
+                behind += 1
+            if period is not None:
+                _time_out(jobs, lanes, float(stage.timeout or 0))
+    finally:
+        chunk.stopped = True
+
+
+def _time_out(jobs: list[_Job], lanes: Lanes, timeout: float) -> None:
+    """Abandon the calls in hand for longer than ``timeout``; their retries take their places in ``jobs``."""
+    late = time.monotonic() - timeout
+    for i, job in enumerate(jobs):
+        if 0.0 < job.called_at < late and (again := job.time_out(lanes)) is not None:
+            jobs[i] = again
 
 
 async def settle_awaitable(out: Any) -> Any:
@@ -137,12 +238,10 @@ async def settle_awaitable(out: Any) -> Any:
 
 async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any], tries: list[int] | None,
                      lock: Any, log: Any, fold: Fold, ids: Ids | None, routes: dict[str, int] | None) -> None:
-    """Settle a chunk's units (batches, or single items), up to ``stage.concurrency`` at once, into ``fold`` in
-    input order; stop at the first that stops the run."""
+    """Settle a chunk's units (batches, or single items) of an async function, up to ``stage.concurrency`` at
+    once, into ``fold`` in input order; stop at the first that stops the run."""
     size = stage.batch or 1
     starts = range(0, len(items), size)
-    asynchronous = worker.is_async(fn)
-    threads = _loop_and_threads()[1]
     settled: dict[int, Settled] = {}
     running: dict[asyncio.Future[Settled], int] = {}
     task: asyncio.Future[Settled]
@@ -154,9 +253,9 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
                 start = starts[ahead]
                 unit = items[start : start + size]
                 attempts = max(tries[start : start + size]) if tries else 0
-                # The task (and the thread of each of its calls) logs with the id of its own item.
+                # The task logs with the id of its own item.
                 token = worker._call_item.set(ids[start] if ids is not None else None)
-                settling = _settle(fn, stage, unit, attempts, lock, log, asynchronous, threads, routes)
+                settling = _settle(fn, stage, unit, attempts, lock, log, routes)
                 task = asyncio.ensure_future(settling)
                 worker._call_item.reset(token)
                 running[task] = ahead
@@ -186,23 +285,18 @@ async def _heartbeat(stage: StagePlan, progress: Any) -> None:
 
 
 async def _settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts: int, lock: Any, log: Any,
-                  asynchronous: bool, threads: Threads, routes: dict[str, int] | None) -> Settled:
+                  routes: dict[str, int] | None) -> Settled:
     """Call ``fn`` on a unit under the policy (``attempts``: failed attempts so far), each call within ``timeout``."""
     s = Settled()
     t0 = time.perf_counter()
     arg = unit if stage.batch else unit[0]
     while True:
-        if asynchronous:
-            call: Awaitable[Any] = _attempt_async(fn, stage, arg, lock, threads, routes)
-        else:
-            call = threads.run(contextvars.copy_context().run, attempt, fn, stage, arg, lock, routes)
         try:
-            s.outputs, s.targets = await asyncio.wait_for(call, stage.timeout)
+            s.outputs, s.targets = await asyncio.wait_for(_attempt_async(fn, stage, arg, lock, routes), stage.timeout)
             break
         except TimeoutError:
-            how = "cancelled" if asynchronous else "abandoned: its thread runs on to its end"
-            e = FunctionFailed(f"TimeoutError: call timed out after {stage.timeout:g}s ({how})", "", short_repr(arg),
-                               _TIMED_OUT)
+            e = FunctionFailed(f"TimeoutError: call timed out after {stage.timeout:g}s (cancelled)", "",
+                               short_repr(arg), _TIMED_OUT)
         except FunctionFailed as failure:
             e = failure
         attempts += 1
@@ -213,12 +307,12 @@ async def _settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], a
     return s
 
 
-async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any, threads: Threads,
+async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, lock: Any,
                          routes: dict[str, int] | None) -> tuple[list[Any], list[int] | None]:
     """``worker.attempt`` for an async function: one call awaited on this loop (the lock taken in a thread)."""
     try:
         if lock is not None:
-            await _acquire(lock, threads)
+            await _acquire(lock)
         try:
             out = fn(arg)
             if inspect.isasyncgen(out):  # each item it yields is an output
@@ -233,9 +327,10 @@ async def _attempt_async(fn: Callable[[Any], Any], stage: StagePlan, arg: Any, l
         raise FunctionFailed.of(e, arg) from None
 
 
-async def _acquire(lock: Any, threads: Threads) -> None:
-    """Take ``lock`` without blocking the loop; if the call is cancelled meanwhile, release it once taken."""
-    taken = threads.run(lock.acquire)
+async def _acquire(lock: Any) -> None:
+    """Take ``lock`` without blocking the loop (in a thread of the loop's executor); if the call is cancelled
+    meanwhile, release it once taken."""
+    taken = asyncio.get_running_loop().run_in_executor(None, lock.acquire)
     try:
         await asyncio.shield(taken)
     except asyncio.CancelledError:

@@ -1367,7 +1367,10 @@ def run_units(
     if stage.concurrency > 1 or is_async(fn):
         from runner import calls
 
-        calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids, routes))
+        if is_async(fn):
+            calls.run(calls.settle_all(fn, stage, items, tries, lock, log, fold, ids, routes))
+        else:
+            calls.settle_threads(fn, stage, items, tries, lock, log, fold, ids, routes)
         return fold.finish()
     simple = lock is None and tries is None and stage.timeout is None
     for start in starts:

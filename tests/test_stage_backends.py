@@ -70,7 +70,14 @@ def test_batched_writer_writes_every_row_in_transactions(tmp_path, monkeypatch):
 
 
 TASKS = """\
-import os, time
+import os, threading, time
+
+_first_wave = threading.Barrier(4, timeout=5)
+
+def wave(n):
+    if n < 4:  # the first 4 items must be called at once: they wait for each other
+        _first_wave.wait()
+    return n
 
 def slow_source():
     for i in range(3):
@@ -117,6 +124,21 @@ stages:
     assert sorted(i for i in items if isinstance(i, int)) == [0, 1, 2]
     sizes = next(i for i in items if isinstance(i, dict))["sizes"]
     assert sum(sizes) == 3 and max(sizes) < 3  # never held until all 3 were there
+    balanced(result)
+
+
+def test_concurrency_stage_gets_whole_waves_of_a_starting_stream(tmp_pipeline):
+    """A producer's first batches are small (1, 1, 2, 4 items...): a stage with `concurrency: 4` holds them until
+    4 wait, so its first 4 calls run at once instead of one, two, then four."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 64}}, output: a}
+  - {name: w, kind: pool, processes: 1, concurrency: 4, input: a, function: "tasks_t:wave", output: b}
+  - {name: sink, kind: consumer, input: b, function: collect}
+"""
+    result = run_pipeline(tmp_pipeline(text, TASKS), start_method="forkserver", log_level="warning")
+    assert result.exit_code == 0, result.error
+    assert sorted(result.collected["sink"]) == list(range(64))
     balanced(result)
 
 

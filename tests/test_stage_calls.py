@@ -396,7 +396,7 @@ def test_concurrency_progress_never_passes_an_unsettled_item():
 
     result = worker.run_items(fn, plan(concurrency=4), 0, list(range(6)), None, None, progress, Log())
     assert all(frontier <= n < started for n, frontier, started in seen)
-    assert (0, 0, 4) in seen and result.outputs == list(range(6)) and progress[0] == progress[6] == 6
+    assert (5, 0, 6) in seen and result.outputs == list(range(6)) and progress[0] == progress[6] == 6
 
 
 def test_concurrency_error_policy_and_ids_hold_per_item():

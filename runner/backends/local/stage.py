@@ -279,11 +279,11 @@ class StageRunner(StageRunnerCore):
                 continue
             if self.packed is not None:
                 n, data = batch
+                self._taking(n)  # before the batch waits: it notes when the first waiting item came
                 self.packed.append(batch)
                 self.packed_items += n
                 self.packed_bytes += len(data)
                 self.item_bytes = len(data) / n
-                self._taking(n)
             else:
                 items = batch[0]
                 if items:
@@ -323,7 +323,7 @@ class StageRunner(StageRunnerCore):
             self.packed_bytes -= len(data)
             task = _Task(self.next_seq, data, None, None, n)
         else:
-            if len(self.buffer) < size and self.packed:
+            while len(self.buffer) < size and self.packed:
                 self._unpack()
             chunk = self.buffer[:size]
             del self.buffer[:size]
