@@ -20,6 +20,8 @@ item's id (``"<producer stage>:<n>"``), the same in every stage the item passes.
 Repeats: after ``SHOWN`` warnings or errors of one place (stage, level, logger, event, exception type), a
 process sends the next ones of that place in batches (``_Batch``), and the listener writes one ``<event>: N
 more like this`` line per place a second to stderr instead of each, while the log file gets every record.
+Without a log file no one reads the repeats themselves: the listener says so on its queue
+(``repeats_counted``), and each process sends only how many there were (``_Counts``).
 
 Console lines (``ConsoleFormatter``) read as columns: time, level, stage, process, event, then
 ``key=value`` pairs and the traceback, if any; coloured only when stderr is a terminal.
@@ -27,6 +29,7 @@ Console lines (``ConsoleFormatter``) read as columns: time, level, stage, proces
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -150,6 +153,14 @@ class _Batch(_Event):
                 yield _Event(name, levelno, levelname, event, created)
 
 
+class _Counts(_Event):
+    """Repeated warnings of one process, counted rather than sent, for a listener that writes no log file.
+
+    ``msg``: ``{place: (first event, repeats, the last one's error)}``: what the ``N more like this`` line of the
+    place needs (``Listener.summarise``), whatever the repeats held.
+    """
+
+
 def _fields(changed: dict[str, Any] | tuple[Any, ...], keys: tuple[str, ...] | None) -> dict[str, Any]:
     """The fields of a repeat in a ``_Batch``."""
     if isinstance(changed, tuple):
@@ -176,7 +187,9 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
     batches (``_Batch``: up to ``BATCH`` records, or what ``BATCH_SECONDS`` gathered) rather than one queue
     message each: a stage that fails on every tenth item would otherwise spend most of its time logging.
     Any other record first sends what is waiting, so a process's records keep their order; what is waiting
-    is also sent when the process ends and when the handler is replaced.
+    is also sent when the process ends and when the handler is replaced.  When the queue's reader writes no
+    log file (the queue's ``repeats_counted``, set by ``start_listener``), a repeat is only counted, with its
+    error, and the counts are sent instead (``_Counts``), at the same times.
     """
 
     def __init__(self, queue: Any, **context: Any) -> None:
@@ -195,6 +208,7 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
         # Batches on a run's record pipe, multiprocessing's queues and inline runs' queue.Queue; a queue of its
         # own (the Ray relay, which batches what it sends) gets each record.
         self._batching = isinstance(queue, wire.RecordPipe | multiprocessing.queues.Queue | queue_module.Queue)
+        self._counting = self._batching and getattr(queue, "repeats_counted", False) is True
         self._timer: threading.Timer | None = None
         if multiprocessing.parent_process() is not None:  # a child: send what waits when it ends
             from multiprocessing import util
@@ -222,6 +236,9 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
                     where = (event.get("stage", self._stage), levelno, event.get("logger", name), event.get("event"),
                              error.partition(":")[0] if isinstance(error, str) else None)
                     group = self._waiting.get(where)
+                    if group is not None and self._counting:
+                        self._counted(group, error)
+                        return
                     # a repeat (its place is past SHOWN: _seen counts no further) with each field of the first
                     if group is not None and self._needs[where] <= event.keys():
                         item_id = item_id_source() if item_id_source is not None else None
@@ -241,6 +258,27 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             except Exception:  # noqa: BLE001 - as emit
                 self.handleError(_Event(name, levelno, logging.getLevelName(levelno), event, created))
 
+    def count(self, name: str, levelno: int, event: str, error: str) -> bool:
+        """Count a record of ``event`` with ``error`` (and no other stage, logger or level) without it being made,
+        when it is a repeat this handler only counts (``repeats_counted``): what ``emit_event`` would do with it.
+        False: it is not, and must be logged."""
+        if not self._counting or levelno < logging.WARNING:
+            return False
+        where = (self._stage, levelno, name, event, error.partition(":")[0])
+        with self.lock:  # type: ignore[union-attr]
+            group = self._waiting.get(where)
+            if group is None:  # not past SHOWN yet
+                return False
+            self._counted(group, error)
+            return True
+
+    def _counted(self, group: tuple[Any, ...], error: Any) -> None:
+        """A repeat of ``group``'s place is counted (its error kept for the summary line), to be sent as ``_Counts``."""
+        group[4].append(error)
+        self._count += 1
+        if self._count >= BATCH or self._timer is None:
+            self._wait()
+
     def _send(self, record: _Event) -> None:
         if record.levelno >= logging.WARNING and self._batching:
             where = place(record.msg, record.levelno)
@@ -248,16 +286,21 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
             if seen > SHOWN:
                 event = record.msg
                 group = self._waiting.get(where)
-                if group is None or not self._needs[where] <= event.keys():  # this one starts the group anew
-                    if self._count:
-                        self._send_waiting()
-                    group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
-                    self._needs[where] = frozenset(event.keys() - self._filled)
-                first = group[3]
-                changed = {k: v for k, v in event.items() if k not in first or first[k] != v}
-                if "item_id" in first and "item_id" not in event:
-                    changed["item_id"] = None  # none: dropped when made whole
-                group[4].append((record.created, changed))
+                if self._counting:
+                    if group is None:
+                        group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                    group[4].append(event.get("error"))
+                else:
+                    if group is None or not self._needs[where] <= event.keys():  # this one starts the group anew
+                        if self._count:
+                            self._send_waiting()
+                        group = self._waiting[where] = (record.name, record.levelno, record.levelname, event, [])
+                        self._needs[where] = frozenset(event.keys() - self._filled)
+                    first = group[3]
+                    changed = {k: v for k, v in event.items() if k not in first or first[k] != v}
+                    if "item_id" in first and "item_id" not in event:
+                        changed["item_id"] = None  # none: dropped when made whole
+                    group[4].append((record.created, changed))
                 self._count += 1
                 self._wait()
                 return
@@ -290,10 +333,15 @@ class ContextQueueHandler(logging.handlers.QueueHandler):
     def _send_waiting(self) -> None:
         """Send what waits; each place keeps its group (emptied), so its next repeat waits at once again."""
         if self._count:
-            waiting = {where: (*group, self._keys.get(where)) for where, group in self._waiting.items() if group[4]}
+            if self._counting:
+                waiting = {where: (group[3], len(group[4]), _plain(group[4][-1]))
+                           for where, group in self._waiting.items() if group[4]}
+            else:
+                waiting = {where: (*group, self._keys.get(where)) for where, group in self._waiting.items() if group[4]}
             self._waiting = {where: (*group[:4], []) for where, group in self._waiting.items()}
             self._count = 0
-            self.enqueue(_Batch("mprun", logging.WARNING, "WARNING", waiting, time.time()))
+            kind = _Counts if self._counting else _Batch
+            self.enqueue(kind("mprun", logging.WARNING, "WARNING", waiting, time.time()))
 
     def prepare(self, record: logging.LogRecord) -> _Event:
         if isinstance(record.msg, dict):  # from structlog, via ProcessorFormatter.wrap_for_formatter
@@ -411,6 +459,19 @@ class EventLogger:
                 handler.emit_event(logger.name, level, record)
             else:
                 logger.log(level, record)
+
+    def count(self, event: str, error: str, level: int = logging.WARNING) -> bool:
+        """Dispose of a record of ``event`` with ``error`` that no one would read, without making it: True when it
+        is below the run's level or only counted (a repeat past ``SHOWN`` of its place, and no log file: see
+        ``ContextQueueHandler.count``), so the caller need not log it; False: log it as usual."""
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return True
+        bound = sys.modules.get("structlog.contextvars")
+        if bound is not None and bound.get_contextvars():  # its fields may name another stage or event
+            return False
+        handler = _only_handler(logger)
+        return handler is not None and handler.count(logger.name, level, event, error)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)
@@ -585,6 +646,14 @@ class Listener(logging.handlers.QueueListener):
         self._summarised = 0.0  # monotonic time of the last summary lines
 
     def handle(self, record: logging.LogRecord) -> None:
+        if isinstance(record, _Counts):  # repeats counted where they were made: for stderr only
+            for where, (first, repeats, error) in record.msg.items():
+                self._seen[where] = self._seen.get(where, 0) + repeats
+                count = self._pending.get(where, (0, first))[0]
+                self._pending[where] = (count + repeats, first if error is None else {**first, "error": error})
+            if time.monotonic() - self._summarised >= SUMMARY_EVERY:
+                self.summarise()
+            return
         if isinstance(record, _Batch):  # repeats: counted for stderr, each to the log file
             for where, (_, _, _, first, rows, keys) in record.msg.items():
                 self._seen[where] = self._seen.get(where, 0) + len(rows)
@@ -660,6 +729,9 @@ def start_listener(
 ) -> Listener:
     """Start the listener that renders every process's records to stderr and ``log_file``.
 
+    Without ``log_file``, ``log_queue.repeats_counted`` is set: the handlers of the processes that write to it
+    (given it after this) send repeats as counts (``_Counts``), since stderr shows only how many there were.
+
     Args:
         stream: where stderr records go instead of ``sys.stderr`` (the live display's, so a record is
             written above the progress block rather than through it).
@@ -682,6 +754,8 @@ def start_listener(
         handlers.append(file_handler)
     for handler in handlers:
         handler.setLevel(LEVELS[level])
+    with contextlib.suppress(AttributeError):  # read by the writers' handlers (a queue without it: each repeat)
+        log_queue.repeats_counted = not log_file
     listener = Listener(log_queue, *handlers, console=stderr, respect_handler_level=True)
     listener.start()
     return listener

