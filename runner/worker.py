@@ -1061,17 +1061,16 @@ def run_items(
             try:
                 out = fn(item)
             except Exception as e:  # noqa: BLE001 - handled by the policy below
-                failed = FunctionFailed.of(e, item)
-                failure: FunctionFailed | None = failed
                 if skipping:  # what _with_policy would do, without leaving the loop
                     if regular or silent:
                         ends.extend(_implicit_ends(regular, index))
                         regular = silent = False
                     result.failed += 1
                     progress[4] = result.failed
-                    _skip(failed, 1, result, progress, log)
+                    _skip_raised(e, item, result, progress, log)
                     ends.append(len(outputs))
                     continue
+                failure: FunctionFailed | None = FunctionFailed.of(e, item)
             else:
                 if out is None:
                     if silent:
@@ -1190,9 +1189,22 @@ def _skip(e: FunctionFailed, attempts: int, result: ChunkResult, progress: Any, 
     _given_up(e, attempts, log)
 
 
+def _skip_raised(e: Exception, item: Any, result: ChunkResult, progress: Any, log: Any) -> None:
+    """``_skip`` of an item whose first call raised ``e``; no ``FunctionFailed`` is made for a repeat only counted."""
+    result.skipped += 1
+    progress[3] = result.skipped
+    if not log.count("item given up", f"{type(e).__name__}: {e}"):
+        _say_given_up(FunctionFailed.of(e, item), 1, log)
+
+
 def _given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
-    if log.count("item given up", e.summary):  # a repeat that only stderr's count reads
-        return
+    """Say that an item was given up after ``attempts`` failures, the last one ``e``, unless that is a repeat
+    only counted (``EventLogger.count``)."""
+    if not log.count("item given up", e.summary):
+        _say_given_up(e, attempts, log)
+
+
+def _say_given_up(e: FunctionFailed, attempts: int, log: Any) -> None:
     if log.first(e.where):
         log.warning("item given up", error=e.summary, item=e.shown, attempts=attempts, exception=e.tb)
     else:
