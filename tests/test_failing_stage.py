@@ -4,6 +4,7 @@ record says what the policy path would say; stderr counts repeats, the log file 
 from __future__ import annotations
 
 import array
+import io
 import json
 import logging
 import math
@@ -140,6 +141,97 @@ def test_every_skipped_item_is_in_the_log_file_and_the_metrics(tmp_pipeline, tmp
     stage = json.loads(metrics.read_text())["stages"]["double"]
     assert (stage["items_in"], stage["skipped"], stage["failed"], stage["items_out"]) == (
         3000, len(failing), len(failing), 3000 - len(failing))
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["run", "inline"])
+def test_without_a_log_file_stderr_counts_every_skipped_item(tmp_pipeline, inline):
+    """No log file: repeats are only counted where they are made, yet stderr's counts add up to every skipped
+    item past the first 5 of each place, each summary line with the last error of its place."""
+    path = tmp_pipeline(FAILING, FAIL_SOME)
+    result = run_cli("run", str(path), "--no-summary", *(["--inline"] if inline else []))
+    assert result.returncode == 0, result.stderr
+    failing = [x for x in range(3000) if x % 10 == 0 or x % 100 == 5]
+    assert len(json.loads(result.stdout)) == 3000 - len(failing)
+    lines = result.stderr.splitlines()
+    shown = Counter(line.split("error=")[1].strip('"').split(":")[0] for line in lines if " item given up " in line)
+    assert shown == {"ValueError": 5, "KeyError": 5}
+    summaries = [line for line in lines if "item given up: " in line]
+    counts = Counter()
+    for line in summaries:
+        error = line.split("last_error=")[1].strip('"')
+        kind, _, text = error.partition(": ")
+        n = int(text.removeprefix("bad item ")) if kind == "ValueError" else int(text)
+        assert n in failing and (n % 10 == 0) == (kind == "ValueError"), line
+        assert "log file" not in line
+        counts[kind] += int(line.split("item given up: ")[1].split(" more like this")[0].replace(",", ""))
+    assert counts == {"ValueError": 300 - 5, "KeyError": 30 - 5}, lines
+
+
+TOLD = """def told(x):
+    import logging
+    return logging.getLogger().handlers[0].queue.repeats_counted
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
+def test_workers_count_repeats_only_when_no_log_file_wants_each(tmp_pipeline, tmp_path, method):
+    """The listener's need reaches every worker with its log queue: count repeats without a log file, send
+    each with one."""
+    path = tmp_pipeline("""\
+version: 1
+stages:
+  - {name: numbers, kind: producer, source: {range: {stop: 4}}, output: numbers}
+  - {name: told, kind: pool, processes: 2, input: numbers, function: tasks_t:told, output: flags}
+  - {name: out, kind: consumer, input: flags, function: collect}
+""", TOLD)
+    for log_file, counted in ((None, True), (tmp_path / "run.log", False)):
+        more = ["--log-file", str(log_file)] if log_file else []
+        result = run_cli("run", str(path), "--no-summary", "--start-method", method, *more)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == [counted] * 4
+
+
+def test_counted_repeats_cross_as_counts_and_read_as_the_same_summary(monkeypatch):
+    """A queue whose listener writes no log file: past 5 of a place, a process sends how many repeats there
+    were and the last one's error (``log.count`` counts one without its record being made); the listener
+    writes the same lines as from whole repeats."""
+    q: queue.Queue = queue.Queue()
+    q.repeats_counted = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    monkeypatch.setattr(logs, "item_id_source", lambda: "numbers:7")
+    try:
+        logs.configure(q, "info", stage="double", process="double-1")
+        log = logs.get_logger("mprun")
+        for i in range(12):
+            log.warning("item given up", error=f"ValueError: bad {i}", item=i, attempts=1)
+        assert log.count("item given up", "ValueError: bad 12")  # a repeat: counted
+        assert not log.count("item given up", "KeyError: 12")  # another place, not past 5: to be logged
+        assert not log.count("retrying", "ValueError: bad 12")
+        for i in range(8):
+            logging.getLogger("tasks").warning("odd item")  # stdlib records count as well
+        log.info("process exited", exitcode=0)
+        logs.configure(queue.Queue(), "info")  # sends what waits
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    sent = [q.get_nowait() for _ in range(q.qsize())]
+    assert [type(r).__name__ for r in sent] == ["_Event"] * 5 + ["_Counts"] + ["_Event"] * 5 + ["_Counts", "_Event"]
+    (first, repeats, error), = sent[5].msg.values()
+    assert (first["item"], first["item_id"], repeats, error) == (5, "numbers:7", 8, "ValueError: bad 12")
+    assert [r[1] for r in sent[11].msg.values()] == [3]
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logs.EventFormatter("console"))
+    listener = logs.Listener(queue.Queue(), console, console=console)
+    for record in sent:
+        listener.handle(record)
+    listener.summarise()
+    lines = stream.getvalue().splitlines()
+    assert sum(" item given up " in line for line in lines) == 5
+    summaries = [" ".join(line.split()[4:]) for line in lines if "more like this" in line]
+    assert summaries == ['item given up: 8 more like this last_error="ValueError: bad 12"',
+                         "odd item: 3 more like this logger=tasks"]
 
 
 def test_a_repeat_made_whole_has_its_own_fields_and_no_others(monkeypatch):
