@@ -38,9 +38,12 @@ def fail_some(item: Any) -> Any:
     return None if n == 11 else item
 
 
-def run_logged(lock: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[worker.ChunkResult, list[dict[str, Any]]]:
-    """``run_items`` over ITEMS in a worker's logging set-up; the result and every record sent (batches whole)."""
+def run_logged(lock: Any, monkeypatch: pytest.MonkeyPatch, counted: bool = False,
+               ) -> tuple[worker.ChunkResult, list[dict[str, Any]], list[Any]]:
+    """``run_items`` over ITEMS in a worker's logging set-up; the result, every record sent (batches whole) and
+    the counts sent instead of repeats (``counted``: the listener counts them: no log file)."""
     q: queue.Queue = queue.Queue()
+    q.repeats_counted = counted  # type: ignore[attr-defined]
     root = logging.getLogger()
     saved = list(root.handlers), root.level
     progress = memoryview(array.array("q", [0] * worker.PROGRESS_SLOTS)).cast("B").cast("q")
@@ -56,19 +59,21 @@ def run_logged(lock: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[worker.Chunk
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     sent = [q.get_nowait() for _ in range(q.qsize())]
-    events = [e.msg for r in sent for e in (r.events() if isinstance(r, logs._Batch) else [r])]
-    for event in events:  # the traceback from the stage function's frame on (the worker's frames differ)
-        event.pop("timestamp")
+    counts = [r.msg for r in sent if isinstance(r, logs._Counts)]
+    events = [e.msg for r in sent if not isinstance(r, logs._Counts)
+              for e in (r.events() if isinstance(r, logs._Batch) else [r])]
+    for event in [*events, *(first for c in counts for first, _, _ in c.values())]:
+        event.pop("timestamp", None)  # the traceback from the stage function's frame on (the worker's frames differ)
         if "exception" in event:
             event["exception"] = event["exception"][event["exception"].index(f'File "{__file__}"'):]
-    return result, events
+    return result, events, counts
 
 
 def test_a_skip_in_the_tight_loop_logs_and_counts_as_the_policy_path(monkeypatch):
     """Skipped items logged from the tight loop (no lock) and through ``_with_policy`` (a lock): the same
     records, counts, outputs and output ids; items as their JSON values, or their text where JSON has none."""
-    fast, fast_events = run_logged(None, monkeypatch)
-    slow, slow_events = run_logged(threading.Lock(), monkeypatch)
+    fast, fast_events, _ = run_logged(None, monkeypatch)
+    slow, slow_events, _ = run_logged(threading.Lock(), monkeypatch)
     assert fast_events == slow_events
     n = len(FAILED)
     assert (fast.skipped, fast.failed, fast.done) == (slow.skipped, slow.failed, slow.done) == (n, n, len(ITEMS))
@@ -90,6 +95,22 @@ def test_a_skip_in_the_tight_loop_logs_and_counts_as_the_policy_path(monkeypatch
     assert all(e["traceback"] == "as earlier in this process" for e in given_up if "exception" not in e)
     assert all(e["stage"] == "double" and e["process"] == "double-1" and e["level"] == "warning" and e["attempts"] == 1
                for e in given_up)
+
+
+def test_a_skip_counted_in_the_tight_loop_is_counted_as_on_the_policy_path(monkeypatch):
+    """No log file: past 5 of a place, the tight loop counts a skipped item without its record (nor its
+    FunctionFailed) being made; the same counts, last errors, records and results as through ``_with_policy``."""
+    fast, fast_events, fast_counts = run_logged(None, monkeypatch, counted=True)
+    slow, slow_events, slow_counts = run_logged(threading.Lock(), monkeypatch, counted=True)
+    assert (fast_events, fast_counts) == (slow_events, slow_counts)
+    assert (fast.skipped, fast.outputs, fast.ends) == (slow.skipped, slow.outputs, slow.ends)
+    assert [e["error"] for e in fast_events] == [f"KeyError: 'bad {n}'" if n % 2 else f"ValueError: bad {n}"
+                                                 for n in FAILED[:10]]  # 5 of each place, sent one by one
+    repeats = {place[4]: (n, error) for c in fast_counts for place, (_, n, error) in c.items()}
+    kinds = Counter("KeyError" if n % 2 else "ValueError" for n in FAILED)
+    last = {kind: max(n for n in FAILED if n % 2 == odd) for kind, odd in (("KeyError", 1), ("ValueError", 0))}
+    assert repeats == {"KeyError": (kinds["KeyError"] - 5, f"KeyError: 'bad {last['KeyError']}'"),
+                       "ValueError": (kinds["ValueError"] - 5, f"ValueError: bad {last['ValueError']}")}
 
 
 FAILING = """\
@@ -208,7 +229,7 @@ def test_counted_repeats_cross_as_counts_and_read_as_the_same_summary(monkeypatc
         assert log.count("item given up", "ValueError: bad 12")  # a repeat: counted
         assert not log.count("item given up", "KeyError: 12")  # another place, not past 5: to be logged
         assert not log.count("retrying", "ValueError: bad 12")
-        for i in range(8):
+        for _ in range(8):
             logging.getLogger("tasks").warning("odd item")  # stdlib records count as well
         log.info("process exited", exitcode=0)
         logs.configure(queue.Queue(), "info")  # sends what waits
