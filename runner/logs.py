@@ -505,6 +505,9 @@ def get_logger(name: str = "mprun") -> EventLogger:
     return EventLogger(name)
 
 
+_JSON = json.JSONEncoder(default=repr)  # json.dumps(event, default=repr) without making an encoder each time
+
+
 class EventFormatter(logging.Formatter):
     """Renders the event dict of a record: console columns (``ConsoleFormatter``), or one JSON object a line."""
 
@@ -516,7 +519,7 @@ class EventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event = dict(record.msg) if isinstance(record.msg, dict) else {"event": record.getMessage()}
         if self._console is None:
-            return json.dumps(event, default=repr)
+            return _JSON.encode(event)
         return self._console.render(event)
 
 

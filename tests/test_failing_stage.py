@@ -194,10 +194,9 @@ TOLD = """def told(x):
 """
 
 
-@pytest.mark.parametrize("method", ["forkserver", "fork"])
-def test_workers_count_repeats_only_when_no_log_file_wants_each(tmp_pipeline, tmp_path, method):
-    """The listener's need reaches every worker with its log queue: count repeats without a log file, send
-    each with one."""
+def test_workers_count_repeats_only_when_no_log_file_wants_each(tmp_pipeline, tmp_path):
+    """The listener's need reaches every worker with its log queue (pickled to the forkserver's children):
+    count repeats without a log file, send each with one."""
     path = tmp_pipeline("""\
 version: 1
 stages:
@@ -207,7 +206,7 @@ stages:
 """, TOLD)
     for log_file, counted in ((None, True), (tmp_path / "run.log", False)):
         more = ["--log-file", str(log_file)] if log_file else []
-        result = run_cli("run", str(path), "--no-summary", "--start-method", method, *more)
+        result = run_cli("run", str(path), "--no-summary", *more)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == [counted] * 4
 
