@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runner import worker
-from runner.queues import Ids
+from runner.queues import Ids, ItemId
 from runner.topology import StagePlan
 from runner.worker import Fold, FunctionFailed, Settled, attempt, call_outputs, route_outputs, short_repr, unit_failed
 
@@ -52,7 +52,7 @@ class _Chunk:
 class _Job:
     """One unit of a chunk for a lane: called under the policy until it is settled, unless abandoned."""
 
-    def __init__(self, chunk: _Chunk, index: int, start: int, unit: list[Any], attempts: int, item_id: int | None,
+    def __init__(self, chunk: _Chunk, index: int, start: int, unit: list[Any], attempts: int, item_id: ItemId,
                  settled: Settled | None = None, backoff: float = 0.0) -> None:
         self.chunk, self.index, self.start, self.unit, self.attempts = chunk, index, start, unit, attempts
         self.item_id, self.backoff = item_id, backoff
