@@ -206,6 +206,27 @@ class Control:
 
 STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
 PROGRESS_SLOTS = 7  # a worker's progress array: see WorkerSpec.progress
+# A sink with `concurrency` (no output queue) settles the items of a chunk out of order: its progress array
+# goes on with a mark per item of the chunk (the first MARKED), ``seq * 4 + DELIVERED`` or ``+ SKIPPED`` once
+# the item's unit is settled so, so that if the worker dies, the runner neither calls again what the sink
+# has done nor loses count of it (``mark_settled``; read by the local runner).
+MARKED = 4096
+DELIVERED, SKIPPED = 1, 2
+
+
+def progress_slots(stage: StagePlan) -> int:
+    """The length of a worker's progress array for ``stage``."""
+    return PROGRESS_SLOTS + (MARKED if stage.concurrency > 1 and not stage.outputs else 0)
+
+
+def mark_settled(progress: Any, seq: int, start: int, n: int, s: Settled) -> None:
+    """Mark items ``start .. start + n`` of chunk ``seq`` settled as ``s`` says, in a sink's progress array (no
+    mark: not settled, or given up to a dead letter, which dies with the worker and is settled again)."""
+    if len(progress) == PROGRESS_SLOTS or s.error is not None or s.dead:
+        return
+    mark = seq * 4 + (SKIPPED if s.skipped else DELIVERED)
+    for i in range(PROGRESS_SLOTS + start, PROGRESS_SLOTS + min(start + n, MARKED)):
+        progress[i] = mark
 _PR_SET_PDEATHSIG = 1
 
 
