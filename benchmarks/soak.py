@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/soak.py --minutes 10 [--seed 1] [--keep]
 
-Each run draws a topology (a consumer, pool or ordered pool stage, 1-3 processes, FIFO or LIFO queue, an
-optional second stage), items (small ints, text lines, dicts, bytes from 100 B to 2 MiB), results 0.1x to 3x
-their items, a sink (jsonl or a user function writing one file per process), a start method, a failure
-policy (every 97th item raises under ``on_error: skip``), and an event: none, a SIGINT or SIGTERM to the
-process group after a random delay, or a SIGKILL of one worker (``on_error: retry``). Then it checks:
+Each run draws a topology (a consumer, pool or ordered pool stage, 1-3 processes, some with 4 or 16 concurrent
+calls each, FIFO or LIFO queue, an optional second stage), items (small ints, text lines, dicts, bytes from
+100 B to 2 MiB), results 0.1x to 3x their items, a sink (jsonl or a user function writing one file per
+process), a start method, a failure policy (every 97th item raises under ``on_error: skip``), and an event:
+none, a SIGINT or SIGTERM to the process group after a random delay, or a SIGKILL of one worker (``on_error:
+retry``). Then it checks:
 
 - hangs: the run must end within its time limit (killed and counted otherwise);
 - exit code: 0 (or 130/143 after a signal);
@@ -24,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,7 +102,7 @@ def draw(rng: random.Random) -> dict:
         "factor": rng.choice([0.1, 1, 3]), "sink": rng.choice(["user", "jsonl"]),
         "method": rng.choice(["fork", "forkserver", "spawn"]), "fail": rng.random() < 0.3 and event != "kill-worker",
         "second": rng.random() < 0.4, "event": event, "delay": rng.uniform(0.2, 2.0),
-        "pause": 0.002 if event != "none" else 0.0,
+        "pause": 0.002 if event != "none" else 0.0, "concurrency": rng.choice([1, 1, 4, 16]),
     }
 
 
@@ -108,6 +110,7 @@ def pipeline(r: dict) -> str:
     policy = "on_error: retry, retry_backoff: 0" if r["event"] == "kill-worker" else "on_error: skip"
     kind = "pool" if r["kind"] == "ordered" else r["kind"]
     ordered = ", ordered: true" if r["kind"] == "ordered" else ""
+    ordered += f", concurrency: {r['concurrency']}" if r.get("concurrency", 1) > 1 else ""
     work = (f'  - {{name: work, kind: {kind}, processes: {r["processes"]}, input: a, output: b{ordered}, '
             f'function: "soak_tasks:work", kwargs: {{factor: {r["factor"]}, fail: {str(r["fail"]).lower()}, '
             f'pause: {r["pause"]}}}, {policy}}}\n')
@@ -130,6 +133,19 @@ def seen(folder: Path, r: dict) -> Counter[int]:
         return Counter(int(line) for f in folder.glob("seen-*") for line in f.read_text().splitlines())
     out = folder / "out.jsonl"
     return Counter(json.loads(line) for line in out.read_text().splitlines()) if out.exists() else Counter()
+
+
+def py_stacks(pid: int, folder: Path) -> None:
+    """Write the Python stacks of ``pid`` and its descendants into ``folder`` (py-spy, when installed)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return
+    pids = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True, check=False).stdout.split()
+    with (folder / "stacks.txt").open("w") as out:
+        for each in pids:
+            out.write(f"== {each}\n")
+            out.flush()
+            subprocess.run([spy, "dump", "--pid", each], stdout=out, stderr=subprocess.STDOUT, check=False, timeout=30)
 
 
 def one_run(r: dict, limit: float, keep: bool) -> str | None:
@@ -163,11 +179,17 @@ def one_run(r: dict, limit: float, keep: bool) -> str | None:
         try:
             _, err = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
+            py_stacks(proc.pid, folder)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return f"HANG after {limit:.0f}s"
+            problem = f"HANG after {limit:.0f}s"
+            return f"{problem} [{folder}]"
         code = proc.returncode
         signalled = r["event"] in ("SIGINT", "SIGTERM") and code in (130, 143)
+        # On a loaded machine the signal may come while the interpreter starts, before mprun's first line
+        # runs (and any Python program dies of it then): nothing was started, no log file opened.
+        signalled |= r["event"] in ("SIGINT", "SIGTERM") and code == -getattr(signal, r["event"]) and not (
+            folder / "log.jsonl").exists()
         got = seen(folder, r)
         twice = [i for i, c in got.items() if c > 1]
         if code != 0 and not signalled:

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runner import worker
-from runner.queues import Ids
+from runner.queues import Ids, ItemId
 from runner.topology import StagePlan
 from runner.worker import Fold, FunctionFailed, Settled, attempt, call_outputs, route_outputs, short_repr, unit_failed
 
@@ -43,8 +43,9 @@ class _Chunk:
     """What the lanes share about the chunk being settled (``settle_threads``)."""
 
     def __init__(self, fn: Callable[[Any], Any], stage: StagePlan, lock: Any, log: Any,
-                 routes: dict[str, int] | None, progress: Any) -> None:
-        self.fn, self.stage, self.lock, self.log, self.routes, self.progress = fn, stage, lock, log, routes, progress
+                 routes: dict[str, int] | None, fold: Fold) -> None:
+        self.fn, self.stage, self.lock, self.log, self.routes = fn, stage, lock, log, routes
+        self.seq, self.progress = fold.seq, fold.progress
         self.settled: queue.SimpleQueue[tuple[int, Settled]] = queue.SimpleQueue()  # (unit index, how it ended)
         self.stopped = False  # a unit stopped the run: the jobs still queued are dropped
 
@@ -52,7 +53,7 @@ class _Chunk:
 class _Job:
     """One unit of a chunk for a lane: called under the policy until it is settled, unless abandoned."""
 
-    def __init__(self, chunk: _Chunk, index: int, start: int, unit: list[Any], attempts: int, item_id: int | None,
+    def __init__(self, chunk: _Chunk, index: int, start: int, unit: list[Any], attempts: int, item_id: ItemId,
                  settled: Settled | None = None, backoff: float = 0.0) -> None:
         self.chunk, self.index, self.start, self.unit, self.attempts = chunk, index, start, unit, attempts
         self.item_id, self.backoff = item_id, backoff
@@ -92,9 +93,15 @@ class _Job:
                 if not unit_failed(stage, failure, self.unit, self.attempts, s, c.log):
                     break
             self.backoff = stage.retry_backoff * 2 ** (self.attempts - 1)
-        s.seconds = time.perf_counter() - self.t0
-        c.settled.put((self.index, s))
+        self.settle()
         return True
+
+    def settle(self) -> None:
+        """Hand the unit's ``Settled`` over (and mark it settled, for a sink: see ``worker.mark_settled``)."""
+        c = self.chunk
+        self.s.seconds = time.perf_counter() - self.t0
+        worker.mark_settled(c.progress, c.seq, self.start, len(self.unit), self.s)
+        c.settled.put((self.index, self.s))
 
     def time_out(self, lanes: Lanes) -> _Job | None:
         """Abandon the call in hand (past the stage's timeout; another thread takes its place): a failed
@@ -113,8 +120,7 @@ class _Job:
         again = unit_failed(c.stage, e, self.unit, self.attempts, self.s, c.log)
         worker._call_item.reset(token)
         if not again:
-            self.s.seconds = time.perf_counter() - self.t0
-            c.settled.put((self.index, self.s))
+            self.settle()
             return None
         backoff = c.stage.retry_backoff * 2 ** (self.attempts - 1)
         job = _Job(c, self.index, self.start, self.unit, self.attempts, self.item_id, self.s, backoff)
@@ -190,7 +196,7 @@ def settle_threads(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any],
     size = stage.batch or 1
     lanes = _Here.lanes.setdefault(stage.name, Lanes())
     lanes.ensure(stage.concurrency)
-    chunk = _Chunk(fn, stage, lock, log, routes, fold.progress)
+    chunk = _Chunk(fn, stage, lock, log, routes, fold)
     jobs = []
     for index, start in enumerate(range(0, len(items), size)):
         attempts = max(tries[start : start + size]) if tries else 0
@@ -263,7 +269,9 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
                 fold.progress[6] = start + len(unit)
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                settled[running.pop(task)] = task.result()
+                index = running.pop(task)
+                settled[index] = task.result()
+                worker.mark_settled(fold.progress, fold.seq, starts[index], size, settled[index])
             while behind in settled:
                 start = starts[behind]
                 if fold.add(start, min(size, len(items) - start), settled.pop(behind)):

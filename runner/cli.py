@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -110,10 +111,10 @@ def console() -> NoReturn:
     and ``test``, which keep user code out of this process, leave this way, and not after using Ray.
     """
     import atexit
-    import signal
 
     atexit.register(_leave_quickly)
-    signal.signal(signal.SIGTERM, _terminated)  # until a run installs its own handlers (and after it)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # until a run installs its own handlers (and after it)
+        signal.signal(signum, _interrupted)
     sys.exit(main())
 
 
@@ -121,8 +122,26 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM outside a run (while the file is read, the forkserver starts...): ends the command like Ctrl-C."""
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM outside a run (while the file is read, the forkserver starts, between the cases of
+    ``mprun test``...): the command ends here, with 130 or 143 and one line, and so do the processes it
+    started. Not with an exception: a signal can land anywhere, and an exception raised inside Python's
+    import machinery, a fork hook or a weakref callback is swallowed (the signal lost) or leaves a lock held
+    (the next import, or log record, of another thread then waits for ever). A Ray driver is left to shut
+    down the usual way: there it is an exception (``_Terminated`` for SIGTERM)."""
+    if "ray" in sys.modules:
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("SIGINT", 130)
+    with contextlib.suppress(Exception):  # what was printed so far is kept (a flush the signal cut short cannot)
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, f"mprun: error: stopped by {name}\n".encode())
+    # No import here: the signal may have come in the middle of one. A forkserver and tracker started here
+    # were started by runner.zygote (else there is none); they end with this process anyway, stop waits.
+    zygote = sys.modules.get("runner.zygote")
+    with contextlib.suppress(Exception):  # runner.zygote or multiprocessing only partly imported
+        zygote.stop()  # type: ignore[union-attr]
+    os._exit(code)
 
 
 def _leave_quickly() -> None:
@@ -153,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
         args.insert(0, "run")
-    parser = _parser()
-    ns = parser.parse_args(args)
-    try:
+    try:  # from the start: a signal while the command line is parsed ends the command as cleanly
+        parser = _parser()
+        ns = parser.parse_args(args)
         if ns.command == "run":
             return _run(ns)
         if ns.command == "validate":

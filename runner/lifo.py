@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from multiprocessing.managers import BaseManager
 from typing import Any
 
-from runner.queues import CANCEL_CHECK, LIFO_TAKE, Cancelled, Ids, ManagerGone, dumps
+from runner.queues import CANCEL_CHECK, LIFO_TAKE, Cancelled, Ids, ItemId, ManagerGone, dumps
 from runner.topology import QueuePlan
 
 
@@ -23,7 +23,7 @@ class Stack:
 
     def __init__(self, maxsize: int, max_bytes: int = 0) -> None:
         self._items: list[Any] = []
-        self._ids: list[int | None] = []  # parallel to _items
+        self._ids: list[ItemId] = []  # parallel to _items
         self._sizes: list[int] = []  # parallel to _items: pickled bytes of each (as its writer measured)
         self._bytes = 0
         self._maxsize = maxsize
@@ -53,7 +53,7 @@ class Stack:
         got = self.get_many_ids(most)
         return None if got is None else got[0]
 
-    def get_many_ids(self, most: int) -> tuple[list[Any], list[int | None]] | None:
+    def get_many_ids(self, most: int) -> tuple[list[Any], list[ItemId]] | None:
         """``get_many`` and the ids of the items popped."""
         with self._changed:
             while not self._items and not self._closed:

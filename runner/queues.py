@@ -65,7 +65,10 @@ def pack(batch: list[Any], ids: Ids | None) -> bytes:
         raise
 
 
-Ids = Sequence[int | None]  # the ids of a batch: a range, or a list (None: an item without an id)
+# An item's id: an int numbered by its producer (see worker.item_id_text), a str that names its place
+# (``stage:file:line``, an item of a glob source), or None (an item without an id).
+ItemId = int | str | None
+Ids = Sequence[ItemId]  # the ids of a batch: a range, or a list
 
 
 def join_ids(runs: list[Ids]) -> Ids:

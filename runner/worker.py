@@ -57,28 +57,32 @@ from typing import TYPE_CHECKING, Any
 
 from runner import Route, logs, queues
 from runner.messages import Decision, ProducerDone, ProducerFailed
-from runner.queues import Emitter, Ids
+from runner.queues import Emitter, Ids, ItemId
 from runner.topology import BATCH_BYTES, MAX_BATCH, StagePlan
 
 if TYPE_CHECKING:
     from runner.queues import Channel
 
 LATENCY_SAMPLES = 8  # items of a chunk whose call is timed (every item of a chunk of up to 8)
+PLACED_BATCH = 64  # items of a glob source read before they are handed to the emitter (with their ids)
 _ONE_EACH = list(range(1, 4097))  # `ends` of a chunk where every item gave exactly one output
 
 _id_names: tuple[str, ...] = ()  # producer stage names: an id n is item n // len of stage n % len
 _chunk: tuple[Ids | None, Any] = (None, None)  # ids of the chunk in hand and its progress array
 # The id of the item (or first item of the batch) a concurrent call is on: set in each call's asyncio task
 # and in the thread that runs it (runner.calls), so that its log records name their own item.
-_call_item: contextvars.ContextVar[int | None] = contextvars.ContextVar("mprun_call_item")
+_call_item: contextvars.ContextVar[ItemId] = contextvars.ContextVar("mprun_call_item")
 _NO_ID: Any = object()
 
 
-def item_id_text(n: int | None, names: tuple[str, ...] | None = None) -> str | None:
-    """The ``item_id`` of the integer id ``n``: ``<producer stage>:<index in its source>``.
+def item_id_text(n: ItemId, names: tuple[str, ...] | None = None) -> str | None:
+    """The ``item_id`` of the id ``n``: ``<producer stage>:<index in its source>`` for an integer id, the id
+    itself for a str (``<producer stage>:<file>:<line>``, an item of a glob source).
 
     ``names``: the producer stages of the run, in order (default: this worker's, set by ``bootstrap``).
     """
+    if isinstance(n, str):
+        return n
     names = _id_names if names is None else names
     if n is None or not names:
         return None
@@ -94,8 +98,8 @@ def current_item_id() -> str | None:
     if ids is None:
         return None
     index = int(progress[0])
-    if index >= len(ids) or not _id_names or (n := ids[index]) is None:
-        return None
+    if index >= len(ids) or (n := ids[index]) is None or isinstance(n, str) or not _id_names:
+        return n if isinstance(n, str) else None
     return f"{_id_names[n % len(_id_names)]}:{n // len(_id_names)}"  # item_id_text, inlined: called per record
 
 
@@ -201,6 +205,27 @@ class Control:
 
 STOP_SIGNAL = queues.STOP_SIGNAL  # how the main process asks a child to stop (SIGINT and SIGTERM are its own)
 PROGRESS_SLOTS = 7  # a worker's progress array: see WorkerSpec.progress
+# A sink with `concurrency` (no output queue) settles the items of a chunk out of order: its progress array
+# goes on with a mark per item of the chunk (the first MARKED), ``seq * 4 + DELIVERED`` or ``+ SKIPPED`` once
+# the item's unit is settled so, so that if the worker dies, the runner neither calls again what the sink
+# has done nor loses count of it (``mark_settled``; read by the local runner).
+MARKED = 4096
+DELIVERED, SKIPPED = 1, 2
+
+
+def progress_slots(stage: StagePlan) -> int:
+    """The length of a worker's progress array for ``stage``."""
+    return PROGRESS_SLOTS + (MARKED if stage.concurrency > 1 and not stage.outputs else 0)
+
+
+def mark_settled(progress: Any, seq: int, start: int, n: int, s: Settled) -> None:
+    """Mark items ``start .. start + n`` of chunk ``seq`` settled as ``s`` says, in a sink's progress array (no
+    mark: not settled, or given up to a dead letter, which dies with the worker and is settled again)."""
+    if len(progress) == PROGRESS_SLOTS or s.error is not None or s.dead:
+        return
+    mark = seq * 4 + (SKIPPED if s.skipped else DELIVERED)
+    for i in range(PROGRESS_SLOTS + start, PROGRESS_SLOTS + min(start + n, MARKED)):
+        progress[i] = mark
 _PR_SET_PDEATHSIG = 1
 
 
@@ -510,10 +535,11 @@ def producer_main(spec: ProcessSpec) -> None:
     log.info("process started")
     started = time.perf_counter()
     numbering = None
-    if stage.name in spec.id_names:  # id of item k of this process: (index + k * processes) * K + position
+    placed = glob_source(stage) is not None  # each item's id is its place: `stage:file:line`
+    if stage.name in spec.id_names and not placed:  # id of item k here: (index + k * processes) * K + position
         k, position = len(spec.id_names), spec.id_names.index(stage.name)
         numbering = (position + spec.index * k, stage.processes * k)
-    emitter = Emitter(spec.outputs, numbering=numbering, counter=spec.counter)
+    emitter = Emitter(spec.outputs, numbering=numbering, ids=placed, counter=spec.counter)
     try:
         _produce(spec, emitter)
         emitter.close()
@@ -548,8 +574,16 @@ def source_items(source: dict[str, Any], kwargs: dict[str, Any], base_dir: str) 
     if path == "-":
         return _read_file(STDIN, fmt, "<stdin>")
     if glob.has_magic(path):
-        return _read_glob(base_dir, path, fmt)
+        return (item for _, item in glob_items(base_dir, path, fmt))
     return _read_file(Path(base_dir, path), fmt, path)
+
+
+def glob_source(stage: StagePlan) -> tuple[str, str] | None:
+    """``(pattern, format)`` of a stage whose source is a glob of files, else None."""
+    spec = (stage.source or {}).get("file")
+    if spec is None or not glob.has_magic(spec["path"]):
+        return None
+    return spec["path"], spec.get("format", "lines")
 
 
 class SourceError(ValueError):
@@ -579,11 +613,12 @@ def _open_source(path: Path | str, fmt: str) -> Any:
         raise SourceError(msg) from None
 
 
-def _read_glob(base_dir: str, pattern: str, fmt: str) -> Iterator[Any]:
-    """The items of every file matching ``pattern`` (relative to ``base_dir``), file by file in sorted order.
+def glob_items(base_dir: str, pattern: str, fmt: str) -> Iterator[tuple[str, Any]]:
+    """``(where, item)`` of every item of every file matching ``pattern`` (relative to ``base_dir``), file by
+    file in sorted order; ``where`` is ``<file>:<line>``.
 
-    Item ids count on across the files; a record ``reading file`` (``file``, ``first_item``: the index of its
-    first item in the source) says where each file starts, and bad data is named by its file and line.
+    A record ``reading file`` (``file``, ``first_item``: the index of its first item in the source) says
+    where each file starts, and bad data is named by its file and line.
     """
     files = sorted(f for f in glob.glob(pattern, root_dir=base_dir, recursive=True) if Path(base_dir, f).is_file())
     if not files:
@@ -593,23 +628,26 @@ def _read_glob(base_dir: str, pattern: str, fmt: str) -> Iterator[Any]:
     n = 0
     for name in files:
         log.info("reading file", file=name, first_item=n)
-        for item in _read_file(Path(base_dir, name), fmt, name):
+        at = [0]
+        for item in _read_file(Path(base_dir, name), fmt, name, at):
             n += 1
-            yield item
+            yield f"{name}:{at[0]}", item
 
 
-def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator[Any]:
+def _read_file(path: Path | str, fmt: str, shown: str | None = None, at: list[int] | None = None) -> Iterator[Any]:
     """The items of a file source (``STDIN``: standard input); bad data stops it with a ``SourceError`` naming
     ``shown`` (the path as written in the pipeline) and the line: invalid JSON, a CSV row with more or fewer
-    fields than the header."""
+    fields than the header. ``at[0]``: the line where the item just yielded starts."""
     name, line = shown or str(path), 0
+    at = [0] if at is None else at
     with _open_source(path, fmt) as f:
         try:
             if fmt == "csv":
                 rows = csv.reader(f)
                 header = next(rows, None)
+                line = rows.line_num
                 for row in rows:
-                    line = rows.line_num
+                    at[0], line = line + 1, rows.line_num  # a quoted field may span lines: where the row starts
                     if not row:
                         continue
                     if header is not None and len(row) != len(header):
@@ -625,9 +663,11 @@ def _read_file(path: Path | str, fmt: str, shown: str | None = None) -> Iterator
                             column = min(e.pos, len(text.rstrip("\r\n"))) + 1
                             msg = f"{name}:{line}: invalid JSON: {e.msg} (column {column})"
                             raise SourceError(msg) from None
+                        at[0] = line
                         yield value
             else:
-                for line, text in enumerate(f, 1):  # noqa: B007 - `line` is read by the except below
+                for line, text in enumerate(f, 1):
+                    at[0] = line
                     yield text.rstrip("\n")
         except UnicodeDecodeError as e:
             msg = f"{name}:{line + 1}: the file is not UTF-8 ({e.reason})"
@@ -750,7 +790,9 @@ def _csv_header(out: Any) -> list[str] | None:
 def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
     stage = spec.stage
     assert stage.source is not None
-    items: Any = source_items(stage.source, stage.kwargs, spec.base_dir)
+    globbed = glob_source(stage)
+    items: Any = (source_items(stage.source, stage.kwargs, spec.base_dir) if globbed is None
+                  else glob_items(spec.base_dir, *globbed))
     in_memory = isinstance(items, range | list | tuple)
     if spec.limit is not None:
         items = items[: spec.limit] if in_memory else itertools.islice(items, spec.limit)
@@ -761,9 +803,26 @@ def _produce(spec: ProcessSpec, emitter: Emitter) -> None:
         for start in range(0, len(items), MAX_BATCH):
             emitter.emit_many(items[start : start + MAX_BATCH])
         return
+    if globbed is not None:
+        _emit_placed(emitter, stage.name, items)
+        return
     emit = emitter.emit
     for item in items:
         emit(item)
+
+
+def _emit_placed(emitter: Emitter, stage: str, entries: Iterable[tuple[str, Any]]) -> None:
+    """Emit ``(where, item)`` pairs, each item with the id ``<stage>:<where>``, PLACED_BATCH at a time."""
+    items: list[Any] = []
+    ids: list[ItemId] = []
+    for where, item in entries:
+        items.append(item)
+        ids.append(f"{stage}:{where}")
+        if len(items) == PLACED_BATCH:
+            emitter.emit_many(items, ids)
+            items, ids = [], []
+    if items:
+        emitter.emit_many(items, ids)
 
 
 # -- worker processes of consumer and pool stages ----------------------------------------------------------
@@ -808,7 +867,7 @@ class ChunkResult:
     retire: bool = False  # the worker exits after this chunk (maxtasksperchild)
     ends: list[int] = field(default_factory=list)  # len(outputs) after each item (to find a bad output's item)
     ids: Ids | None = None  # ids of the outputs (each inherits its item's id); None: the items had none
-    dead_ids: list[int | None] = field(default_factory=list)  # ids of the items in `dead`
+    dead_ids: list[ItemId] = field(default_factory=list)  # ids of the items in `dead`
     latency: list[float] = field(default_factory=list)  # seconds of the sampled items (see run_items)
     # Instead of outputs and ids: FIFO queue messages of them, (n, bytes); on the wire only each n, and the
     # messages follow as frames of their own (see _result_frames).
@@ -929,7 +988,7 @@ def _without_unpicklable(
 ) -> ChunkResult:
     """The result with each unpicklable output failed under the policy (retrying it would not help)."""
     kept: list[Any] = []
-    kept_ids: list[int | None] = []
+    kept_ids: list[ItemId] = []
     kept_targets: list[int] = []
     starts = [0, *result.ends]
     sources = [item for item, end, start in zip(chunk, result.ends, starts, strict=False) for _ in range(end - start)]

@@ -184,21 +184,19 @@ def test_calls_in_flight_column_only_when_a_stage_has_concurrency():
     assert "calls" not in plain[1].split()
 
 
-def test_live_snapshot_counts_the_calls_in_flight_of_a_concurrent_stage(tmp_pipeline):
-    """While 2 processes x 20 concurrent calls wait, the driver's snapshot reports calls in flight (> 1)."""
-    import threading
-
-    from runner import plan_run
-    from runner.backends.local.driver import Supervisor
-
-    text = """version: 1
+CONCURRENT = """version: 1
 stages:
   - {name: src, kind: producer, source: {range: {stop: 400}}, output: a}
   - {name: fetch, kind: pool, processes: 2, concurrency: 20, input: a, function: "tasks_t:wait", output: b}
   - {name: sink, kind: consumer, input: b, function: collect}
 """
-    tasks = "import time\n\ndef wait(x):\n    time.sleep(0.05)\n    return x\n"
-    sup = Supervisor(plan_run(tmp_pipeline(text, tasks), start_method="forkserver", log_level="warning"))
+WAIT_TASKS = "import time\n\ndef wait(x):\n    time.sleep(0.05)\n    return x\n"
+
+
+def calls_seen_live(sup) -> list[int]:
+    """Run the driver ``sup`` of ``CONCURRENT``; the calls in flight of `fetch` its snapshots showed meanwhile."""
+    import threading
+
     seen: list[int] = []
     done = threading.Event()
 
@@ -214,6 +212,16 @@ stages:
     done.set()
     watcher.join(5)
     assert result.exit_code == 0, result.error
+    return seen
+
+
+def test_live_snapshot_counts_the_calls_in_flight_of_a_concurrent_stage(tmp_pipeline):
+    """While 2 processes x 20 concurrent calls wait, the driver's snapshot reports calls in flight (> 1)."""
+    from runner import plan_run
+    from runner.backends.local.driver import Supervisor
+
+    plan = plan_run(tmp_pipeline(CONCURRENT, WAIT_TASKS), start_method="forkserver", log_level="warning")
+    seen = calls_seen_live(Supervisor(plan))
     assert seen and max(seen) > 1
 
 

@@ -655,6 +655,16 @@ stages:
     assert all(q["balanced"] for q in report["queues"].values())
 
 
+def test_live_snapshot_counts_the_calls_in_flight_on_ray(tmp_pipeline, ray_run):
+    """The workers report their calls in flight: the Ray driver's snapshot shows them as the local one does."""
+    from runner import plan_run
+    from runner.backends.ray.driver import RaySupervisor
+    from tests.test_progress import CONCURRENT, WAIT_TASKS, calls_seen_live
+
+    seen = calls_seen_live(RaySupervisor(plan_run(tmp_pipeline(CONCURRENT, WAIT_TASKS), log_level="warning")))
+    assert seen and max(seen) > 1
+
+
 @pytest.mark.parametrize("example", ["wordcount", "crawl", "router", "async_fetch", "batched_writer"])
 def test_stages_for_real_work_match_local(ray_run, example, tmp_path, monkeypatch):
     """Each shipped example of class stages with close(), batches, concurrency, routes and a self-fed stack

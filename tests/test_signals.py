@@ -204,3 +204,56 @@ def test_no_process_outlives_a_normal_exit(tmp_path, marks):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert processes_with_token(token) == []
+
+
+
+SLOW_IMPORT = """import os, time
+from pathlib import Path
+
+(Path(os.environ["MARKS"]) / "importing").touch()
+time.sleep(60)
+
+def f(x):
+    return x
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_run_ends_the_command_at_once(tmp_path, marks, signum, code):
+    """A group signal while mprun checks the stage functions (their module takes a minute to import) ends the
+    command at once: 130/143, one line, no traceback, no process of its tree left (forkserver, import check)."""
+    (tmp_path / "slow_t.py").write_text(SLOW_IMPORT)
+    path = tmp_path / "p.yaml"
+    path.write_text("""version: 1
+stages:
+  - {name: src, kind: producer, source: {range: {stop: 3}}, output: a}
+  - {name: work, kind: consumer, input: a, function: "slow_t:f"}
+""")
+    proc, token = _start(path, marks)
+    _wait_for(marks / "importing", proc)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err[-3000:]
+    assert err.strip() == f"mprun: error: stopped by {signal.Signals(signum).name}", err[-3000:]
+    assert wait_gone(token) == []
+
+
+HOOKED = """
+import os, signal, sys
+from runner import cli
+
+signal.signal(signal.SIGTERM, cli._interrupted)
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))  # lands in a fork hook
+if os.fork() == 0:
+    os._exit(0)
+for _ in range(10**6):  # an exception raised in the hook would be swallowed: the loop would run to its end
+    pass
+print("signal lost")
+"""
+
+
+def test_a_signal_in_a_fork_hook_is_not_lost():
+    """Before a run, a signal that lands where Python swallows exceptions (a fork hook, a weakref callback)
+    still ends the command: it is never turned into an exception."""
+    done = subprocess.run([sys.executable, "-c", HOOKED], capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (143, "", "mprun: error: stopped by SIGTERM\n")

@@ -198,3 +198,45 @@ stages:
     assert result.exit_code == 0, result.error
     assert sorted(result.collected["sink"]) == [1, 2]
     balanced(result)
+
+
+MARKED_TASKS = """\
+import os, threading, time
+from pathlib import Path
+
+_later = threading.Semaphore(0)
+
+def write(x, out):
+    OUT = Path(out)
+    first = not (OUT / "died").exists()  # the first worker process; its successor calls normally
+    if first and x >= 4:
+        _later.release()
+        time.sleep(60)  # in flight, never written: the process dies first
+    if first and x == 0:
+        for _ in range(3):  # items 4-6 have started: the calls of items 1-3 have ended (5 s at most)
+            _later.acquire(timeout=5)
+        (OUT / "died").touch()
+        os._exit(3)
+    with open(OUT / "out.txt", "a") as f:
+        f.write(f"{x}\\n")
+"""
+
+
+def test_concurrent_sink_dying_calls_no_finished_item_again(tmp_pipeline, tmp_path):
+    """A sink with concurrency whose process dies: the calls that had ended (items 1-3, settled while item 0,
+    the first of the chunk, still ran) are counted delivered and never made again; the item that was in
+    hand is skipped; the calls in flight are made again by the successor. Every item written exactly once."""
+    text = """version: 1
+stages:
+  - {name: src, kind: producer, source: {items: [0, 1, 2, 3, 4, 5, 6, 7]}, output: a}
+  - {name: sink, kind: consumer, concurrency: 4, input: a, function: "tasks_t:write", on_error: skip,
+     kwargs: {out: OUT}}
+"""
+    path = tmp_pipeline(text.replace("OUT", str(tmp_path)), MARKED_TASKS)
+    result = run_pipeline(path, start_method="forkserver", log_level="error")
+    assert result.exit_code == 0, result.error
+    written = (path.parent / "out.txt").read_text().split()
+    assert sorted(map(int, written)) == [1, 2, 3, 4, 5, 6, 7]
+    st = result.stats["sink"]
+    assert (st.delivered, st.skipped, st.restarts) == (7, 1, 1)
+    balanced(result)

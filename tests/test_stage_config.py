@@ -157,27 +157,48 @@ stages:
     assert json.loads(result.stdout) == [{"n": 1}, {"n": 2}, {"n": 3}]
 
 
+GLOB_TASKS = """\
+import logging
+
+def check(row):
+    assert row["i"] == 1, "not the first"
+    return row
+
+def bury(letter):
+    logging.getLogger("tasks").warning("buried")
+"""
+
+
 def test_glob_source_reads_files_in_sorted_order_and_names_them(tmp_pipeline, tmp_path):
     """A glob reads every matching file (not folders) in sorted order; a record per file gives the index of its
-    first item; bad data is named by its own file and line."""
+    first item; each item's id names its file and line, through later stages (a stage's records, dead
+    letters); bad data is named by its own file and line."""
     logs = tmp_path / "logs"
     (logs / "c.jsonl").mkdir(parents=True)  # a folder that matches: not read
-    (logs / "b.jsonl").write_text('{"f": "b", "i": 1}\n{"f": "b", "i": 2}\n')
+    (logs / "b.jsonl").write_text('{"f": "b", "i": 1}\n\n{"f": "b", "i": 2}\n')
     (logs / "a.jsonl").write_text('{"f": "a", "i": 1}\n')
     (logs / "notes.txt").write_text("not json\n")
     path = tmp_pipeline("""version: 1
 settings: {start_method: fork}
+queues: {dead: {}}
 stages:
   - {name: rows, kind: producer, source: {file: {path: "logs/*.jsonl", format: jsonl}}, output: q}
-  - {name: save, kind: consumer, input: q, function: collect}
-""")
+  - {name: check, kind: pool, processes: 2, input: q, function: "tasks_t:check", output: r, on_error: skip,
+     dead_letter: dead}
+  - {name: save, kind: consumer, input: r, function: collect}
+  - {name: graveyard, kind: consumer, input: dead, function: "tasks_t:bury"}
+""", GLOB_TASKS)
     log_file = tmp_path / "run.log"
     result = run_pipeline(path, log_file=str(log_file))
     assert result.exit_code == 0, result.error
-    assert [(x["f"], x["i"]) for x in result.collected["save"]] == [("a", 1), ("b", 1), ("b", 2)]
+    assert sorted((x["f"], x["i"]) for x in result.collected["save"]) == [("a", 1), ("b", 1)]
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     starts = [(r["file"], r["first_item"]) for r in records if r["event"] == "reading file"]
     assert starts == [("logs/a.jsonl", 0), ("logs/b.jsonl", 1)]
+    given_up = [r for r in records if r["event"] == "item given up"]
+    assert [r["item_id"] for r in given_up] == ["rows:logs/b.jsonl:3"]  # line 3: the blank line 2 counts
+    buried = [r for r in records if r["event"] == "buried"]
+    assert [(r["item_id"], r["stage"]) for r in buried] == [("rows:logs/b.jsonl:3", "graveyard")]
     (logs / "b.jsonl").write_text('{"f": "b", "i": 1}\n{"f": \n')
     failed = _run(path)
     assert failed.returncode == 1
@@ -273,3 +294,15 @@ def test_run_refuses_what_validate_refuses_before_any_stage_starts(tmp_pipeline)
     assert "sends items to route 'more'" in problems[0] and "class without __call__" in problems[1]
     assert ran.stderr.splitlines() == problems
     assert "process started" not in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_glob_items_name_the_line_where_each_item_starts(tmp_path):
+    """csv: after the header, a row's first line (a quoted field may span lines; blank lines count); lines: each
+    line."""
+    from runner import worker
+
+    (tmp_path / "a.csv").write_text('x,y\n1,"two\nlines"\n\n3,4\n')
+    (tmp_path / "b.txt").write_text("p\nq\n")
+    assert list(worker.glob_items(str(tmp_path), "*.csv", "csv")) == [
+        ("a.csv:2", {"x": "1", "y": "two\nlines"}), ("a.csv:5", {"x": "3", "y": "4"})]
+    assert list(worker.glob_items(str(tmp_path), "*.txt", "lines")) == [("b.txt:1", "p"), ("b.txt:2", "q")]

@@ -105,7 +105,9 @@ def run_inline(topo: Topology) -> RunResult:
     me = multiprocessing.current_process()
     own_name = me.name
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    # Stage code runs here (pdb included): SIGINT is Python's KeyboardInterrupt, SIGTERM ends the run as it.
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _on_sigterm}
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()} if main_thread else {}
     stats = {s.name: StageStats() for s in topo.stages}
     collected: dict[str, list[Any]] = {s.name: [] for s in topo.stages if s.function == "collect"}
     # Every queue of the run: the pickled items put on it, in the order they were put.
@@ -128,8 +130,8 @@ def run_inline(topo: Topology) -> RunResult:
     except _Stopped:
         exit_code, error = 143, "stopped by SIGTERM"
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         me.name = own_name
         calls.release()
         listener.stop()

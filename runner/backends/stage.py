@@ -29,7 +29,7 @@ from typing import Any, TypeGuard, TypeVar
 
 from runner import worker
 from runner.messages import Decision
-from runner.queues import Cancelled, Emitter
+from runner.queues import Cancelled, Emitter, ItemId
 from runner.results import StageStats, count_result
 from runner.topology import LINGER, StagePlan
 
@@ -288,13 +288,13 @@ class StageRunnerCore:
             if not self.stopping:
                 self.routed[target].emit_many(outs, out_ids)
 
-    def _dead_letter(self, letter: dict[str, Any], item_id: int | None) -> None:
+    def _dead_letter(self, letter: dict[str, Any], item_id: ItemId) -> None:
         assert self.dead_emitter is not None
         self.stats.dead_lettered += 1
         if not self.stopping:
             self.dead_emitter.emit_many([letter], [item_id])
 
-    def give_up(self, process: str, item: Any, attempts: int, item_id: int | None, reason: str) -> Decision:
+    def give_up(self, process: str, item: Any, attempts: int, item_id: ItemId, reason: str) -> Decision:
         """The error policy for the item a dead (or timed-out) worker held, its ``attempts``-th failure: the one
         recovery rule of every backend. Counts it, dead-letters it, or fails the stage."""
         st, plan = self.stats, self.plan

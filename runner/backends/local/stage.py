@@ -155,7 +155,7 @@ class StageRunner(StageRunnerCore):
 
     def start(self) -> None:
         for name in self.plan.process_names:
-            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("q", worker.PROGRESS_SLOTS)))
+            self.workers.append(self._spawn(name, self.sup.ctx.RawArray("q", worker.progress_slots(self.plan))))
         threading.Thread(target=self._fetch, name=f"fetch-{self.plan.name}", daemon=True).start()
         self.thread.start()
 
@@ -164,7 +164,7 @@ class StageRunner(StageRunnerCore):
         result_r, result_w = self.sup.ctx.Pipe(duplex=False)  # ChunkResults: the worker -> this thread
         for conn in (task_w, result_w):
             wire.widen(conn)
-        progress[:] = [0] * worker.PROGRESS_SLOTS
+        progress[:] = [0] * len(progress)  # a successor's marks must not be read as its own (same seq)
         progress[2] = -1
         spec = worker.WorkerSpec(
             stage=self.plan,
@@ -441,9 +441,10 @@ class StageRunner(StageRunnerCore):
         Items answered by partial results are settled. The calls completed after them (before the item in
         hand) had their effects: in a sink (no output queue) they count as delivered and are never called
         again (their skips and failures come from the worker's shared counters); in a stage with outputs,
-        their outputs died with the worker, so they are called again (logged). The item in hand counts one
-        failed attempt and the error policy decides about it. The items after it, and the worker's other
-        chunks, are handed out again.
+        their outputs died with the worker, so they are called again (logged). With concurrency, a sink's
+        items settled out of order (``worker.mark_settled``) count too, and the item in hand is the first
+        one not settled. The item in hand counts one failed attempt and the error policy decides about it.
+        The items after it, and the worker's other chunks, are handed out again.
         """
         task = w.tasks.popleft()
         items, ids = task.items, task.ids
@@ -466,8 +467,13 @@ class StageRunner(StageRunnerCore):
             self.sup.log.warning("calling again items whose outputs died with their worker", stage=plan.name,
                                  process=w.name, items=len(redo),
                                  first_item_id=worker.item_id_text(ids[redo[0]], self.sup.id_names))
+        after = self._unsettled(w, task.seq, index, len(items))
+        if not after:  # the calls had all ended
+            self._emit(task.seq, [], final=True)
+            return
+        index = after[0]
         attempts = tries[index] + 1
-        keep = [*redo, *range(index + 1, len(items))]
+        keep = [*redo, *after[1:]]
         if self.give_up(w.name, items[index], attempts, ids[index], reason) == Decision.RETRY:
             keep.insert(len(redo), index)
         if keep:
@@ -476,6 +482,17 @@ class StageRunner(StageRunnerCore):
             self.again.appendleft(again)
         else:
             self._emit(task.seq, [], final=True)
+
+    def _unsettled(self, w: _Worker, seq: int, index: int, n: int) -> list[int]:
+        """Items ``index .. n`` of the dead worker's chunk ``seq`` that its marks do not show settled (all of
+        them but for a sink with concurrency); those marked are counted here."""
+        marks, first = w.progress, worker.PROGRESS_SLOTS
+        if len(marks) == first:
+            return list(range(index, n))
+        how = [int(marks[first + i]) - seq * 4 if i < worker.MARKED else 0 for i in range(index, n)]
+        self.stats.delivered += how.count(worker.DELIVERED)
+        self.stats.skipped += how.count(worker.SKIPPED)
+        return [i for i, h in zip(range(index, n), how, strict=True) if h not in (worker.DELIVERED, worker.SKIPPED)]
 
     def _next_deadline(self) -> float | None:
         """Seconds until the runner must look at its workers again without being woken (None: never)."""

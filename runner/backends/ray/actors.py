@@ -374,6 +374,9 @@ class _Relay:
         self.buffer: list[tuple[Any, ...]] = []
         self.pending: Any = None
         self.lock = threading.RLock()  # a record logged while sending (by Ray itself) must not deadlock
+        # A worker of a stage with concurrency: (its name, its progress); its calls in flight go to the driver
+        # as ("calls", process, n) entries when they change (the live display's ``calls`` column).
+        self.calls: tuple[str, list[int]] | None = None
         threading.Thread(target=self._linger, name="relay-linger", daemon=True).start()
 
     def put_nowait(self, record: logging.LogRecord) -> None:
@@ -395,8 +398,14 @@ class _Relay:
             self.pending = self.hub.post.remote(batch)
 
     def _linger(self) -> None:
+        shown = 0
         while True:
             time.sleep(LINGER)
+            if self.calls is not None:
+                process, progress = self.calls
+                if (n := max(0, progress[6] - progress[0])) != shown:
+                    self.add(("calls", process, n))
+                    shown = n
             with self.lock:
                 self._send()
 
@@ -554,6 +563,8 @@ class _WorkerActor:
         self.relay, self.base_dir, self.log = _bootstrap(spec)
         # As a local worker's (worker.WorkerSpec.progress): [0] item in hand, [1] call start.
         self.progress = [0] * worker.PROGRESS_SLOTS
+        if spec.stage.concurrency > 1:
+            self.relay.calls = (spec.name, self.progress)
         self.fn: Any = None
         self.tasks = 0
         self.last: tuple[Any, list[Any]] = (None, [])  # the last batch read: (its reference, its items)

@@ -120,6 +120,7 @@ class RaySupervisor(Driver):
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.producers: list[_Producer] = []
         self.sent_live: dict[str, int] = {}  # items each producer has sent so far, as it reported (see _relay)
+        self.calls_live: dict[str, int] = {}  # calls in flight in each worker of a stage with concurrency, ditto
         self.channels: dict[str, RayChannel] = {}
         self.hub: Any = None
         self.relay_thread: threading.Thread | None = None
@@ -228,6 +229,8 @@ class RaySupervisor(Driver):
                     self.log_queue.put_nowait(entry[1])
                 elif entry[0] == "sent":
                     self.sent_live[entry[1]] = entry[2]
+                elif entry[0] == "calls":
+                    self.calls_live[entry[1]] = entry[2]
                 else:
                     stream = sys.stdout if entry[1] == "stdout" else sys.stderr
                     stream.write(entry[2])
@@ -498,6 +501,12 @@ class StageRunner(StageRunnerCore):
     def in_hand(self) -> int:
         """Not known on Ray until the chunk returns."""
         return 0
+
+    def calls(self) -> int | None:
+        """Calls in flight, as the workers last reported them (every ``LINGER`` while they change)."""
+        if self.plan.concurrency == 1:
+            return None
+        return sum(self.sup.calls_live.get(w.name, 0) for w in list(self.workers))
 
     def unhanded(self) -> int:
         return self.buffered + sum(t.size() - (t.pos or 0) for t in self.again)
