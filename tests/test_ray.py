@@ -98,7 +98,7 @@ PATTERNS = """version: 1
 queues:
   stack: {type: lifo}
 stages:
-  - {name: src, kind: producer, source: {range: {stop: 3000}}, output: [a, fan]}
+  - {name: src, kind: producer, source: {range: {stop: 500}}, output: [a, fan]}
   - {name: inc, kind: pool, processes: 2, ordered: true, chunksize: 7, input: a, function: "tasks_t:add",
      kwargs: {n: 1}, output: b}
   - {name: dbl, kind: consumer, input: b, function: "tasks_t:double", output: c}
@@ -106,7 +106,7 @@ stages:
   - {name: more, kind: producer, processes: 2, source: {items: [-1, -2, -3]}, output: fan}
   - {name: spread, kind: consumer, processes: 3, input: fan, function: identity, output: merged}
   - {name: fanin, kind: consumer, input: merged, function: collect}
-  - {name: lifo_src, kind: producer, source: {range: {stop: 300}}, output: stack}
+  - {name: lifo_src, kind: producer, source: {range: {stop: 100}}, output: stack}
   - {name: lifo_read, kind: consumer, after: [lifo_src], input: stack, function: identity, output: popped}
   - {name: lifo, kind: consumer, input: popped, function: collect}
 """
@@ -176,40 +176,10 @@ def test_core_patterns_match_local(tmp_pipeline, ray_run):
     local = run_pipeline(path, start_method="forkserver")
     ray = ray_run(path)
     assert local.exit_code == 0 and ray.exit_code == 0, ray.error
-    assert ray.collected["chain"] == local.collected["chain"] == [2 * i + 2 for i in range(3000)]
-    assert Counter(ray.collected["fanin"]) == Counter(local.collected["fanin"]) == Counter([*range(3000), -1, -2, -3])
-    assert ray.collected["lifo"] == local.collected["lifo"] == list(range(299, -1, -1))
+    assert ray.collected["chain"] == local.collected["chain"] == [2 * i + 2 for i in range(500)]
+    assert Counter(ray.collected["fanin"]) == Counter(local.collected["fanin"]) == Counter([*range(500), -1, -2, -3])
+    assert ray.collected["lifo"] == local.collected["lifo"] == list(range(99, -1, -1))
     assert stats_of(ray) == stats_of(local)
-
-
-def test_skip_retry_and_dead_letter_match_local(tmp_pipeline, ray_run, tmp_path):
-    """on_error skip / retry and dead letters: the same delivered items, letters and counts as locally."""
-    text = """version: 1
-stages:
-  - {name: src, kind: producer, source: {range: {stop: 60}}, output: [a, b]}
-  - {name: skipper, kind: pool, processes: 2, input: a, function: "tasks_t:bad_sevens", on_error: skip, output: good}
-  - {name: retrier, kind: consumer, processes: 2, input: b, function: "tasks_t:flaky", on_error: retry,
-     retries: 2, retry_backoff: 0, kwargs: {marks: "MARKS"}, output: good}
-  - {name: letters, kind: consumer, processes: 2, input: good, function: "tasks_t:bad_sevens", on_error: skip,
-     dead_letter: dlq, output: ok}
-  - {name: ok, kind: consumer, input: ok, function: collect}
-  - {name: dead, kind: consumer, input: dlq, function: collect}
-"""
-    results = []
-    for backend in ("local", "ray"):
-        marks = tmp_path / f"marks-{backend}"
-        marks.mkdir()
-        path = tmp_pipeline(text.replace("MARKS", str(marks)), TASKS, name=f"{backend}.yaml")
-        results.append(run_pipeline(path, start_method="forkserver") if backend == "local" else ray_run(path))
-    local, ray = results
-    assert ray.exit_code == 0, ray.error
-    assert Counter(ray.collected["ok"]) == Counter(local.collected["ok"])
-    assert sorted(d["item"] for d in ray.collected["dead"]) == sorted(d["item"] for d in local.collected["dead"])
-    assert {d["stage"] for d in ray.collected["dead"]} == {"letters"}
-    assert ray.collected["dead"][0]["error"].startswith("ValueError: no sevens")
-    assert stats_of(ray) == stats_of(local)
-    assert ray.queues == local.queues and all(q["balanced"] for q in ray.queues.values())
-    assert ray.stats["retrier"].retried == 12 and ray.stats["skipper"].skipped == 9
 
 
 @pytest.mark.parametrize("kind", ["consumer", "pool"])
@@ -274,14 +244,20 @@ stages:
     assert time.monotonic() - t0 < 30
 
 
-def test_worker_records_and_output_reach_the_driver(tmp_pipeline, ray_run, tmp_path, capfd):
-    """300 items x 2 records from two worker actors all reach the log file with stage/process/pid/node; printed
-    lines reach stdout."""
-    log_file = tmp_path / "log.jsonl"
-    text = """version: 1
+def test_records_output_locks_names_and_daemons_of_worker_actors(tmp_pipeline, ray_run, tmp_path, capfd):
+    """In one run: 300 items x 2 records from two worker actors all reach the log file with stage/process/pid/
+    node, and printed lines reach stdout; a lock serializes calls across worker actors (no lost increment),
+    process_names name them; a daemon monitor never holds the run open."""
+    log_file, counter = tmp_path / "log.jsonl", tmp_path / "counter"
+    counter.write_text("0")
+    text = f"""version: 1
 stages:
-  - {name: src, kind: producer, source: {range: {stop: 300}}, output: a}
-  - {name: talk, kind: consumer, processes: 2, input: a, function: "tasks_t:chatty"}
+  - {{name: src, kind: producer, source: {{range: {{stop: 300}}}}, output: a}}
+  - {{name: talk, kind: consumer, processes: 2, input: a, function: "tasks_t:chatty"}}
+  - {{name: mon, kind: producer, daemon: true, source: {{function: "tasks_t:monitor"}}}}
+  - {{name: few, kind: producer, source: {{range: {{stop: 40}}}}, output: w}}
+  - {{name: work, kind: consumer, processes: 2, process_names: [alice, bob], lock: counter, input: w,
+     function: "tasks_t:count_in_file", kwargs: {{path: "{counter}"}}}}
 """
     result = ray_run(tmp_pipeline(text, TASKS), log_file=str(log_file))
     assert result.exit_code == 0, result.error
@@ -296,34 +272,39 @@ stages:
     assert {r["process"] for r in started} >= {"src", "talk-1", "talk-2"}
     out = capfd.readouterr().out.splitlines()
     assert sorted(out) == sorted(f"line {i}" for i in range(300))
+    assert counter.read_text() == "40"
+    assert {r["process"] for r in started if r["stage"] == "work"} == {"alice", "bob"}
+    assert any(r["event"] == "monitor alive" for r in records)
 
 
-def test_unpicklable_result_fails_its_item_like_local(tmp_pipeline, ray_run):
-    """An output that cannot be pickled fails just its item under the policy (skip: the others arrive)."""
+def test_a_failed_item_is_skipped_alone_and_a_lost_worker_replaced(tmp_pipeline, ray_run):
+    """Under on_error: skip, in one run: an output that cannot be pickled fails just its item (pool); os._exit
+    in a worker actor drops the item it held and the actor is replaced (consumer); a call past `timeout` is
+    killed and its worker replaced (pool). The other items of each stage arrive, each failure counted."""
     text = """version: 1
 stages:
-  - {name: src, kind: producer, source: {range: {stop: 6}}, output: a}
-  - {name: work, kind: pool, processes: 2, input: a, function: "tasks_t:unpicklable_on_2", on_error: skip, output: b}
-  - {name: good, kind: consumer, input: b, function: collect}
+  - {name: src, kind: producer, source: {range: {stop: 10}}, output: [a, b, c]}
+  - {name: pickle, kind: pool, processes: 2, input: a, function: "tasks_t:unpicklable_on_2", on_error: skip,
+     output: pickled}
+  - {name: exits, kind: consumer, processes: 2, input: b, function: "tasks_t:exits_on_4", on_error: skip,
+     output: survived}
+  - {name: slow, kind: pool, processes: 2, input: c, function: "tasks_t:slow_on_3", timeout: 1, on_error: skip,
+     output: timely}
+  - {name: pickled, kind: consumer, input: pickled, function: collect}
+  - {name: survived, kind: consumer, input: survived, function: collect}
+  - {name: timely, kind: consumer, input: timely, function: collect}
 """
+    t0 = time.monotonic()
     result = ray_run(tmp_pipeline(text, TASKS))
     assert result.exit_code == 0, result.error
-    assert sorted(result.collected["good"]) == [0, 1, 3, 4, 5]
-    assert result.stats["work"].skipped == 1 and result.stats["work"].delivered == 5
-
-
-def test_dead_worker_is_replaced_and_its_item_skipped(tmp_pipeline, ray_run):
-    """os._exit in a worker actor: with skip, the item it held is dropped and counted, the rest arrive."""
-    text = """version: 1
-stages:
-  - {name: src, kind: producer, source: {range: {stop: 10}}, output: a}
-  - {name: work, kind: consumer, processes: 2, input: a, function: "tasks_t:exits_on_4", on_error: skip, output: b}
-  - {name: good, kind: consumer, input: b, function: collect}
-"""
-    result = ray_run(tmp_pipeline(text, TASKS))
-    assert result.exit_code == 0, result.error
-    assert sorted(result.collected["good"]) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
-    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts >= 1
+    assert time.monotonic() - t0 < 30  # the 60 s call was cut at its timeout
+    everything = list(range(10))
+    assert sorted(result.collected["pickled"]) == [x for x in everything if x != 2]
+    assert result.stats["pickle"].skipped == 1 and result.stats["pickle"].delivered == 9
+    assert sorted(result.collected["survived"]) == [x for x in everything if x != 4]
+    assert result.stats["exits"].skipped == 1 and result.stats["exits"].restarts >= 1
+    assert sorted(result.collected["timely"]) == [x for x in everything if x != 3]
+    assert result.stats["slow"].skipped == 1 and result.stats["slow"].restarts == 1
 
 
 def test_dead_worker_with_restart_false_fails_the_run(tmp_pipeline, ray_run):
@@ -337,44 +318,6 @@ stages:
     assert result.exit_code == 1
     assert "stage 'work'" in result.error and "work-" in result.error and "died" in result.error
     assert "restart: false" in result.error
-
-
-def test_timeout_kills_the_call_and_replaces_the_worker(tmp_pipeline, ray_run):
-    """A call past `timeout` fails (the worker actor is replaced); with skip the other items arrive."""
-    text = """version: 1
-stages:
-  - {name: src, kind: producer, source: {range: {stop: 8}}, output: a}
-  - {name: work, kind: pool, processes: 2, input: a, function: "tasks_t:slow_on_3", timeout: 1, on_error: skip,
-     output: b}
-  - {name: good, kind: consumer, input: b, function: collect}
-"""
-    t0 = time.monotonic()
-    result = ray_run(tmp_pipeline(text, TASKS))
-    assert result.exit_code == 0, result.error
-    assert time.monotonic() - t0 < 30
-    assert sorted(result.collected["good"]) == [0, 1, 2, 4, 5, 6, 7]
-    assert result.stats["work"].skipped == 1 and result.stats["work"].restarts == 1
-
-
-def test_ray_lock_keeps_every_increment_names_processes_and_daemon_never_holds(tmp_pipeline, ray_run, tmp_path):
-    """A lock serializes calls across worker actors (no lost increment); process_names name them; a daemon
-    monitor never holds the run open."""
-    counter = tmp_path / "counter"
-    counter.write_text("0")
-    log_file = tmp_path / "log.jsonl"
-    text = f"""version: 1
-stages:
-  - {{name: mon, kind: producer, daemon: true, source: {{function: "tasks_t:monitor"}}}}
-  - {{name: src, kind: producer, source: {{range: {{stop: 40}}}}, output: a}}
-  - {{name: work, kind: consumer, processes: 2, process_names: [alice, bob], lock: counter, input: a,
-     function: "tasks_t:count_in_file", kwargs: {{path: "{counter}"}}}}
-"""
-    result = ray_run(tmp_pipeline(text, TASKS), log_file=str(log_file))
-    assert result.exit_code == 0, result.error
-    assert counter.read_text() == "40"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    assert {r["process"] for r in records if r["event"] == "process started" and r["stage"] == "work"} == {"alice", "bob"}
-    assert any(r["event"] == "monitor alive" for r in records)
 
 
 def free_port() -> int:
@@ -521,7 +464,7 @@ def test_the_driver_never_unpickles_the_items_of_a_fifo_queue(tmp_pipeline, ray_
     unpickled = tmp_path / "unpickled"
     text = """version: 1
 stages:
-  - {name: src, kind: producer, source: {function: "counted_t:items"}, kwargs: {stop: 3000}, output: a}
+  - {name: src, kind: producer, source: {function: "counted_t:items"}, kwargs: {stop: 500}, output: a}
   - {name: bump, kind: pool, processes: 2, ordered: true, input: a, function: "counted_t:bump", output: [b, c]}
   - {name: again, kind: pool, processes: 2, ordered: true, input: b, function: "counted_t:bump", output: d}
   - {name: values, kind: consumer, input: d, function: "counted_t:value", output: e}
@@ -536,7 +479,7 @@ stages:
     monkeypatch.syspath_prepend(str(path.parent))  # the driver imports Item to unpickle what `held` collects
     result = ray_run(path)
     assert result.exit_code == 0, result.error
-    assert result.collected["sink"] == list(range(2, 3002))
+    assert result.collected["sink"] == list(range(2, 502))
     assert sorted(item.x for item in result.collected["held"]) == [10000, 10001, 10002]
     assert sorted(unpickled.read_text().split()) == ["10000", "10001", "10002"]
 
@@ -546,12 +489,14 @@ queues:
   stack: {type: lifo}
   small: {maxsize: 100}
 stages:
-  - {name: src, kind: producer, source: {range: {stop: 800}}, output: [a, stack]}
+  - {name: src, kind: producer, source: {range: {stop: 300}}, output: [a, r, stack]}
   - {name: sevens, kind: pool, processes: 2, input: a, function: "tasks_t:bad_sevens", on_error: skip, output: small}
+  - {name: retrier, kind: consumer, processes: 2, input: r, function: "tasks_t:flaky", on_error: retry,
+     retries: 2, retry_backoff: 0, kwargs: {marks: "MARKS"}, output: small}
   - {name: inc, kind: pool, processes: 2, ordered: true, input: small, function: "tasks_t:add", kwargs: {n: 1},
      output: b}
-  - {name: letters, kind: consumer, input: b, function: "tasks_t:bad_sevens", on_error: skip, dead_letter: dlq,
-     output: ok}
+  - {name: letters, kind: consumer, processes: 2, input: b, function: "tasks_t:bad_sevens", on_error: skip,
+     dead_letter: dlq, output: ok}
   - {name: ok, kind: consumer, input: ok, function: collect}
   - {name: dead, kind: consumer, input: dlq, function: collect}
   - {name: lifo_read, kind: consumer, after: [src], input: stack, function: identity}
@@ -571,23 +516,32 @@ def _comparable(report: dict) -> dict:
             "process_stats": report["process_stats"]}
 
 
-def test_metrics_json_of_a_ray_run_equals_a_local_one(tmp_pipeline, ray_instance, tmp_path):
-    """`mprun run --metrics-json` on both backends: the same counts per stage, queue accounts, processes and
-    their exit codes; a high-water mark for every queue; only timings differ."""
-    from runner import cli
+def test_skip_retry_dead_letters_and_metrics_match_local(tmp_pipeline, ray_run, tmp_path):
+    """on_error skip / retry and dead letters: the same delivered items, letters and counts as locally; the
+    metrics report (what --metrics-json writes) is the same on both backends: counts per stage, queue
+    accounts, processes and their exit codes, a high-water mark for every queue; only timings differ."""
+    from runner.metrics import metrics
 
-    path = tmp_pipeline(METRICS, TASKS)
-    reports = {}
+    results = []
     for backend in ("local", "ray"):
-        out = tmp_path / f"{backend}.json"
-        assert cli.main(["run", str(path), "--no-summary", "--backend", backend, "--metrics-json", str(out)]) == 0
-        reports[backend] = json.loads(out.read_text())
-    local, ray = (_comparable(reports[b]) for b in ("local", "ray"))
-    assert ray == local
-    assert local["stages"]["sevens"]["skipped"] == 115 and local["stages"]["letters"]["dead_lettered"] > 0
-    assert all(q["balanced"] for q in reports["ray"]["queues"].values())
-    assert set(reports["ray"]["queue_high_water"]) == set(reports["ray"]["queues"]) == {"a", "stack", "small", "b",
-                                                                                        "ok", "dlq"}
+        marks = tmp_path / f"marks-{backend}"
+        marks.mkdir()
+        path = tmp_pipeline(METRICS.replace("MARKS", str(marks)), TASKS, name=f"{backend}.yaml")
+        results.append(run_pipeline(path, start_method="forkserver") if backend == "local" else ray_run(path))
+    local, ray = results
+    assert ray.exit_code == 0, ray.error
+    assert Counter(ray.collected["ok"]) == Counter(local.collected["ok"])
+    assert sorted(d["item"] for d in ray.collected["dead"]) == sorted(d["item"] for d in local.collected["dead"])
+    assert {d["stage"] for d in ray.collected["dead"]} == {"letters"}
+    assert ray.collected["dead"][0]["error"].startswith("ValueError: no sevens")
+    assert stats_of(ray) == stats_of(local)
+    assert ray.queues == local.queues and all(q["balanced"] for q in ray.queues.values())
+    assert ray.stats["retrier"].retried == 60 and ray.stats["sevens"].skipped == 43
+    reports = {"local": metrics(local), "ray": metrics(ray)}
+    assert _comparable(reports["ray"]) == _comparable(reports["local"])
+    assert reports["local"]["stages"]["letters"]["dead_lettered"] > 0
+    assert set(reports["ray"]["queue_high_water"]) == set(reports["ray"]["queues"]) == {"a", "r", "stack", "small",
+                                                                                        "b", "ok", "dlq"}
     assert reports["ray"]["queue_high_water"]["a"] > 0
 
 

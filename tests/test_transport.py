@@ -62,9 +62,9 @@ CASES = [
     (MiB, 40, "consumer", 0.1, "collect", "spawn"),
     (MiB, 6, "pool", 10, "user", "forkserver"),
     (MiB, 60, "ordered", 0.1, "jsonl", "fork"),
-    (8 * MiB, 8, "pool", 0.1, "user", "forkserver"),
-    (8 * MiB, 6, "consumer", 0.1, "jsonl", "spawn"),
-    (8 * MiB, 5, "ordered", 0.1, "collect", "fork"),
+    (8 * MiB, 4, "pool", 0.1, "user", "forkserver"),  # 2 items a worker: one in flight as a result comes back
+    (8 * MiB, 4, "consumer", 0.1, "jsonl", "spawn"),
+    (8 * MiB, 4, "ordered", 0.1, "collect", "fork"),
 ]
 
 
