@@ -360,6 +360,9 @@ class RaySupervisor(Driver):
             _kill(self.hub)
 
 
+FLAG_POLL = 1.0  # seconds at most between a stage runner's looks at its stop and abort flags
+
+
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not minutes (Ray retries for long), when ``[ray://]HOST:PORT`` accepts no connection.
 
@@ -536,7 +539,10 @@ class StageRunner(StageRunnerCore):
         refs = ([self.wake] if self.wake is not None else []) + ([self.fetch] if self.fetch is not None else [])
         refs += [w.ready for w in self.workers if w.ready is not None]
         refs += [w.ref for w in self.workers if w.ref is not None]
-        ready, _ = ray.wait(refs, num_returns=1, timeout=self._next_deadline())
+        # stop() and abort() wake it through the hub: if the hub is gone (it never started, or died), it still
+        # looks at its flags every FLAG_POLL seconds.
+        deadline = self._next_deadline()
+        ready, _ = ray.wait(refs, num_returns=1, timeout=FLAG_POLL if deadline is None else min(deadline, FLAG_POLL))
         for ref in ready:
             if ref == self.fetch:
                 self._take_fetched()
