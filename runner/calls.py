@@ -39,6 +39,12 @@ from runner.worker import Fold, FunctionFailed, Settled, attempt, call_outputs, 
 _TIMED_OUT = ("TimeoutError", "<timeout>", 0)  # where a timeout "was raised": its warnings name no traceback
 
 
+def _timed_out(stage: StagePlan, arg: Any, how: str) -> FunctionFailed:
+    """The failure of a call of ``arg`` past the stage's ``timeout`` (``how``: what became of the call)."""
+    return FunctionFailed(f"TimeoutError: call timed out after {stage.timeout:g}s ({how})", "", short_repr(arg),
+                          _TIMED_OUT)
+
+
 class _Chunk:
     """What the lanes share about the chunk being settled (``settle_threads``)."""
 
@@ -57,6 +63,7 @@ class _Job:
                  settled: Settled | None = None, backoff: float = 0.0) -> None:
         self.chunk, self.index, self.start, self.unit, self.attempts = chunk, index, start, unit, attempts
         self.item_id, self.backoff = item_id, backoff
+        self.arg = unit if chunk.stage.batch else unit[0]  # what the function is called with
         self.s = settled or Settled()
         self.t0 = time.perf_counter()
         self.guard = threading.Lock()  # between the lane that calls and the thread that may abandon the call
@@ -72,14 +79,13 @@ class _Job:
         worker._call_item.set(self.item_id)  # its log records name their own item
         end = self.start + len(self.unit)
         c.progress[6] = max(c.progress[6], end)
-        arg = self.unit if stage.batch else self.unit[0]
         while True:
             if self.backoff:
                 time.sleep(self.backoff)
             self.called_at = time.monotonic()
             failure = None
             try:
-                outputs, targets = attempt(c.fn, stage, arg, c.lock, c.routes)
+                outputs, targets = attempt(c.fn, stage, self.arg, c.lock, c.routes)
             except FunctionFailed as e:
                 failure = e
             with self.guard:
@@ -92,7 +98,7 @@ class _Job:
                 self.attempts += 1
                 if not unit_failed(stage, failure, self.unit, self.attempts, s, c.log):
                     break
-            self.backoff = stage.retry_backoff * 2 ** (self.attempts - 1)
+            self.backoff = worker.backoff(stage, self.attempts)
         self.settle()
         return True
 
@@ -113,17 +119,15 @@ class _Job:
             self.abandoned = True
         lanes.replace()
         self.attempts += 1
-        how = "abandoned: its thread runs on to its end"
-        e = FunctionFailed(f"TimeoutError: call timed out after {c.stage.timeout:g}s ({how})", "",
-                           short_repr(self.unit if c.stage.batch else self.unit[0]), _TIMED_OUT)
+        e = _timed_out(c.stage, self.arg, "abandoned: its thread runs on to its end")
         token = worker._call_item.set(self.item_id)
         again = unit_failed(c.stage, e, self.unit, self.attempts, self.s, c.log)
         worker._call_item.reset(token)
         if not again:
             self.settle()
             return None
-        backoff = c.stage.retry_backoff * 2 ** (self.attempts - 1)
-        job = _Job(c, self.index, self.start, self.unit, self.attempts, self.item_id, self.s, backoff)
+        job = _Job(c, self.index, self.start, self.unit, self.attempts, self.item_id, self.s,
+                   worker.backoff(c.stage, self.attempts))
         lanes.jobs.put(job)
         return job
 
@@ -271,7 +275,8 @@ async def settle_all(fn: Callable[[Any], Any], stage: StagePlan, items: list[Any
             for task in done:
                 index = running.pop(task)
                 settled[index] = task.result()
-                worker.mark_settled(fold.progress, fold.seq, starts[index], size, settled[index])
+                start = starts[index]
+                worker.mark_settled(fold.progress, fold.seq, start, min(size, len(items) - start), settled[index])
             while behind in settled:
                 start = starts[behind]
                 if fold.add(start, min(size, len(items) - start), settled.pop(behind)):
@@ -303,14 +308,13 @@ async def _settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], a
             s.outputs, s.targets = await asyncio.wait_for(_attempt_async(fn, stage, arg, lock, routes), stage.timeout)
             break
         except TimeoutError:
-            e = FunctionFailed(f"TimeoutError: call timed out after {stage.timeout:g}s (cancelled)", "",
-                               short_repr(arg), _TIMED_OUT)
+            e = _timed_out(stage, arg, "cancelled")
         except FunctionFailed as failure:
             e = failure
         attempts += 1
         if not unit_failed(stage, e, unit, attempts, s, log):
             break
-        await asyncio.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+        await asyncio.sleep(worker.backoff(stage, attempts))
     s.seconds = time.perf_counter() - t0
     return s
 

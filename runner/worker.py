@@ -1038,6 +1038,11 @@ def verdict(stage: StagePlan, attempts: int, *, retryable: bool = True) -> Decis
     return Decision.DEAD_LETTER if stage.dead_letter else Decision.SKIP
 
 
+def backoff(stage: StagePlan, attempts: int) -> float:
+    """Seconds to wait before calling again an item (or batch) that has failed ``attempts`` times."""
+    return stage.retry_backoff * 2 ** (attempts - 1)
+
+
 def give_up_letter(stage: StagePlan, item: Any, error: str, attempts: int) -> dict[str, Any]:
     """The dead letter of an item given up on."""
     return {"item": item, "error": error, "stage": stage.name, "attempts": attempts}
@@ -1228,7 +1233,7 @@ def _with_policy(
             progress[5] = result.retried
             log.warning("retrying", error=error.summary, item=error.shown, attempt=attempts,
                         **error.traceback_fields(log))
-            time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+            time.sleep(backoff(stage, attempts))
             continue
         if decided == "fail":
             result.error = (error.summary, error.tb, error.item)
@@ -1332,7 +1337,7 @@ def settle(fn: Callable[[Any], Any], stage: StagePlan, unit: list[Any], attempts
         attempts += 1
         if not unit_failed(stage, error, unit, attempts, s, log):
             break
-        time.sleep(stage.retry_backoff * 2 ** (attempts - 1))
+        time.sleep(backoff(stage, attempts))
     progress[1] = 0
     s.seconds = time.perf_counter() - t0
     return s
